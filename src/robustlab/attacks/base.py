@@ -1,0 +1,342 @@
+"""What every attack shares: the public entry point, the result type, and per-example bookkeeping.
+
+An attack implements one hook, :meth:`Attack._perturb`, that returns candidate adversarial inputs. The public
+:meth:`Attack.run` owns everything else once, for all attacks (the shape of foolbox 3's ``attacks/base.py``):
+input and label checks, turning the user's model into the oracle the attack's access level allows, binding it to
+the batch, restoring the model's modes, a final projection onto ball and box, a fresh forward pass that re-checks
+every claimed success, and the result with distances, query counts and wall time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.errors import ConfigError, InvalidInputError, ModelError
+from robustlab.goals import Goal
+from robustlab.oracles import (
+    Access,
+    GradientOracle,
+    LabelOracle,
+    ScoreOracle,
+    check_logits,
+    module_function,
+    warn_if_probabilities,
+)
+from robustlab.threat import Norm, ThreatModel
+
+__all__ = ["Attack", "AttackConfig", "AttackResult", "BestTracker", "make_generator"]
+
+OracleT = TypeVar("OracleT", bound=LabelOracle)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Base of every attack's immutable options. Subclasses add fields with defaults and a ``validate``."""
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for an invalid combination of options."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """Outcome of one attack on one batch.
+
+    Attributes:
+        x_adv: adversarial inputs, same shape, device and dtype as the inputs; inside ball and box.
+        success: per-example mask, re-checked by a fresh forward pass on ``x_adv``.
+        distance: per-example distance ``||x_adv - x||`` in the threat model's norm.
+        queries: per-example model evaluations the attack made (forward passes, including those of gradient
+            evaluations); for black-box oracles this is what the budget limits.
+        gradients: per-example gradient evaluations (white-box attacks), else None.
+        audits: per-example verification queries made after the attack, outside the budget.
+        wall_time: seconds for the whole call.
+    """
+
+    method: str
+    threat: ThreatModel
+    targeted: bool
+    x_adv: Tensor
+    success: Tensor
+    distance: Tensor
+    queries: Tensor
+    gradients: Tensor | None
+    audits: Tensor
+    wall_time: float
+    config: Mapping[str, Any]
+    extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.success.shape[0])
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean())
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serializable aggregate numbers."""
+        succeeded = self.success
+        distances = self.distance[succeeded]
+        queries = self.queries.float()
+        out: dict[str, Any] = {
+            "method": self.method,
+            "norm": self.threat.norm.value,
+            "eps": self.threat.eps,
+            "bounds": [self.threat.lower, self.threat.upper],
+            "targeted": self.targeted,
+            "examples": self.num_examples,
+            "success_rate": self.success_rate,
+            "mean_distance_successful": float(distances.mean()) if distances.numel() else None,
+            "median_distance_successful": float(distances.median()) if distances.numel() else None,
+            "mean_queries": float(queries.mean()),
+            "median_queries": float(queries.median()),
+            "mean_queries_successful": float(queries[succeeded].mean()) if bool(succeeded.any()) else None,
+            "wall_time_s": self.wall_time,
+            "config": dict(self.config),
+        }
+        if self.gradients is not None:
+            out["mean_gradients"] = float(self.gradients.float().mean())
+        return out
+
+    def to_json(self, *, per_example: bool = True) -> str:
+        data = self.summary()
+        if per_example:
+            data["per_example"] = {
+                "success": self.success.tolist(),
+                "distance": [round(float(v), 6) for v in self.distance],
+                "queries": self.queries.tolist(),
+            }
+        return json.dumps(data, indent=2)
+
+
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator on ``device``: seeded by ``seed``, or by a draw from torch's default generator when None."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+class BestTracker:
+    """Keeps, per example, the best candidate seen: any success beats any failure, then the higher loss.
+
+    Used for restarts (the per-example worst case over restarts) and to keep an iterate that was adversarial at
+    some step even if a later step lost it.
+    """
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x.clone()
+        self.success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        self.loss = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+
+    def update(self, x_new: Tensor, success: Tensor, loss: Tensor, index: Tensor | None = None) -> None:
+        """Offer candidates for the examples ``index`` (all when None)."""
+        if index is None:
+            better = (success & ~self.success) | ((success == self.success) & (loss > self.loss))
+            mask = better.reshape((-1,) + (1,) * (x_new.dim() - 1))
+            self.x = torch.where(mask, x_new, self.x)
+            self.success = self.success | success
+            self.loss = torch.where(better, loss.to(self.loss.dtype), self.loss)
+            return
+        old_success, old_loss = self.success[index], self.loss[index]
+        better = (success & ~old_success) | ((success == old_success) & (loss > old_loss))
+        chosen = index[better]
+        self.x[chosen] = x_new[better]
+        self.success[chosen] = success[better]
+        self.loss[chosen] = loss[better].to(self.loss.dtype)
+
+
+class Attack(ABC, Generic[OracleT]):
+    """Base class of every attack. Subclasses set the class attributes and implement :meth:`_perturb`.
+
+    Class attributes:
+        name: registry name, e.g. ``"pgd"``.
+        access: what the attack needs from the model (:class:`Access`).
+        norms: the norms it supports.
+        Config: its frozen options dataclass.
+    """
+
+    name: ClassVar[str]
+    access: ClassVar[Access]
+    norms: ClassVar[frozenset[Norm]]
+    Config: ClassVar[type[AttackConfig]]
+    supports_targeted: ClassVar[bool] = True
+    summary_line: ClassVar[str] = ""
+
+    def __init__(self, config: AttackConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise ConfigError("pass either a config object or keyword options, not both")
+        if config is None:
+            config = build_config(self.Config, options, self.name)
+        elif not isinstance(config, self.Config):
+            raise ConfigError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    # ------------------------------------------------------------ public entry
+    def run(
+        self,
+        model: nn.Module | LabelOracle,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        *,
+        targets: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> AttackResult:
+        """Attack the batch ``x`` with true labels ``y`` inside ``threat``.
+
+        Args:
+            model: a ``torch.nn.Module`` returning logits (white-box), or an oracle of sufficient access.
+            x: inputs ``(n, ...)`` inside the threat model's box. Not modified.
+            y: true labels ``(n,)``.
+            threat: the allowed perturbations.
+            targets: target labels ``(n,)`` for a targeted attack; None for untargeted.
+            generator, seed: randomness (a generator on ``x.device``, or a seed for a new one).
+        """
+        start = time.perf_counter()
+        if not isinstance(threat, ThreatModel):
+            raise ConfigError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
+        if threat.norm not in self.norms:
+            supported = ", ".join(sorted(n.value for n in self.norms))
+            raise ConfigError(f"{self.name} does not support the {threat.norm.value} norm (supported: {supported})")
+        if targets is not None and not self.supports_targeted:
+            raise ConfigError(f"{self.name} is untargeted only; drop the targets or choose another attack")
+        threat.check_inputs(x)
+        oracle = self._oracle_for(model).bind(int(x.shape[0]), x.device)
+        num_classes = self._probe_classes(oracle, x)
+        goal = Goal.build(y, targets, num_examples=int(x.shape[0]), num_classes=num_classes, device=x.device)
+        if generator is None:
+            generator = make_generator(x.device, seed)
+
+        x = x.detach()
+        session = oracle.session() if isinstance(oracle, GradientOracle) else contextlib.nullcontext()
+        with session:
+            output = self._perturb(oracle, x, goal, threat, generator)  # type: ignore[arg-type]
+            candidate, extras = output if isinstance(output, tuple) else (output, {})
+            x_adv, success = self._finalize(oracle, candidate, x, goal, threat)
+
+        gradients = oracle.gradients.clone() if isinstance(oracle, GradientOracle) else None
+        return AttackResult(
+            method=self.name,
+            threat=threat,
+            targeted=goal.targeted,
+            x_adv=x_adv,
+            success=success,
+            distance=threat.distance(x_adv, x),
+            queries=oracle.queries.clone(),
+            gradients=gradients,
+            audits=oracle.ledger.audits.clone(),
+            wall_time=time.perf_counter() - start,
+            config=self.config.as_dict(),
+            extras=extras,
+        )
+
+    @abstractmethod
+    def _perturb(
+        self, oracle: OracleT, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
+    ) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """Candidate adversarial inputs for the whole batch (same shape as ``x``), optionally with extra results
+        (curves, iterations) that go into :attr:`AttackResult.extras`."""
+
+    # ---------------------------------------------------------------- helpers
+    def _oracle_for(self, model: nn.Module | LabelOracle) -> LabelOracle:
+        """The handle this attack may use: a module is wrapped at exactly the attack's access level."""
+        if isinstance(model, nn.Module):
+            if self.access is Access.GRADIENT:
+                if model.training:
+                    warnings.warn(
+                        "the model is in train mode; robustlab attacks it in eval mode and restores train mode "
+                        "afterwards (call model.eval() to silence this)",
+                        stacklevel=4,
+                    )
+                return GradientOracle(model)
+            if self.access is Access.SCORES:
+                return ScoreOracle(module_function(model))
+            return LabelOracle(module_function(model))
+        if isinstance(model, LabelOracle):
+            needed = {Access.GRADIENT: GradientOracle, Access.SCORES: ScoreOracle, Access.LABELS: LabelOracle}
+            if not isinstance(model, needed[self.access]):
+                raise ConfigError(
+                    f"{self.name} needs {self.access.value} access, but the model handle only gives "
+                    f"{model.access.value}; choose an attack for that access level (robustlab.list_attacks())"
+                )
+            return model
+        if callable(model):
+            raise ModelError(
+                "a plain function has no declared access level: wrap it in robustlab.ScoreOracle(fn) or "
+                "robustlab.LabelOracle(fn), or pass a torch.nn.Module for white-box attacks"
+            )
+        raise ModelError(f"the model must be a torch.nn.Module or a robustlab oracle, got {type(model).__name__}")
+
+    @staticmethod
+    def _probe_classes(oracle: LabelOracle, x: Tensor) -> int | None:
+        """Number of classes, from one forward pass on the first example when the model gives scores."""
+        if oracle.num_classes is not None or not isinstance(oracle, ScoreOracle):
+            return oracle.num_classes
+        first = torch.zeros(1, dtype=torch.long, device=x.device)
+        try:
+            scores = oracle.scores(x[:1], first)
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidInputError(
+                f"the model failed on an input of shape {tuple(x.shape[1:])} (per example): {exc}"
+            ) from exc
+        check_logits(scores, 1)
+        warn_if_probabilities(scores)
+        oracle.num_classes = int(scores.shape[1])
+        return oracle.num_classes
+
+    @staticmethod
+    def _finalize(
+        oracle: LabelOracle, candidate: Tensor, x: Tensor, goal: Goal, threat: ThreatModel
+    ) -> tuple[Tensor, Tensor]:
+        if candidate.shape != x.shape:
+            raise RuntimeError(f"attack returned shape {tuple(candidate.shape)} for inputs {tuple(x.shape)}")
+        x_adv = threat.project(candidate.detach(), x)
+        predicted = oracle.audit_labels(x_adv)
+        return x_adv, goal.is_success(predicted)
+
+
+def build_config(config_type: type[AttackConfig], options: Mapping[str, Any], name: str) -> AttackConfig:
+    """Build ``config_type(**options)`` with a clear error for an unknown option."""
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for {name}; valid options: {', '.join(sorted(fields)) or 'none'}"
+        )
+    try:
+        return config_type(**options)
+    except TypeError as exc:
+        raise ConfigError(f"invalid options for {name}: {exc}") from exc
+
+
+def positive(name: str, value: float | int | None, *, integer: bool = False, allow_none: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a positive (integer) number."""
+    if value is None and allow_none:
+        return
+    valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not valid_type or not math.isfinite(float(value)) or value <= 0:  # type: ignore[arg-type]
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+
