@@ -1,0 +1,115 @@
+"""Oracles: exact per-example query counting, budgets, access levels, model modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from robustlab import GradientOracle, InvalidInputError, LabelOracle, QueryBudgetExceeded, ScoreOracle
+from robustlab.goals import Goal
+from robustlab.losses import attack_loss
+from robustlab.oracles import Access, ModelError, module_function
+
+from tests.toys import tiny_cnn
+
+
+class CountingModel(nn.Module):
+    """Records every row it is asked about, to check the oracle's books against the truth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.rows_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows_seen += x.shape[0]
+        return self.linear(x)
+
+
+def test_counts_per_example_exactly() -> None:
+    model = CountingModel()
+    oracle = ScoreOracle(module_function(model)).bind(3, torch.device("cpu"))
+    x = torch.rand(5, 4)
+    oracle.scores(x, torch.tensor([0, 0, 2, 2, 2]))
+    oracle.labels(x[:3])
+    assert oracle.queries.tolist() == [3, 1, 4]
+    assert model.rows_seen == 8 == oracle.total_queries
+
+
+def test_budget_refused_before_evaluating() -> None:
+    model = CountingModel()
+    oracle = ScoreOracle(module_function(model), budget=2).bind(2, torch.device("cpu"))
+    oracle.scores(torch.rand(2, 4), torch.tensor([0, 0]))
+    with pytest.raises(QueryBudgetExceeded, match="budget of 2"):
+        oracle.scores(torch.rand(1, 4), torch.tensor([0]))
+    assert oracle.queries.tolist() == [2, 0]
+    assert model.rows_seen == 2  # the refused query never reached the model
+    assert oracle.remaining().tolist() == [0, 2]
+
+
+def test_audits_are_outside_the_budget() -> None:
+    oracle = LabelOracle(module_function(CountingModel()), budget=1).bind(2, torch.device("cpu"))
+    oracle.labels(torch.rand(2, 4))
+    oracle.audit_labels(torch.rand(2, 4))
+    assert oracle.queries.tolist() == [1, 1]
+    assert oracle.ledger.audits.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("budget", [0, -3, 1.5, True])
+def test_bad_budget(budget) -> None:
+    with pytest.raises(InvalidInputError, match="budget must be a positive integer"):
+        ScoreOracle(lambda x: x, budget=budget)
+
+
+def test_label_oracle_hides_scores() -> None:
+    oracle = LabelOracle(module_function(CountingModel())).bind(2, torch.device("cpu"))
+    labels = oracle.labels(torch.rand(2, 4))
+    assert labels.dtype == torch.long and labels.shape == (2,)
+    assert not hasattr(oracle, "scores")
+    assert oracle.access is Access.LABELS
+
+
+def test_gradient_oracle_restores_modes_and_counts() -> None:
+    model = tiny_cnn().train()
+    model[2].eval()  # a mixed state must come back exactly as it was
+    before = [m.training for m in model.modules()]
+    oracle = GradientOracle(model).bind(4, torch.device("cpu"))
+    seen_modes: list[bool] = []
+    model.register_forward_hook(lambda m, i, o: seen_modes.append(m.training))
+    x = torch.rand(4, 1, 6, 6)
+    goal = Goal(torch.tensor([0, 1, 2, 3]))
+    loss, logits, grad = oracle.loss_and_grad(x, goal, attack_loss("ce"))
+    assert grad.shape == x.shape and loss.shape == (4,) and logits.shape == (4, 10)
+    assert seen_modes == [False]
+    assert [m.training for m in model.modules()] == before
+    oracle.logits(x[:2], torch.tensor([1, 3]))
+    assert oracle.gradients.tolist() == [1, 1, 1, 1]
+    assert oracle.queries.tolist() == [1, 2, 1, 2]
+
+
+def test_gradient_matches_autograd_per_example() -> None:
+    model = tiny_cnn()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    model = model.double()
+    goal = Goal(torch.tensor([1, 2, 3]))
+    oracle = GradientOracle(model).bind(3, torch.device("cpu"))
+    _, _, grad = oracle.loss_and_grad(x, goal, attack_loss("ce"))
+    for i in range(3):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(model(xi), goal.labels[i : i + 1]).backward()
+        assert torch.allclose(grad[i], xi.grad[0])
+
+
+def test_model_errors() -> None:
+    with pytest.raises(ModelError, match="nn.Module"):
+        GradientOracle(lambda x: x)  # type: ignore[arg-type]
+    bad = ScoreOracle(lambda x: torch.full((x.shape[0], 3), float("nan"))).bind(1, torch.device("cpu"))
+    with pytest.raises(ModelError, match="NaN"):
+        bad.scores(torch.rand(1, 4))
+    wrong = ScoreOracle(lambda x: torch.zeros(x.shape[0], 3), num_classes=10).bind(1, torch.device("cpu"))
+    with pytest.raises(ModelError, match="returned 3 classes, expected 10"):
+        wrong.scores(torch.rand(1, 4))
+    flat = ScoreOracle(lambda x: torch.zeros(7)).bind(1, torch.device("cpu"))
+    with pytest.raises(ModelError, match="shape"):
+        flat.scores(torch.rand(1, 4))
