@@ -30,11 +30,14 @@ def binary_linear(dim: int, dtype: torch.dtype = torch.float64, seed: int = 0) -
 def tiny_cnn(in_channels: int = 1, num_classes: int = 10, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(in_channels, 4, 3, padding=1),
+        nn.Conv2d(in_channels, 8, 3, padding=1),
         nn.ReLU(),
-        nn.BatchNorm2d(4),
-        nn.AdaptiveAvgPool2d(2),
+        nn.BatchNorm2d(8),
+        nn.AdaptiveMaxPool2d(3),
         nn.Flatten(),
-        nn.Linear(16, num_classes),
+        nn.Linear(72, num_classes),
     )
+    with torch.no_grad():
+        model[2].running_mean.fill_(0.3)
+        model[2].running_var.fill_(0.05)
     return model.eval()
