@@ -12,7 +12,7 @@ from robustlab.attacks.registry import get_attack
 from robustlab.oracles import LabelOracle
 from robustlab.threat import ThreatModel
 
-__all__ = ["attack"]
+__all__ = ["attack", "attack_batches"]
 
 
 def attack(
@@ -45,3 +45,57 @@ def attack(
     """
     info = get_attack(method)
     return info.cls(**options).run(model, x, y, threat, targets=targets, seed=seed, generator=generator)
+
+
+def attack_batches(
+    model: nn.Module | LabelOracle,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    method: str = "pgd",
+    *,
+    batch_size: int = 256,
+    targets: Tensor | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> AttackResult:
+    """:func:`attack` over a data set too large for one batch; returns one concatenated result on the CPU.
+
+    Batch ``i`` uses seed ``seed + i``, so the outcome does not depend on how many batches ran before a resume.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    info = get_attack(method)
+    instance = info.cls(**options)
+    target_device = torch.device(device) if device is not None else x.device
+    results = []
+    starts = range(0, int(x.shape[0]), batch_size)
+    for number, start in enumerate(tqdm(starts, desc=method, unit="batch", disable=not progress, leave=False)):
+        stop = start + batch_size
+        batch_targets = None if targets is None else targets[start:stop].to(target_device)
+        result = instance.run(
+            model,
+            x[start:stop].to(target_device),
+            y[start:stop].to(target_device),
+            threat,
+            targets=batch_targets,
+            seed=seed + number,
+        )
+        results.append(_to_cpu(result))
+    return AttackResult.concat(results)
+
+
+def _to_cpu(result: AttackResult) -> AttackResult:
+    import dataclasses
+
+    moved = {
+        name: getattr(result, name).cpu()
+        for name in ("x_adv", "success", "distance", "queries", "audits")
+    }
+    gradients = None if result.gradients is None else result.gradients.cpu()
+    extras = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in result.extras.items()}
+    return dataclasses.replace(result, gradients=gradients, extras=extras, **moved)

@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -79,6 +79,35 @@ class AttackResult:
     wall_time: float
     config: Mapping[str, Any]
     extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def concat(results: Sequence[AttackResult]) -> AttackResult:
+        """One result for consecutive batches attacked with the same method and threat model."""
+        if not results:
+            raise ValueError("no results to concatenate")
+        first = results[0]
+
+        def cat(name: str) -> Tensor:
+            return torch.cat([getattr(r, name) for r in results])
+
+        extras: dict[str, Any] = {}
+        for key, value in first.extras.items():
+            if isinstance(value, Tensor) and all(isinstance(r.extras.get(key), Tensor) for r in results):
+                extras[key] = torch.cat([r.extras[key] for r in results])
+        return AttackResult(
+            method=first.method,
+            threat=first.threat,
+            targeted=first.targeted,
+            x_adv=cat("x_adv"),
+            success=cat("success"),
+            distance=cat("distance"),
+            queries=cat("queries"),
+            gradients=None if first.gradients is None else cat("gradients"),
+            audits=cat("audits"),
+            wall_time=sum(r.wall_time for r in results),
+            config=first.config,
+            extras=extras,
+        )
 
     @property
     def num_examples(self) -> int:
