@@ -1,0 +1,137 @@
+"""PGD-10 wall time against the floor and against peer libraries, side by side in one process.
+
+Model: advertorch's pretrained MNIST LeNet5 (clean); batch: the first 256 MNIST test images; Linf eps 0.3, step
+0.075, random start, 10 steps for every library. The floor is 10 bare forward+backward passes with respect to the
+input on the same model and batch. Each round times every candidate once in a rotating order; the table gives
+the median of the per-round ratios to the floor (quartiles in brackets) and the robust accuracy each attack left.
+
+    python benchmarks/pgd_speed.py [--rounds 20] [--batch 256] [--no-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import robustlab
+from benchmarks.common import import_peers, interleaved_timing, markdown_table, setup_torch, write_docs_section
+from robustlab.data import load_dataset
+from robustlab.models import load_model
+
+EPS, STEP, STEPS = 0.3, 0.075, 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--model", default="advertorch-lenet5-clean")
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+    setup_torch()
+    peers = import_peers()
+    model = load_model(args.model).eval()
+    data = load_dataset("mnist", split="test", limit=args.batch)
+    x, y = data.x, data.y
+    threat = robustlab.ThreatModel("linf", EPS)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def floor() -> None:
+        x_var = x
+        for _ in range(STEPS):
+            x_var = x_var.detach().requires_grad_(True)
+            loss = F.cross_entropy(model(x_var), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_var)
+        del grad
+
+    def plain_loop() -> None:
+        x_adv = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1)
+        for _ in range(STEPS):
+            x_adv.requires_grad_(True)
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + STEP * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS).clamp(0, 1)
+        outputs["plain 12-line loop"] = x_adv
+
+    def ours() -> None:
+        result = robustlab.attack(model, x, y, threat, method="pgd", steps=STEPS, step_size=STEP)
+        outputs["robustlab"] = result.x_adv
+
+    candidates: dict[str, Callable[[], None]] = {"floor": floor, "plain 12-line loop": plain_loop, "robustlab": ours}
+
+    if peers["torchattacks"] is not None:
+        ta = peers["torchattacks"].PGD(model, eps=EPS, alpha=STEP, steps=STEPS, random_start=True)
+
+        def torchattacks_pgd() -> None:
+            outputs["torchattacks"] = ta(x, y)
+
+        candidates["torchattacks"] = torchattacks_pgd
+    if peers["advertorch"] is not None:
+        from advertorch.attacks import LinfPGDAttack
+
+        adv = LinfPGDAttack(
+            model, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), eps=EPS, nb_iter=STEPS, eps_iter=STEP,
+            rand_init=True, clip_min=0.0, clip_max=1.0,
+        )
+
+        def advertorch_pgd() -> None:
+            outputs["advertorch"] = adv.perturb(x, y)
+
+        candidates["advertorch"] = advertorch_pgd
+    if peers["foolbox"] is not None:
+        import foolbox as fb
+
+        fmodel = fb.PyTorchModel(model, bounds=(0, 1))
+        fb_attack = fb.attacks.LinfPGD(abs_stepsize=STEP, steps=STEPS, random_start=True)
+
+        def foolbox_pgd() -> None:
+            _, clipped, _ = fb_attack(fmodel, x, y, epsilons=EPS)
+            outputs["foolbox"] = clipped
+
+        candidates["foolbox"] = foolbox_pgd
+    if peers["art"] is not None:
+        from art.attacks.evasion import ProjectedGradientDescentPyTorch
+        from art.estimators.classification import PyTorchClassifier
+
+        classifier = PyTorchClassifier(
+            model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=10,
+            clip_values=(0.0, 1.0), device_type="cpu",
+        )
+        art_attack = ProjectedGradientDescentPyTorch(
+            classifier, norm=np.inf, eps=EPS, eps_step=STEP, max_iter=STEPS, batch_size=args.batch,
+            num_random_init=1, verbose=False,
+        )
+        x_np = x.numpy()
+
+        def art_pgd() -> None:
+            outputs["ART"] = torch.from_numpy(art_attack.generate(x_np))
+
+        candidates["ART"] = art_pgd
+
+    timing = interleaved_timing(candidates, rounds=args.rounds, reference="floor")
+    rows = []
+    for name, t in timing.items():
+        robust = "–"
+        if name in outputs:
+            with torch.no_grad():
+                robust = f"{100 * float((model(outputs[name]).argmax(1) == y).float().mean()):.1f}%"
+        rows.append([name, f"{1000 * t['median_s']:.1f}", f"{t['ratio']:.3f} [{t['ratio_q1']:.3f}, {t['ratio_q3']:.3f}]", robust])
+    table = markdown_table(["implementation", "median ms", "ratio to floor [q1, q3]", "robust accuracy"], rows)
+    print(table)
+    if not args.no_docs:
+        body = (
+            f"PGD-10 (Linf eps {EPS}, step {STEP}, random start) on {args.model}, {args.batch} MNIST test images, "
+            f"{args.rounds} interleaved rounds after 2 warm-up rounds. The floor is 10 bare forward+backward passes "
+            "with respect to the input. robustlab's time includes its input checks, a one-example class-count probe "
+            "and the final forward pass that re-checks every success, which the peers do not do.\n\n" + table
+        )
+        write_docs_section("pgd-speed", "PGD-10 speed against the floor and peer libraries", body)
+
+
+if __name__ == "__main__":
+    main()
