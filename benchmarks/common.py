@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ def import_peers() -> dict[str, types.ModuleType | None]:
 
 
 def interleaved_timing(
-    candidates: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2, reference: str
+    candidates: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 2, reference: str
 ) -> dict[str, dict[str, float]]:
     """Time each candidate once per round, rotating the order; return median seconds and median ratio.
 

@@ -16,11 +16,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from robustlab.models import load_model
 
 import robustlab
-from benchmarks.common import import_peers, interleaved_timing, markdown_table, setup_torch, write_docs_section
+from benchmarks.common import (
+    import_peers,
+    interleaved_timing,
+    markdown_table,
+    setup_torch,
+    write_docs_section,
+)
 from robustlab.data import load_dataset
-from robustlab.models import load_model
 
 EPS, STEP, STEPS = 0.3, 0.075, 10
 
@@ -62,7 +68,11 @@ def main() -> None:
         result = robustlab.attack(model, x, y, threat, method="pgd", steps=STEPS, step_size=STEP)
         outputs["robustlab"] = result.x_adv
 
-    candidates: dict[str, Callable[[], None]] = {"floor": floor, "plain 12-line loop": plain_loop, "robustlab": ours}
+    candidates: dict[str, Callable[[], None]] = {
+        "floor": floor,
+        "plain 12-line loop": plain_loop,
+        "robustlab": ours,
+    }
 
     if peers["torchattacks"] is not None:
         ta = peers["torchattacks"].PGD(model, eps=EPS, alpha=STEP, steps=STEPS, random_start=True)
@@ -75,8 +85,14 @@ def main() -> None:
         from advertorch.attacks import LinfPGDAttack
 
         adv = LinfPGDAttack(
-            model, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), eps=EPS, nb_iter=STEPS, eps_iter=STEP,
-            rand_init=True, clip_min=0.0, clip_max=1.0,
+            model,
+            loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
+            eps=EPS,
+            nb_iter=STEPS,
+            eps_iter=STEP,
+            rand_init=True,
+            clip_min=0.0,
+            clip_max=1.0,
         )
 
         def advertorch_pgd() -> None:
@@ -99,12 +115,22 @@ def main() -> None:
         from art.estimators.classification import PyTorchClassifier
 
         classifier = PyTorchClassifier(
-            model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=10,
-            clip_values=(0.0, 1.0), device_type="cpu",
+            model,
+            loss=torch.nn.CrossEntropyLoss(),
+            input_shape=tuple(x.shape[1:]),
+            nb_classes=10,
+            clip_values=(0.0, 1.0),
+            device_type="cpu",
         )
         art_attack = ProjectedGradientDescentPyTorch(
-            classifier, norm=np.inf, eps=EPS, eps_step=STEP, max_iter=STEPS, batch_size=args.batch,
-            num_random_init=1, verbose=False,
+            classifier,
+            norm=np.inf,
+            eps=EPS,
+            eps_step=STEP,
+            max_iter=STEPS,
+            batch_size=args.batch,
+            num_random_init=1,
+            verbose=False,
         )
         x_np = x.numpy()
 
@@ -120,7 +146,14 @@ def main() -> None:
         if name in outputs:
             with torch.no_grad():
                 robust = f"{100 * float((model(outputs[name]).argmax(1) == y).float().mean()):.1f}%"
-        rows.append([name, f"{1000 * t['median_s']:.1f}", f"{t['ratio']:.3f} [{t['ratio_q1']:.3f}, {t['ratio_q3']:.3f}]", robust])
+        rows.append(
+            [
+                name,
+                f"{1000 * t['median_s']:.1f}",
+                f"{t['ratio']:.3f} [{t['ratio_q1']:.3f}, {t['ratio_q3']:.3f}]",
+                robust,
+            ]
+        )
     table = markdown_table(["implementation", "median ms", "ratio to floor [q1, q3]", "robust accuracy"], rows)
     print(table)
     if not args.no_docs:

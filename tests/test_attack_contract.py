@@ -78,7 +78,7 @@ def test_contract(info: AttackInfo, norm: str, dtype: torch.dtype, targeted: boo
 
 @pytest.mark.parametrize("name", [i.name for i in robustlab.list_attacks(access="gradient")])
 def test_unknown_option_is_named(name: str) -> None:
-    with pytest.raises(robustlab.ConfigError, match="unknown option.*bogus"):
+    with pytest.raises(robustlab.ConfigError, match=r"unknown option.*bogus"):
         robustlab.get_attack(name).cls(bogus=1)
 
 
@@ -123,7 +123,7 @@ def test_nan_eps_method_norm_and_labels_errors() -> None:
         robustlab.attack(model, x, y, ThreatModel("l1", 1.0), method="mi-fgsm")
     with pytest.raises(robustlab.ConfigError, match="steps must be a positive integer"):
         robustlab.attack(model, x, y, threat, steps=0)
-    with pytest.raises(robustlab.ConfigError, match="threat must be a robustlab.ThreatModel"):
+    with pytest.raises(robustlab.ConfigError, match=r"threat must be a robustlab\.ThreatModel"):
         robustlab.attack(model, x, y, 0.3)  # type: ignore[arg-type]
 
 

@@ -10,7 +10,6 @@ from robustlab import GradientOracle, InvalidInputError, LabelOracle, QueryBudge
 from robustlab.goals import Goal
 from robustlab.losses import attack_loss
 from robustlab.oracles import Access, ModelError, module_function
-
 from tests.toys import tiny_cnn
 
 
@@ -98,11 +97,12 @@ def test_gradient_matches_autograd_per_example() -> None:
     for i in range(3):
         xi = x[i : i + 1].clone().requires_grad_(True)
         torch.nn.functional.cross_entropy(model(xi), goal.labels[i : i + 1]).backward()
+        assert xi.grad is not None
         assert torch.allclose(grad[i], xi.grad[0])
 
 
 def test_model_errors() -> None:
-    with pytest.raises(ModelError, match="nn.Module"):
+    with pytest.raises(ModelError, match=r"nn\.Module"):
         GradientOracle(lambda x: x)  # type: ignore[arg-type]
     bad = ScoreOracle(lambda x: torch.full((x.shape[0], 3), float("nan"))).bind(1, torch.device("cpu"))
     with pytest.raises(ModelError, match="NaN"):

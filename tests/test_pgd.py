@@ -82,7 +82,15 @@ def test_early_stop_spends_no_gradients_on_broken_examples() -> None:
     x[1] += 0.2 * (model.weight[1] - model.weight[0]).detach().sign()  # far from the boundary
     y = torch.tensor([int(model(x[:1]).argmax(1)) ^ 1, int(model(x[1:]).argmax(1))])  # example 0 is misclassified
     result = robustlab.attack(
-        model, x, y, ThreatModel("linf", 0.01), steps=7, restarts=2, early_stop=True, random_start=False, seed=0
+        model,
+        x,
+        y,
+        ThreatModel("linf", 0.01),
+        steps=7,
+        restarts=2,
+        early_stop=True,
+        random_start=False,
+        seed=0,
     )
     # Example 0: one gradient evaluation reveals it is already misclassified; example 1 runs 7 steps per restart.
     assert result.gradients is not None

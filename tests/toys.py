@@ -27,7 +27,7 @@ def binary_linear(dim: int, dtype: torch.dtype = torch.float64, seed: int = 0) -
     return LinearClassifier(weight, bias)
 
 
-def tiny_cnn(in_channels: int = 1, num_classes: int = 10, seed: int = 0) -> nn.Module:
+def tiny_cnn(in_channels: int = 1, num_classes: int = 10, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(in_channels, 8, 3, padding=1),
@@ -37,7 +37,9 @@ def tiny_cnn(in_channels: int = 1, num_classes: int = 10, seed: int = 0) -> nn.M
         nn.Flatten(),
         nn.Linear(72, num_classes),
     )
+    norm = model[2]
+    assert isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None and norm.running_var is not None
     with torch.no_grad():
-        model[2].running_mean.fill_(0.3)
-        model[2].running_var.fill_(0.05)
+        norm.running_mean.fill_(0.3)
+        norm.running_var.fill_(0.05)
     return model.eval()

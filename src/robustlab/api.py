@@ -92,10 +92,7 @@ def attack_batches(
 def _to_cpu(result: AttackResult) -> AttackResult:
     import dataclasses
 
-    moved = {
-        name: getattr(result, name).cpu()
-        for name in ("x_adv", "success", "distance", "queries", "audits")
-    }
+    moved = {name: getattr(result, name).cpu() for name in ("x_adv", "success", "distance", "queries", "audits")}
     gradients = None if result.gradients is None else result.gradients.cpu()
     extras = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in result.extras.items()}
     return dataclasses.replace(result, gradients=gradients, extras=extras, **moved)

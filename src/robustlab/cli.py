@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="targeted attack with a random other class or the least likely class as target",
     )
     method.add_argument(
-        "--option", "-O", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
+        "--option",
+        "-O",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
         help="any other attack option, e.g. -O early_stop=True (repeatable)",
     )
     method.add_argument("--seed", type=int, default=0, help="random seed")
@@ -211,8 +216,17 @@ def run_attack(args: argparse.Namespace) -> int:
         targets = torch.where(targets == y, (y + 1) % clean_logits.shape[1], targets)
 
     result = attack_batches(
-        model, x, y, threat, args.method, batch_size=args.batch_size, targets=targets, seed=args.seed,
-        device=device, progress=not args.quiet, **options,
+        model,
+        x,
+        y,
+        threat,
+        args.method,
+        batch_size=args.batch_size,
+        targets=targets,
+        seed=args.seed,
+        device=device,
+        progress=not args.quiet,
+        **options,
     )
     summary = result.summary()
     summary.update(
@@ -235,9 +249,7 @@ def run_attack(args: argparse.Namespace) -> int:
     if args.save_adv:
         import numpy as np
 
-        np.savez_compressed(
-            args.save_adv, x=result.x_adv.numpy(), y=y.numpy(), success=result.success.numpy()
-        )
+        np.savez_compressed(args.save_adv, x=result.x_adv.numpy(), y=y.numpy(), success=result.success.numpy())
     print(_human_summary(summary))
     return EXIT_OK
 
@@ -274,7 +286,13 @@ def run_list(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from robustlab.demo import run_demo as demo
 
-    demo(out=Path(args.out), examples=args.examples, retrain=args.retrain, quick=args.quick, progress=not args.quiet)
+    demo(
+        out=Path(args.out),
+        examples=args.examples,
+        retrain=args.retrain,
+        quick=args.quick,
+        progress=not args.quiet,
+    )
     return EXIT_OK
 
 

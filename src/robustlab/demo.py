@@ -95,7 +95,13 @@ def demo_model(*, retrain: bool, progress: bool, log: Any) -> tuple[nn.Module, d
     log(f"training a small CNN on {train.x.shape[0]} MNIST training images (2 epochs)")
     started = time.perf_counter()
     fit_classifier(model, train.x, train.y, epochs=2, batch_size=128, seed=0, progress=progress)
-    info.update({"trained_now": True, "train_images": int(train.x.shape[0]), "train_seconds": time.perf_counter() - started})
+    info.update(
+        {
+            "trained_now": True,
+            "train_images": int(train.x.shape[0]),
+            "train_seconds": time.perf_counter() - started,
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, path, arch="smallcnn", arch_kwargs={"in_channels": 1, "num_classes": 10})
     return model, info
@@ -182,7 +188,11 @@ def run_demo(
             clean_pred = model(x[:count]).argmax(1)
             adv_pred = model(adv).argmax(1)
         grid = image_grid_figure(
-            [("clean", x[:count]), ("adversarial", adv), ("perturbation", (adv - x[:count]) * 0.5 / 0.3 + 0.5)],
+            [
+                ("clean", x[:count]),
+                ("adversarial", adv),
+                ("perturbation", (adv - x[:count]) * 0.5 / 0.3 + 0.5),
+            ],
             captions=[
                 [f"y={int(t)} pred={int(p)}" for t, p in zip(y[:count], clean_pred)],
                 [f"pred={int(p)}" for p in adv_pred],
@@ -226,8 +236,16 @@ def _pretrained_pair(x: Tensor, y: Tensor, *, quick: bool, progress: bool, log: 
         correct = accuracy(model, x[:count], y[:count])
         log(f"{name}: PGD-40 at eps 0.3")
         result = attack_batches(
-            model, x[:count], y[:count], ThreatModel("linf", 0.3), "pgd", steps=40, step_size=0.01,
-            batch_size=250, seed=0, progress=progress,
+            model,
+            x[:count],
+            y[:count],
+            ThreatModel("linf", 0.3),
+            "pgd",
+            steps=40,
+            step_size=0.01,
+            batch_size=250,
+            seed=0,
+            progress=progress,
         )
         found[name] = {
             "clean": float(correct.float().mean()),

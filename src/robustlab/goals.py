@@ -44,7 +44,12 @@ class Goal:
 
     @staticmethod
     def build(
-        labels: Tensor, targets: Tensor | None, *, num_examples: int, num_classes: int | None, device: torch.device
+        labels: Tensor,
+        targets: Tensor | None,
+        *,
+        num_examples: int,
+        num_classes: int | None,
+        device: torch.device,
     ) -> Goal:
         """Validate labels and targets against the batch and the number of classes, and build the goal."""
         labels = _check_labels(labels, "labels", num_examples, num_classes, device)

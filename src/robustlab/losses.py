@@ -69,7 +69,12 @@ def kl_divergence(logits_adv: Tensor, logits_ref: Tensor) -> Tensor:
     return (log_p_ref.exp() * (log_p_ref - log_p_adv)).sum(dim=1)
 
 
-LOSSES: dict[str, AttackLoss] = {"ce": cross_entropy_loss, "margin": margin_loss, "cw": margin_loss, "dlr": dlr_loss}
+LOSSES: dict[str, AttackLoss] = {
+    "ce": cross_entropy_loss,
+    "margin": margin_loss,
+    "cw": margin_loss,
+    "dlr": dlr_loss,
+}
 
 
 def attack_loss(name: str) -> AttackLoss:
@@ -78,4 +83,3 @@ def attack_loss(name: str) -> AttackLoss:
         return LOSSES[name.lower()]
     except KeyError:
         raise ConfigError(f"unknown loss {name!r}: choose one of {', '.join(sorted(LOSSES))}") from None
-

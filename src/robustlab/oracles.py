@@ -95,10 +95,10 @@ class QueryLedger:
 
 def model_device(model: nn.Module) -> torch.device | None:
     """Device of the module's first parameter or buffer (None for a module without any)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
     return None
 
 
@@ -108,8 +108,7 @@ def check_logits(outputs: Tensor, num_examples: int, num_classes: int | None = N
         raise ModelError(f"the model must return a tensor of scores, it returned {type(outputs).__name__}")
     if outputs.dim() != 2 or outputs.shape[0] != num_examples:
         raise ModelError(
-            f"the model must return scores of shape (batch, classes) = ({num_examples}, C), "
-            f"got {tuple(outputs.shape)}"
+            f"the model must return scores of shape (batch, classes) = ({num_examples}, C), got {tuple(outputs.shape)}"
         )
     if num_classes is not None and outputs.shape[1] != num_classes:
         raise ModelError(f"the model returned {outputs.shape[1]} classes, expected {num_classes}")
@@ -209,7 +208,6 @@ class LabelOracle:
         if self.num_classes is None:
             self.num_classes = int(out.shape[1])
         return out.argmax(dim=1)
-
 
     def audit_labels(self, x: Tensor) -> Tensor:
         """Labels of a final answer (one row per example), to re-check claimed successes.
@@ -324,8 +322,8 @@ class GradientOracle(ScoreOracle):
         """Per-example loss, logits (both detached) and the gradient of the summed loss with respect to ``x``.
 
         ``goal`` describes the rows of ``x`` (already restricted to them); ``index`` maps rows to examples of the
-        bound batch as in :meth:`scores`. One forward and backward pass is counted per row. Summing makes each example's gradient
-        independent of the others, so a batch gives per-example gradients in one backward pass.
+        bound batch as in :meth:`scores`. One forward and backward pass is counted per row. Summing makes each
+        example's gradient independent of the others, so a batch gives per-example gradients in one backward pass.
         """
         with self.session(), torch.enable_grad():
             x_var = x.detach().requires_grad_(True)

@@ -11,7 +11,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,7 +74,9 @@ class Section:
     def figure(self, figure: Any, caption: str = "") -> Section:
         data = _png_base64(figure)
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self.parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">{cap}</figure>')
+        self.parts.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">{cap}</figure>'
+        )
         return self
 
     def render(self) -> str:
@@ -125,7 +127,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def line_plot(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     *,
     xlabel: str,
     ylabel: str,
@@ -184,4 +186,3 @@ def image_grid_figure(rows: Sequence[tuple[str, Tensor]], captions: Sequence[Seq
                 axis.set_ylabel(label, fontsize=8)
     figure.tight_layout()
     return figure
-

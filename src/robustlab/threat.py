@@ -81,7 +81,9 @@ class ThreatModel:
             eps_value = float(eps)
             lower_value, upper_value = float(lower), float(upper)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"eps and bounds must be numbers, got eps={eps!r}, bounds=({lower!r}, {upper!r})") from exc
+            raise ConfigError(
+                f"eps and bounds must be numbers, got eps={eps!r}, bounds=({lower!r}, {upper!r})"
+            ) from exc
         if not math.isfinite(eps_value) or eps_value <= 0:
             raise ConfigError(f"eps must be a positive finite number, got {eps!r}")
         if math.isnan(lower_value) or math.isnan(upper_value) or not lower_value < upper_value:
@@ -198,7 +200,7 @@ class ThreatModel:
         g = _flat(grad)
         if self.norm is Norm.L2:
             return (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).reshape(grad.shape)
-        k = max(1, int(round((1.0 - l1_sparsity) * g.shape[1])))
+        k = max(1, round((1.0 - l1_sparsity) * g.shape[1]))
         magnitude = g.abs()
         threshold = magnitude.topk(k, dim=1).values[:, -1:]
         chosen = (magnitude >= threshold) & (magnitude > 0)

@@ -4,4 +4,12 @@ from robustlab.attacks import cw_pgd, fgsm, mifgsm, pgd  # noqa: F401  (importin
 from robustlab.attacks.base import Attack, AttackConfig, AttackResult
 from robustlab.attacks.registry import AttackInfo, get_attack, list_attacks, register_attack
 
-__all__ = ["Attack", "AttackConfig", "AttackInfo", "AttackResult", "get_attack", "list_attacks", "register_attack"]
+__all__ = [
+    "Attack",
+    "AttackConfig",
+    "AttackInfo",
+    "AttackResult",
+    "get_attack",
+    "list_attacks",
+    "register_attack",
+]

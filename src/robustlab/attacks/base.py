@@ -365,7 +365,6 @@ def positive(name: str, value: float | int | None, *, integer: bool = False, all
     if value is None and allow_none:
         return
     valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not valid_type or not math.isfinite(float(value)) or value <= 0:  # type: ignore[arg-type]
+    if isinstance(value, bool) or not valid_type or value is None or not math.isfinite(float(value)) or value <= 0:
         kind = "a positive integer" if integer else "a positive number"
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
-

@@ -45,7 +45,7 @@ class MIFGSMConfig(AttackConfig):
     def validate(self) -> None:
         positive("steps", self.steps, integer=True)
         positive("step_size", self.step_size, allow_none=True)
-        if not 0.0 <= self.momentum:
+        if not self.momentum >= 0.0:
             raise ConfigError(f"momentum must be >= 0, got {self.momentum!r}")
         attack_loss(self.loss)
 

@@ -63,5 +63,6 @@ def list_attacks(access: str | Access | None = None, norm: str | Norm | None = N
     return [
         info
         for name, info in sorted(_REGISTRY.items())
-        if (wanted_access is None or info.access is wanted_access) and (wanted_norm is None or wanted_norm in info.norms)
+        if (wanted_access is None or info.access is wanted_access)
+        and (wanted_norm is None or wanted_norm in info.norms)
     ]
