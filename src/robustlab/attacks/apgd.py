@@ -1,0 +1,357 @@
+"""Auto-PGD (APGD) and its targeted-DLR variant APGD-T, in the linf and l2 norms.
+
+Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free attacks",
+ICML 2020 (reference code: ``fra31/auto-attack``, ``autoattack/autopgd_base.py``). APGD is PGD with momentum and
+a step size that needs no tuning:
+
+- start at a random point of the ball (``threat.random_start``), step size ``eta = 2 * eps`` per example;
+- each step: ``z = P(x_k + eta * s(g_k))`` with ``s`` the steepest-ascent direction of the norm (sign for linf,
+  normalized gradient for l2) and ``x_{k+1} = P(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_{k-1}))``,
+  ``alpha = 0.75`` (no momentum on the first step); ``P`` is the exact projection onto ball and box;
+- at the checkpoints ``w_j`` (see :func:`apgd_checkpoints`), halve ``eta`` of an example when at most a fraction
+  ``rho`` of its steps since the previous checkpoint increased the loss (``<=`` as in the reference; the paper
+  writes ``<``), or when its step size was not halved at the previous checkpoint and its best loss has not
+  improved since; an example whose step is halved restarts from its best point (highest loss) with the gradient
+  there.
+
+``steps`` steps cost ``steps + 1`` gradient evaluations per restart (the start point is evaluated too), and the
+logits of every evaluation tell for free whether an example is already broken. With ``early_stop`` (the default:
+this is an evaluation attack) an example leaves the batch the moment it is broken, each restart runs only on the
+examples no earlier one broke, and a clean pass first removes examples that are misclassified already (one query
+each, no gradient), like the reference. Per example the best point over all runs is kept: any success, else the
+highest loss. ``result.extras`` holds, per example, ``run`` (the run that first broke it: the restart, or for
+APGD-T ``target * restarts + restart``; -1 if none did), ``iterations`` (the iteration of that run, 0 being its
+start point; -1 if none) and ``clean_success`` (met the goal before any perturbation; always False without
+early stop). With early stop, an example first broken at iteration ``i`` of run ``r`` costs exactly
+``r * (steps + 1) + i + 1`` gradient evaluations, one never broken ``runs * (steps + 1)`` (runs: ``restarts``,
+or ``min(n_target_classes, classes - 1) * restarts`` for APGD-T), one misclassified from the start none.
+
+APGD-T (``"apgd-t"``) is untargeted overall: for each of the ``n_target_classes`` classes ranked highest by the clean
+logits (true class excluded), it runs APGD on the targeted DLR loss toward that class on the examples still
+unbroken; success means any misclassification. Standard AutoAttack runs APGD-CE then APGD-T (9 targets).
+
+Differences from the reference code, on purpose:
+
+- the linf start is uniform in the ball (the reference rescales a uniform draw so one coordinate is at +-eps) and
+  the l2 start uniform in the ball (the reference draws on the sphere): both come from ``threat.random_start``;
+- l2 steps use the exact projection onto ball and box (the reference projects on the ball, then clips);
+- the first checkpoint compares the loss after the first step with the loss at the start point, as the paper
+  states (the reference compares it with an unfilled zero entry of its loss history);
+- examples stop early, and the generator passed in draws the random starts (no global seeding).
+
+Example:
+    >>> result = robustlab.attack(model, x, y, ThreatModel("linf", 8 / 255), method="apgd", loss="dlr")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robustlab.attacks.base import Attack, AttackConfig, BestTracker, positive
+from robustlab.attacks.registry import register_attack
+from robustlab.errors import ConfigError
+from robustlab.goals import Goal
+from robustlab.losses import AttackLoss, attack_loss
+from robustlab.oracles import Access, GradientOracle
+from robustlab.threat import Norm, ThreatModel
+
+__all__ = ["APGD", "APGDConfig", "APGDTargeted", "APGDTargetedConfig", "apgd_checkpoints"]
+
+_LOSSES = ("ce", "dlr")
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations ``w_0 = 0 < w_1 < ...`` (at most ``steps``) at which APGD may halve its step size.
+
+    The paper defines ``w_j = ceil(p_j * steps)`` with ``p_0 = 0``, ``p_1 = 0.22`` and
+    ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``. The reference code (which AutoAttack's numbers come from)
+    rounds the three fractions to whole iterations first: the first interval is ``max(int(0.22 * steps), 1)``,
+    each next one ``max(previous - max(int(0.03 * steps), 1), max(int(0.06 * steps), 1))``. Both give
+    ``[0, 22, 41, 57, 70, 80, 87, 93, 99]`` for 100 steps (and agree for multiples of 100), but not in general:
+    for 50 steps the reference gives ``[0, 11, 21, 30, 38, 45]`` and the paper ``[0, 11, 21, 29, 35, 40, 44, 47,
+    50]``; for 10 steps the reference checks at every step from the second on. This function follows the
+    reference.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    interval = max(int(0.22 * steps), 1)
+    decrease = max(int(0.03 * steps), 1)
+    shortest = max(int(0.06 * steps), 1)
+    points = [0]
+    point = interval
+    while point <= steps:
+        points.append(point)
+        interval = max(interval - decrease, shortest)
+        point += interval
+    return points
+
+
+def _check_common(steps: int, restarts: int, rho: float, momentum: float, initial_step: float) -> None:
+    positive("steps", steps, integer=True)
+    positive("restarts", restarts, integer=True)
+    positive("initial_step", initial_step)
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
+        raise ConfigError(f"rho must be a number in (0, 1), got {rho!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"momentum must be a number in (0, 1] (1 means no momentum), got {momentum!r}")
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+@dataclass(frozen=True)
+class APGDConfig(AttackConfig):
+    """Options of :class:`APGD`. Defaults are the paper's and the reference code's.
+
+    Attributes:
+        steps: iterations per restart (100); each restart costs ``steps + 1`` gradient evaluations.
+        restarts: random restarts (1, as in standard AutoAttack); each runs on the examples still unbroken.
+        loss: "ce" (default) or "dlr"; with explicit targets the goal makes them targeted (-CE of the target,
+            targeted DLR).
+        rho: a step size is halved when at most a fraction ``rho`` (0.75) of the steps since the last checkpoint
+            increased the loss (the reference tests ``count <= rho * interval``; the paper writes ``<``).
+        momentum: alpha, the weight of the new gradient step against the previous move (0.75).
+        initial_step: the initial step size as a multiple of eps (2).
+        random_start: start each restart from a uniform point in the ball (always on in the reference).
+        early_stop: stop each example at its first success and skip clean-misclassified ones (evaluation).
+    """
+
+    steps: int = 100
+    restarts: int = 1
+    loss: str = "ce"
+    rho: float = 0.75
+    momentum: float = 0.75
+    initial_step: float = 2.0
+    random_start: bool = True
+    early_stop: bool = True
+
+    def validate(self) -> None:
+        _check_common(self.steps, self.restarts, self.rho, self.momentum, self.initial_step)
+        if not isinstance(self.loss, str) or self.loss.lower() not in _LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r} for APGD: choose one of {', '.join(_LOSSES)}")
+        _check_flag("random_start", self.random_start)
+        _check_flag("early_stop", self.early_stop)
+
+
+@dataclass(frozen=True)
+class APGDTargetedConfig(AttackConfig):
+    """Options of :class:`APGDTargeted` (APGD-T). Defaults are standard AutoAttack's.
+
+    Attributes:
+        steps: iterations per run (100); each run costs ``steps + 1`` gradient evaluations.
+        restarts: runs per target class (1).
+        n_target_classes: how many target classes to try, in decreasing order of the clean logits (9); capped
+            at the number of classes minus one.
+        rho, momentum, initial_step, random_start, early_stop: as in :class:`APGDConfig`.
+    """
+
+    steps: int = 100
+    restarts: int = 1
+    n_target_classes: int = 9
+    rho: float = 0.75
+    momentum: float = 0.75
+    initial_step: float = 2.0
+    random_start: bool = True
+    early_stop: bool = True
+
+    def validate(self) -> None:
+        _check_common(self.steps, self.restarts, self.rho, self.momentum, self.initial_step)
+        positive("n_target_classes", self.n_target_classes, integer=True)
+        _check_flag("random_start", self.random_start)
+        _check_flag("early_stop", self.early_stop)
+
+
+def _per_example(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per-example ``where``: rows of ``a`` where ``mask``, else rows of ``b``."""
+    return torch.where(_per_example(mask, a), a, b)
+
+
+class _Record:
+    """Best point per example over all runs, and where each example was first broken."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.best = BestTracker(x)
+        self.run = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        self.iteration = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+
+    def update(self, x_adv: Tensor, success: Tensor, loss: Tensor, index: Tensor, run: int, iteration: int) -> None:
+        self.best.update(x_adv, success, loss, index)
+        fresh = index[success]
+        fresh = fresh[self.run[fresh] < 0]
+        self.run[fresh] = run
+        self.iteration[fresh] = iteration
+
+    def mark_clean(self, x: Tensor, success: Tensor) -> None:
+        """Examples that meet the goal without any perturbation."""
+        self.best.update(x, success, torch.full_like(success, -math.inf, dtype=x.dtype))
+
+    def extras(self, clean: Tensor) -> dict[str, Any]:
+        return {"run": self.run, "iterations": self.iteration, "clean_success": clean}
+
+
+class _APGDBase(Attack[GradientOracle]):
+    """What APGD and APGD-T share: one APGD run on a subset of the batch."""
+
+    access = Access.GRADIENT
+    norms = frozenset({Norm.LINF, Norm.L2})
+
+    def _apgd_run(
+        self,
+        oracle: GradientOracle,
+        x_all: Tensor,
+        index: Tensor,
+        loss_goal: Goal,
+        goal: Goal,
+        loss_fn: AttackLoss,
+        threat: ThreatModel,
+        generator: torch.Generator,
+        record: _Record,
+        run: int,
+    ) -> None:
+        """APGD on the examples ``index``: ``loss_goal`` defines the loss, ``goal`` (same rows) the success."""
+        config = self.config
+        assert isinstance(config, (APGDConfig, APGDTargetedConfig))
+        x = x_all[index]
+        n = int(index.numel())
+        x_adv = threat.random_start(x, generator) if config.random_start else x.clone()
+        loss, logits, grad = oracle.loss_and_grad(x_adv, loss_goal, loss_fn, index)
+        success = goal.is_success(logits)
+        record.update(x_adv, success, loss, index, run, 0)
+
+        state: dict[str, Tensor] = {
+            "index": index,
+            "x": x,
+            "x_adv": x_adv,
+            "x_prev": x_adv,
+            "grad": grad,
+            "eta": torch.full((n,), config.initial_step * threat.eps, dtype=x.dtype, device=x.device),
+            # The best point of this run (highest loss), where halving the step size restarts from.
+            "x_max": x_adv,
+            "loss_max": loss,
+            "grad_max": grad,
+            # Loss of the previous iterate, and how many steps since the last checkpoint increased it.
+            "loss_prev": loss,
+            "increases": torch.zeros(n, dtype=torch.long, device=x.device),
+            "loss_max_at_check": loss,
+            "halved_at_check": torch.ones(n, dtype=torch.bool, device=x.device),
+        }
+        checkpoints = apgd_checkpoints(config.steps)[1:]
+        next_check = 0
+        last_check = 0
+
+        for i in range(config.steps):
+            if config.early_stop and bool(success.any()):
+                keep = ~success
+                if not bool(keep.any()):
+                    return
+                state = {name: value[keep] for name, value in state.items()}
+                loss_goal, goal = loss_goal.subset(keep), goal.subset(keep)
+
+            x, x_adv, x_prev = state["x"], state["x_adv"], state["x_prev"]
+            alpha = 1.0 if i == 0 else config.momentum
+            eta = _per_example(state["eta"], x)
+            z = threat.project(x_adv + eta * threat.steepest_ascent(state["grad"]), x)
+            x_new = threat.project(x_adv + alpha * (z - x_adv) + (1.0 - alpha) * (x_adv - x_prev), x)
+
+            loss, logits, grad = oracle.loss_and_grad(x_new, loss_goal, loss_fn, state["index"])
+            success = goal.is_success(logits)
+            record.update(x_new, success, loss, state["index"], run, i + 1)
+
+            state["increases"] = state["increases"] + (loss > state["loss_prev"]).long()
+            state["loss_prev"] = loss
+            better = loss > state["loss_max"]
+            state["x_max"] = _where(better, x_new, state["x_max"])
+            state["grad_max"] = _where(better, grad, state["grad_max"])
+            state["loss_max"] = torch.where(better, loss, state["loss_max"])
+            state["x_prev"], state["x_adv"], state["grad"] = x_adv, x_new, grad
+
+            if next_check < len(checkpoints) and i + 1 == checkpoints[next_check]:
+                interval = checkpoints[next_check] - last_check
+                last_check = checkpoints[next_check]
+                next_check += 1
+                oscillating = state["increases"].to(x.dtype) <= config.rho * interval
+                stalled = ~state["halved_at_check"] & (state["loss_max_at_check"] >= state["loss_max"])
+                halve = oscillating | stalled
+                state["halved_at_check"] = halve
+                state["loss_max_at_check"] = state["loss_max"]
+                state["increases"] = torch.zeros_like(state["increases"])
+                state["eta"] = torch.where(halve, state["eta"] / 2, state["eta"])
+                # Restart from the best point; the momentum term then uses x_max - x_prev, as the reference.
+                state["x_adv"] = _where(halve, state["x_max"], state["x_adv"])
+                state["grad"] = _where(halve, state["grad_max"], state["grad"])
+
+
+@register_attack
+class APGD(_APGDBase):
+    """Auto-PGD (Croce & Hein 2020): PGD with momentum and checkpointed step-size halving, CE or DLR loss."""
+
+    name = "apgd"
+    Config = APGDConfig
+    config: APGDConfig
+
+    def _perturb(
+        self, oracle: GradientOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Any]]:
+        loss_fn = attack_loss(self.config.loss)
+        record = _Record(x)
+        everyone = torch.arange(x.shape[0], device=x.device)
+        clean = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.config.early_stop:
+            clean = goal.is_success(oracle.logits(x, everyone))
+            record.mark_clean(x, clean)
+        for restart in range(self.config.restarts):
+            index = (~record.best.success).nonzero().flatten() if self.config.early_stop else everyone
+            if index.numel() == 0:
+                break
+            subgoal = goal.subset(index)
+            self._apgd_run(oracle, x, index, subgoal, subgoal, loss_fn, threat, generator, record, restart)
+        return record.best.x, record.extras(clean)
+
+
+@register_attack
+class APGDTargeted(_APGDBase):
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss toward the top classes, untargeted success."""
+
+    name = "apgd-t"
+    Config = APGDTargetedConfig
+    config: APGDTargetedConfig
+    supports_targeted = False
+
+    def _perturb(
+        self, oracle: GradientOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Any]]:
+        num_classes = oracle.num_classes
+        if num_classes is None or num_classes < 4:
+            raise ConfigError(f"APGD-T uses the targeted DLR loss, which needs at least 4 classes (got {num_classes})")
+        loss_fn = attack_loss("dlr")
+        record = _Record(x)
+        everyone = torch.arange(x.shape[0], device=x.device)
+        clean_logits = oracle.logits(x, everyone)
+        clean = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.config.early_stop:
+            clean = goal.is_success(clean_logits)
+            record.mark_clean(x, clean)
+        # Other classes by decreasing clean logit (the true class is never a target, even when misclassified).
+        ranked = clean_logits.scatter(1, goal.labels[:, None], -math.inf).argsort(dim=1, descending=True, stable=True)
+        run = 0
+        for k in range(min(self.config.n_target_classes, num_classes - 1)):
+            for _ in range(self.config.restarts):
+                index = (~record.best.success).nonzero().flatten() if self.config.early_stop else everyone
+                if index.numel() == 0:
+                    break
+                subgoal = goal.subset(index)
+                loss_goal = Goal(subgoal.labels, ranked[index, k])
+                self._apgd_run(oracle, x, index, loss_goal, subgoal, loss_fn, threat, generator, record, run)
+                run += 1
+        return record.best.x, record.extras(clean)
