@@ -96,8 +96,10 @@ def test_early_stop_spends_no_gradients_on_broken_examples() -> None:
     assert result.gradients is not None
     assert result.gradients.tolist() == [1, 14]
     assert result.success.tolist() == [True, False]
-    # queries: 1 probe of the class count (example 0) + gradients + 1 final check per restart for example 1.
-    assert result.queries.tolist() == [2, 16]
+    # queries: the gradients + 1 final check per restart for example 1; the class-count probe (example 0) and
+    # the re-check are audits, outside the attack's own count.
+    assert result.queries.tolist() == [1, 16]
+    assert result.audits.tolist() == [2, 1]
     assert result.extras["iterations"].tolist() == [0, -1]
 
 

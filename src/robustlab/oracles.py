@@ -231,6 +231,20 @@ class ScoreOracle(LabelOracle):
 
     access = Access.SCORES
 
+    def probe(self, x: Tensor) -> Tensor:
+        """Scores of one example (row 0 of the bound batch) to learn the number of classes before an attack.
+
+        Counted in ``ledger.audits`` like the final re-check, outside the budget, so every example keeps its
+        whole budget for the attack itself.
+        """
+        ledger = self.ledger
+        ledger.audits[0] += 1
+        self._total[0] += int(x.shape[0])
+        out = check_logits(self._evaluate(x), x.shape[0])
+        if self.num_classes is None:
+            self.num_classes = int(out.shape[1])
+        return out
+
     def bind(self, num_examples: int, device: torch.device) -> ScoreOracle:
         bound = super().bind(num_examples, device)
         assert isinstance(bound, ScoreOracle)

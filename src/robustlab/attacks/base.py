@@ -30,7 +30,6 @@ from robustlab.oracles import (
     GradientOracle,
     LabelOracle,
     ScoreOracle,
-    check_logits,
     module_function,
     warn_if_probabilities,
 )
@@ -323,16 +322,13 @@ class Attack(ABC, Generic[OracleT]):
         """Number of classes, from one forward pass on the first example when the model gives scores."""
         if oracle.num_classes is not None or not isinstance(oracle, ScoreOracle):
             return oracle.num_classes
-        first = torch.zeros(1, dtype=torch.long, device=x.device)
         try:
-            scores = oracle.scores(x[:1], first)
+            scores = oracle.probe(x[:1])
         except (RuntimeError, TypeError) as exc:
             raise InvalidInputError(
                 f"the model failed on an input of shape {tuple(x.shape[1:])} (per example): {exc}"
             ) from exc
-        check_logits(scores, 1)
         warn_if_probabilities(scores)
-        oracle.num_classes = int(scores.shape[1])
         return oracle.num_classes
 
     @staticmethod
