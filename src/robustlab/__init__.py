@@ -8,8 +8,9 @@ Public API::
     result.success.float().mean()
 """
 
-from robustlab.api import attack
+from robustlab.api import attack, attack_batches
 from robustlab.attacks import Attack, AttackConfig, AttackResult, get_attack, list_attacks, register_attack
+from robustlab.data import ArrayDataset, list_datasets, load_dataset, train_val_split
 from robustlab.errors import (
     ConfigError,
     DataNotFoundError,
@@ -19,6 +20,7 @@ from robustlab.errors import (
     RobustlabError,
 )
 from robustlab.goals import Goal, least_likely_targets, random_targets
+from robustlab.models import Normalize, build_model, list_models, load_model, save_checkpoint
 from robustlab.oracles import Access, GradientOracle, LabelOracle, ScoreOracle
 from robustlab.threat import Norm, ThreatModel
 
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Access",
+    "ArrayDataset",
     "Attack",
     "AttackConfig",
     "AttackResult",
@@ -37,14 +40,23 @@ __all__ = [
     "LabelOracle",
     "ModelError",
     "Norm",
+    "Normalize",
     "QueryBudgetExceeded",
     "RobustlabError",
     "ScoreOracle",
     "ThreatModel",
     "attack",
+    "attack_batches",
+    "build_model",
     "get_attack",
     "least_likely_targets",
     "list_attacks",
+    "list_datasets",
+    "list_models",
+    "load_dataset",
+    "load_model",
     "random_targets",
     "register_attack",
+    "save_checkpoint",
+    "train_val_split",
 ]

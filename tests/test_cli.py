@@ -1,0 +1,112 @@
+"""The command line: real files in, JSON out, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustlab.cli import main
+from tests.toys import tiny_cnn
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    model = tiny_cnn()
+    scripted = torch.jit.script(model)
+    model_path = tmp_path / "model.pt"
+    scripted.save(str(model_path))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(20, 1, 6, 6, generator=g)
+    y = model(x).argmax(1)
+    data_path = tmp_path / "data.npz"
+    np.savez(data_path, x=x.numpy(), y=y.numpy())
+    return model_path, data_path
+
+
+def test_attack_writes_json(files, tmp_path: Path, capsys) -> None:
+    model_path, data_path = files
+    out = tmp_path / "result.json"
+    code = main(
+        ["attack", "--model", str(model_path), "--data", str(data_path), "--method", "pgd", "--norm", "linf",
+         "--eps", "0.05", "--steps", "5", "--out", str(out), "--quiet", "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "pgd" and result["examples"] == 20 and result["clean_accuracy"] == 1.0
+    assert 0.0 <= result["robust_accuracy"] <= 1.0
+    assert result["robust_accuracy"] == pytest.approx(1.0 - result["success_rate"])
+    assert "robust accuracy" in capsys.readouterr().out
+
+
+def test_attack_targeted_and_save_adv(files, tmp_path: Path) -> None:
+    model_path, data_path = files
+    adv = tmp_path / "adv.npz"
+    code = main(
+        ["attack", "--model", str(model_path), "--data", str(data_path), "--method", "fw", "--eps", "0.3",
+         "--targeted", "random", "--save-adv", str(adv), "--quiet", "-O", "steps=5"]
+    )  # fmt: skip
+    assert code == 0
+    saved = np.load(adv)
+    assert saved["x"].shape == (20, 1, 6, 6) and saved["success"].dtype == bool
+    assert np.abs(saved["x"] - np.load(files[1])["x"]).max() <= 0.3 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "pgdd"], "unknown attack method 'pgdd'"),
+        (["--method", "fgsm", "--steps", "3"], "fgsm has no option --steps"),
+        (["--norm", "l7"], "unknown norm 'l7'"),
+        (["-O", "steps=-2"], "steps must be a positive integer"),
+        (["-O", "colour=red"], "unknown option(s) colour"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(files, capsys, extra: list[str], message: str) -> None:
+    model_path, data_path = files
+    code = main(["attack", "--model", str(model_path), "--data", str(data_path), "--eps", "0.1", "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_files_are_named(files, capsys) -> None:
+    model_path, data_path = files
+    assert main(["attack", "--model", "nowhere.pt", "--data", str(data_path), "--eps", "0.1"]) == 2
+    assert "nowhere.pt" in capsys.readouterr().err
+    assert main(["attack", "--model", str(model_path), "--data", "missing.npz", "--eps", "0.1"]) == 2
+    assert "missing.npz" in capsys.readouterr().err
+
+
+def test_argparse_rejects_bad_eps(files) -> None:
+    model_path, data_path = files
+    with pytest.raises(SystemExit) as exc:
+        main(["attack", "--model", str(model_path), "--data", str(data_path), "--eps", "0"])
+    assert exc.value.code == 2
+
+
+def test_list_and_help(capsys) -> None:
+    assert main(["list", "--access", "gradient"]) == 0
+    listing = capsys.readouterr().out
+    assert "pgd" in listing and "apgd" in listing and "fw" in listing
+    with pytest.raises(SystemExit) as exc:
+        main(["attack", "--help"])
+    assert exc.value.code == 0
+    assert "--eps" in capsys.readouterr().out
+
+
+def test_console_script_runs_as_a_process(files) -> None:
+    model_path, data_path = files
+    done = subprocess.run(
+        [sys.executable, "-m", "robustlab", "attack", "--model", str(model_path), "--data", str(data_path),
+         "--eps", "-1"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "must be a positive finite number" in done.stderr
