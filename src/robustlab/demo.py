@@ -79,7 +79,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> T
 
 
 def demo_model(*, retrain: bool, progress: bool, log: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """The demo CNN: from the cache, or trained on 30,000 MNIST training images and cached."""
+    """The demo CNN: from the cache, or trained on the 60,000 MNIST training images and cached."""
     from robustlab.data import load_dataset
     from robustlab.models import SmallCNN, load_model, save_checkpoint
 
@@ -89,12 +89,12 @@ def demo_model(*, retrain: bool, progress: bool, log: Any) -> tuple[nn.Module, d
         log(f"loading the cached demo CNN from {path}")
         info["trained_now"] = False
         return load_model(str(path)), info
-    train = load_dataset("mnist", split="train", limit=30000)
+    train = load_dataset("mnist", split="train")
     torch.manual_seed(0)
     model = SmallCNN(in_channels=1, num_classes=10)
-    log(f"training a small CNN on {train.x.shape[0]} MNIST training images (2 epochs)")
+    log(f"training a small CNN on {train.x.shape[0]} MNIST training images (3 epochs)")
     started = time.perf_counter()
-    fit_classifier(model, train.x, train.y, epochs=2, batch_size=128, seed=0, progress=progress)
+    fit_classifier(model, train.x, train.y, epochs=3, batch_size=128, seed=0, progress=progress)
     info.update(
         {
             "trained_now": True,
@@ -184,6 +184,7 @@ def run_demo(
     if "x_adv" in samples:
         count = 10
         adv = samples["x_adv"][:count]
+        shown_eps = float(samples["eps"])
         with torch.no_grad():
             clean_pred = model(x[:count]).argmax(1)
             adv_pred = model(adv).argmax(1)
