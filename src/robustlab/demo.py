@@ -192,7 +192,7 @@ def run_demo(
             [
                 ("clean", x[:count]),
                 ("adversarial", adv),
-                ("perturbation", (adv - x[:count]) * 0.5 / 0.3 + 0.5),
+                ("perturbation", (adv - x[:count]) * 0.5 / shown_eps + 0.5),
             ],
             captions=[
                 [f"y={int(t)} pred={int(p)}" for t, p in zip(y[:count], clean_pred)],
@@ -200,7 +200,7 @@ def run_demo(
                 ["" for _ in range(count)],
             ],
         )
-        section.figure(grid, f"PGD-20 adversarial examples at eps={float(samples['eps']):g} (perturbation scaled)")
+        section.figure(grid, f"PGD-20 adversarial examples at eps={shown_eps:g} (perturbation scaled to [-eps, eps])")
 
     pretrained = _pretrained_pair(x, y, quick=quick, progress=progress, log=log)
     if pretrained:
