@@ -148,9 +148,8 @@ class ThreatModel:
         per example), not by projecting onto the ball and then clipping, which is feasible but not nearest.
         """
         if self.norm is Norm.LINF:
-            low = torch.clamp(x - self.eps, min=self.lower)
-            high = torch.clamp(x + self.eps, max=self.upper)
-            return torch.max(torch.min(x_adv, high), low)
+            low, high = self.linf_bounds(x)
+            return torch.clamp(x_adv, low, high)
         delta = x_adv - x
         lo = _flat(self.lower - x)
         hi = _flat(self.upper - x)
@@ -159,6 +158,15 @@ class ThreatModel:
         else:
             delta_flat = _project_l1_box(_flat(delta), lo, hi, self.eps)
         return x + delta_flat.reshape(x.shape)
+
+    def linf_bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Elementwise bounds of the linf ball intersected with the box (the feasible set is itself a box).
+
+        Iterative linf attacks compute them once and clamp with them at every step.
+        """
+        if self.norm is not Norm.LINF:
+            raise ValueError(f"linf_bounds is only defined for the linf norm, not {self.norm.value}")
+        return torch.clamp(x - self.eps, min=self.lower), torch.clamp(x + self.eps, max=self.upper)
 
     def clip_to_box(self, x_adv: Tensor) -> Tensor:
         return x_adv.clamp(self.lower, self.upper)

@@ -182,6 +182,8 @@ class BestTracker:
             self.success = self.success | success
             self.loss = torch.where(better, loss.to(self.loss.dtype), self.loss)
             return
+        if index.numel() == 0:
+            return
         old_success, old_loss = self.success[index], self.loss[index]
         better = (success & ~old_success) | ((success == old_success) & (loss > old_loss))
         chosen = index[better]
