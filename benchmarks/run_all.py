@@ -1,0 +1,29 @@
+"""Run every benchmark in turn (never two at once: the machine has two cores) and update docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS = [
+    ["benchmarks.pgd_speed"],
+    ["benchmarks.fw_comparison"],
+    ["benchmarks.pretrained_pgd40"],
+]
+
+
+def main() -> int:
+    failed = []
+    for module in BENCHMARKS:
+        print(f"== {' '.join(module)}", flush=True)
+        done = subprocess.run([sys.executable, "-m", *module, *sys.argv[1:]], check=False)
+        if done.returncode != 0:
+            failed.append(module[0])
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
