@@ -128,3 +128,24 @@ def test_mode_restored_after_an_exception() -> None:
     with pytest.raises(RuntimeError, match="boom"), pytest.warns(UserWarning):
         Boom(steps=2).run(model, torch.rand(2, 1, 6, 6), torch.tensor([0, 1]), ThreatModel("linf", 0.1))
     assert all(m.training for m in model.modules())
+
+
+def test_success_curve_counts_queries_at_success() -> None:
+    from robustlab.attacks.base import AttackResult
+
+    result = AttackResult(
+        method="x",
+        threat=ThreatModel("linf", 0.1),
+        targeted=False,
+        x_adv=torch.zeros(4, 1),
+        success=torch.tensor([True, False, True, True]),
+        distance=torch.zeros(4),
+        queries=torch.tensor([5, 100, 20, 5]),
+        gradients=None,
+        audits=torch.ones(4, dtype=torch.long),
+        wall_time=1.0,
+        config={},
+    )
+    assert result.success_curve([1, 5, 19, 20, 1000]) == ([1, 5, 19, 20, 1000], [0.0, 0.5, 0.5, 0.75, 0.75])
+    assert result.success_curve() == ([5, 20], [0.5, 0.75])
+    assert result.summary()["median_queries_successful"] == 5.0

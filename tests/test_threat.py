@@ -204,3 +204,21 @@ def test_check_inputs() -> None:
     with pytest.raises(InvalidInputError, match="batch"):
         threat.check_inputs(torch.rand(5))
     threat.check_inputs(torch.rand(2, 3))
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@pytest.mark.parametrize("seed", range(4))
+def test_projection_beats_a_brute_force_grid_in_2d(norm: str, seed: int) -> None:
+    """In two dimensions, no feasible point on a fine grid is nearer than the projection."""
+    rng = np.random.default_rng(100 + seed)
+    x = rng.uniform(0, 1, size=2)
+    y = x + rng.normal(0, 0.7, size=2)
+    eps = float(rng.uniform(0.1, 0.8))
+    threat = ThreatModel(norm, eps)
+    p = threat.project(torch.tensor(y)[None], torch.tensor(x)[None])[0].numpy()
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 801), np.linspace(0, 1, 801)), -1).reshape(-1, 2)
+    order = 1 if norm == "l1" else 2
+    feasible = grid[np.linalg.norm(grid - x, ord=order, axis=1) <= eps]
+    best = np.min(np.linalg.norm(feasible - y, axis=1))
+    assert np.linalg.norm(p - y) <= best + 1e-12
+    assert np.linalg.norm(p - y) >= best - 2e-3  # the grid spacing bounds how much nearer the exact point is

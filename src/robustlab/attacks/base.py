@@ -134,12 +134,27 @@ class AttackResult:
             "mean_queries": float(queries.mean()),
             "median_queries": float(queries.median()),
             "mean_queries_successful": float(queries[succeeded].mean()) if bool(succeeded.any()) else None,
+            "median_queries_successful": float(queries[succeeded].median()) if bool(succeeded.any()) else None,
             "wall_time_s": self.wall_time,
             "config": dict(self.config),
         }
         if self.gradients is not None:
             out["mean_gradients"] = float(self.gradients.float().mean())
         return out
+
+    def success_curve(self, budgets: Sequence[int] | None = None) -> tuple[list[int], list[float]]:
+        """Fraction of examples broken within each query budget: the success-vs-queries curve.
+
+        An attack that stops each example at its first success has spent ``queries`` on it by then, so an example
+        counts at budget ``q`` when it succeeded with at most ``q`` queries. Without ``budgets``, the curve is
+        evaluated at every distinct query count of a successful example.
+        """
+        queries = self.queries[self.success]
+        if budgets is None:
+            budgets = sorted({int(q) for q in queries.tolist()})
+        n = max(self.num_examples, 1)
+        fractions = [float((queries <= q).sum()) / n for q in budgets]
+        return list(budgets), fractions
 
     def to_json(self, *, per_example: bool = True) -> str:
         data = self.summary()
@@ -178,7 +193,7 @@ class BestTracker:
         if index is None:
             better = (success & ~self.success) | ((success == self.success) & (loss > self.loss))
             mask = better.reshape((-1,) + (1,) * (x_new.dim() - 1))
-            self.x = torch.where(mask, x_new, self.x)
+            torch.where(mask, x_new, self.x, out=self.x)  # in place: no new batch-sized buffer per step
             self.success = self.success | success
             self.loss = torch.where(better, loss.to(self.loss.dtype), self.loss)
             return
