@@ -25,7 +25,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 # Common attack options get their own flags; anything else goes through --option KEY=VALUE.
-_COMMON_OPTIONS = ("steps", "restarts", "step_size", "loss")
+_COMMON_OPTIONS = ("steps", "restarts", "step_size", "loss", "queries")
 
 
 def _positive_float(text: str) -> float:
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--restarts", type=_positive_int, help="random restarts (attacks that have them)")
     method.add_argument("--step-size", type=_positive_float, help="absolute step size")
     method.add_argument("--loss", help="ce, margin or dlr")
+    method.add_argument("--queries", type=_positive_int, help="query budget per example (black-box attacks)")
     method.add_argument(
         "--targeted",
         choices=["random", "least-likely"],

@@ -316,9 +316,11 @@ class Attack(ABC, Generic[OracleT]):
                         stacklevel=4,
                     )
                 return GradientOracle(model)
+            # A black-box attack on a local module: the oracle enforces the attack's own query budget.
+            budget = getattr(self.config, "queries", None)
             if self.access is Access.SCORES:
-                return ScoreOracle(module_function(model))
-            return LabelOracle(module_function(model))
+                return ScoreOracle(module_function(model), budget=budget)
+            return LabelOracle(module_function(model), budget=budget)
         if isinstance(model, LabelOracle):
             needed = {Access.GRADIENT: GradientOracle, Access.SCORES: ScoreOracle, Access.LABELS: LabelOracle}
             if not isinstance(model, needed[self.access]):
