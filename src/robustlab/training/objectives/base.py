@@ -1,0 +1,165 @@
+"""What a robust-training method is to the training loop: an objective.
+
+The loop (:func:`robustlab.training.train`) owns data, optimizer, schedules, validation, checkpoints and
+logging; an :class:`Objective` owns only how one batch becomes a loss to minimize — including how it generates
+its adversarial examples, and in which BatchNorm mode. Adding a method means writing one subclass and
+registering it (:func:`register_objective`); the loop does not change.
+
+Objectives that keep state across batches (ATAS's per-example step sizes, WAR's lambda) expose it through
+``state_dict`` / ``load_state_dict`` so that checkpoints resume them exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.errors import ConfigError
+from robustlab.threat import ThreatModel
+from robustlab.training.perturb import BatchNormMode
+
+__all__ = [
+    "Objective",
+    "ObjectiveConfig",
+    "StepContext",
+    "StepOutput",
+    "build_objective",
+    "get_objective",
+    "list_objectives",
+    "register_objective",
+]
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Base of every objective's immutable options."""
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for invalid options."""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the loop tells an objective about the current batch.
+
+    Attributes:
+        index: positions of the batch's examples in the training set (for per-example state).
+        epoch: current epoch (0-based); ``step``: optimizer steps taken so far; ``epochs``: planned epochs.
+        generator: the run's attack generator (its state is checkpointed), on the batch's device.
+    """
+
+    index: Tensor
+    epoch: int
+    step: int
+    epochs: int
+    generator: torch.Generator
+
+
+@dataclass
+class StepOutput:
+    """A batch's loss (to be minimized) and what the loop logs about it.
+
+    Attributes:
+        loss: scalar; ``loss.backward()`` gives the method's full parameter gradient.
+        logits_clean, logits_adv: detached logits on clean and perturbed inputs, when computed.
+        x_adv: the training perturbation (detached), when there is one.
+        attack_loss_increase: mean cross-entropy increase from clean to perturbed inputs, when computed.
+        scalars: further per-batch numbers to average and log (e.g. ``"lambda"``).
+    """
+
+    loss: Tensor
+    logits_clean: Tensor | None = None
+    logits_adv: Tensor | None = None
+    x_adv: Tensor | None = None
+    attack_loss_increase: float | None = None
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(ABC):
+    """A training method. Subclasses set ``name``, ``Config``, ``attack_bn_mode`` and implement :meth:`step`.
+
+    Class attributes:
+        name: registry name, e.g. ``"pgd-at"``.
+        Config: the frozen options dataclass.
+        attack_bn_mode: BatchNorm mode while generating the training attack ("train" or "eval"), the
+            documented default of each method's reference implementation.
+        adversarial: whether the method trains on perturbed inputs (False for standard training).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[ObjectiveConfig]]
+    attack_bn_mode: ClassVar[BatchNormMode] = "eval"
+    adversarial: ClassVar[bool] = True
+    paper: ClassVar[str] = ""
+
+    def __init__(self, threat: ThreatModel, config: ObjectiveConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise ConfigError("pass either a config object or keyword options, not both")
+        if config is None:
+            fields = {f.name for f in dataclasses.fields(self.Config)}
+            unknown = sorted(set(options) - fields)
+            if unknown:
+                raise ConfigError(
+                    f"unknown option(s) {', '.join(unknown)} for training method {self.name}; "
+                    f"valid options: {', '.join(sorted(fields)) or 'none'}"
+                )
+            config = self.Config(**options)
+        config.validate()
+        self.threat = threat
+        self.config = config
+
+    def setup(self, model: nn.Module, num_examples: int, example_shape: tuple[int, ...], device: torch.device) -> None:
+        """Called once before training (allocate per-example buffers here)."""
+        return
+
+    @abstractmethod
+    def step(self, model: nn.Module, x: Tensor, y: Tensor, context: StepContext) -> StepOutput:
+        """The loss of one batch. The model is in train mode when called and must be left in train mode."""
+
+    def end_epoch(self, epoch: int, history: Mapping[str, list[float]]) -> None:
+        """Called after each epoch's validation (e.g. to update a schedule-free coefficient)."""
+        return
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint beyond the config (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        return
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "attack_bn_mode": self.attack_bn_mode, **dataclasses.asdict(self.config)}
+
+
+_OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator adding a training method under ``cls.name``."""
+    if cls.name in _OBJECTIVES and _OBJECTIVES[cls.name] is not cls:
+        raise ValueError(f"a training method named {cls.name!r} is already registered")
+    _OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def get_objective(name: str) -> type[Objective]:
+    key = name.strip().lower()
+    if key not in _OBJECTIVES:
+        raise ConfigError(f"unknown training method {name!r}; available: {', '.join(sorted(_OBJECTIVES))}")
+    return _OBJECTIVES[key]
+
+
+def list_objectives() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def build_objective(name: str, threat: ThreatModel, **options: Any) -> Objective:
+    """The registered training method ``name`` with ``options``."""
+    return get_objective(name)(threat, **options)
