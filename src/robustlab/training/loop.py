@@ -439,7 +439,12 @@ def train(
             y = data.y[index].to(device, non_blocking=True)
             global_step = epoch * steps_per_epoch + batch
             context = StepContext(
-                index=index.to(device), epoch=epoch, step=global_step, epochs=config.epochs, generator=attack_generator
+                index=index.to(device),
+                epoch=epoch,
+                step=global_step,
+                epochs=config.epochs,
+                generator=attack_generator,
+                progress=global_step / total_steps,
             )
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
                 output: StepOutput = objective.step(model, x, y, context)

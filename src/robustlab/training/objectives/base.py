@@ -52,6 +52,7 @@ class StepContext:
         index: positions of the batch's examples in the training set (for per-example state).
         epoch: current epoch (0-based); ``step``: optimizer steps taken so far; ``epochs``: planned epochs.
         generator: the run's attack generator (its state is checkpointed), on the batch's device.
+        progress: fraction of the planned optimizer steps already taken, in [0, 1) (for eps/weight ramps).
     """
 
     index: Tensor
@@ -59,6 +60,7 @@ class StepContext:
     step: int
     epochs: int
     generator: torch.Generator
+    progress: float = 0.0
 
 
 @dataclass
