@@ -1,6 +1,6 @@
 """Robust-training methods as objectives of the one training loop, each in its own file."""
 
-from robustlab.training.objectives import fast_at, ibp, pgd_at, standard  # noqa: F401  (importing registers them)
+from robustlab.training.objectives import fast_at, gaussian, ibp, pgd_at, standard  # noqa: F401  (importing registers them)
 from robustlab.training.objectives.base import (
     Objective,
     ObjectiveConfig,
