@@ -1,0 +1,86 @@
+"""Backward Smoothing: a single-step TRADES whose start is smoothed backwards from the output space.
+
+Chen, Cheng, Gan, Gu, Liu. "Efficient Robust Training via Backward Smoothing", AAAI 2022 (Jinghui Chen's
+dissertation, ch. 6; reference ``jinghuichen/BackwardSmoothing``, ``trades_backward.py``). With BatchNorm in eval
+mode:
+
+1. draw ``psi ~ U(-1, 1)^classes`` per example and take one projected sign step from ``x`` that *decreases*
+   ``KL(softmax(f(x) + gamma * psi) || softmax f(x'))``: the start moves toward an input whose output is the clean
+   output smoothed by a random output-space perturbation (``gamma = 1``);
+2. take ``steps`` (1) projected sign steps that *increase* the TRADES term ``KL(softmax f(x) || softmax f(x'))``;
+
+both steps have size eps (the reference's 0.031 at eps 0.031, so ``rel_step_size = 1``). The model is then
+trained on the TRADES loss ``CE(f(x), y) + beta * KL`` with ``beta = 6`` (the reference's default; its README
+example uses 10). Reported on CIFAR-10 ResNet-18: 82.38% clean / 52.50% PGD in 164 min, against TRADES 82.33 /
+52.74 in 482 min. ``psi`` is drawn from the run's attack generator, so resumed runs repeat it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.base import positive
+from robustlab.errors import ConfigError
+from robustlab.losses import kl_divergence
+from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
+from robustlab.training.objectives.trades import check_beta, kl_ascent, trades_regularized_loss
+from robustlab.training.perturb import model_mode, pgd_perturb
+
+__all__ = ["BackwardSmoothing", "BackwardSmoothingConfig"]
+
+
+@dataclass(frozen=True)
+class BackwardSmoothingConfig(ObjectiveConfig):
+    """Options of :class:`BackwardSmoothing`.
+
+    Attributes:
+        beta: weight of the TRADES KL regularizer (6).
+        gamma: scale of the uniform output-space smoothing noise (1.0).
+        rel_step_size: both steps' size as a fraction of eps (1.0).
+        steps: TRADES ascent steps after the smoothing step (1).
+    """
+
+    beta: float = 6.0
+    gamma: float = 1.0
+    rel_step_size: float = 1.0
+    steps: int = 1
+
+    def validate(self) -> None:
+        check_beta(self.beta)
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma >= 0:
+            raise ConfigError(f"gamma must be a non-negative number, got {self.gamma!r}")
+        positive("rel_step_size", self.rel_step_size)
+        positive("steps", self.steps, integer=True)
+
+
+@register_objective
+class BackwardSmoothing(Objective):
+    """Backward Smoothing (Chen et al. 2022): a smoothed start and one TRADES step, then the TRADES loss."""
+
+    name = "backward-smoothing"
+    Config = BackwardSmoothingConfig
+    config: BackwardSmoothingConfig
+    attack_bn_mode = "eval"
+    paper = "Chen et al., AAAI 2022"
+
+    def step(self, model: nn.Module, x: Tensor, y: Tensor, context: StepContext) -> StepOutput:
+        cfg = self.config
+        step_size = cfg.rel_step_size * self.threat.eps
+        with model_mode(model, self.attack_bn_mode):
+            with torch.no_grad():
+                logits_clean = model(x)
+            psi = torch.rand(logits_clean.shape, generator=context.generator, device=x.device, dtype=logits_clean.dtype)
+            smoothed = logits_clean + cfg.gamma * (2 * psi - 1)
+            start = pgd_perturb(
+                lambda z: -kl_divergence(model(z), smoothed).sum(),
+                x,
+                self.threat,
+                steps=1,
+                step_size=step_size,
+                random_start=False,
+            )
+            x_adv = kl_ascent(model, x, logits_clean, self.threat, steps=cfg.steps, step_size=step_size, start=start)
+        return trades_regularized_loss(model, x, x_adv, y, cfg.beta)
