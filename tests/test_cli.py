@@ -110,3 +110,38 @@ def test_console_script_runs_as_a_process(files) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "must be a positive finite number" in done.stderr
+
+
+def test_train_then_certify(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--data", "digits", "--limit", "300", "--arch", "seqcnn", "--method", "fast-at", "--eps", "0.05",
+         "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    assert (out / "model.pt").exists() and (out / "train_state.pt").exists() and (out / "report.html").exists()
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["history"]["val_robust_accuracy"]) == 1
+    result = tmp_path / "cert.json"
+    code = main(
+        ["certify", "--model", str(out / "model.pt"), "--data", "digits", "--limit", "20", "--method", "smoothing",
+         "--n", "200", "--alpha", "0.01", "--out", str(result), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    certified = json.loads(result.read_text())
+    assert len(certified["certified_accuracy"]) == 5
+    assert certified["certified_accuracy"] == sorted(certified["certified_accuracy"], reverse=True)
+    code = main(
+        ["certify", "--model", str(out / "model.pt"), "--data", "digits", "--limit", "20", "--method", "crown",
+         "--eps", "0.02", "--out", str(result), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    verified = json.loads(result.read_text())
+    assert verified["verified_accuracy"] <= verified["pgd_robust_accuracy"] <= verified["clean_accuracy"]
+    assert "verified" in capsys.readouterr().out
+
+
+def test_train_rejects_unknown_method(tmp_path: Path, capsys) -> None:
+    code = main(["train", "--data", "digits", "--method", "magic", "--out", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "unknown training method 'magic'" in capsys.readouterr().err

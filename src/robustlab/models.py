@@ -446,7 +446,32 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
     return info.factory(**options)
 
 
+def sequential_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 16) -> nn.Sequential:
+    """The small CNN of certified-training papers as an ``nn.Sequential`` that bound propagation can verify.
+
+    ``conv4x4/2(width) - ReLU - conv4x4/2(2 width) - ReLU - Flatten - fc100 - ReLU - fc(num_classes)`` (the
+    "small" model of Gowal et al. 2018 / Zhang et al. 2020 with width 16). No pooling and no BatchNorm in train
+    mode, so IBP and CROWN apply (see :mod:`robustlab.certification.bounds`).
+    """
+    _positive_ints(in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
+    side = (image_size - 2) // 2 + 1  # each 4x4 convolution with stride 2 and padding 1
+    side = (side - 2) // 2 + 1
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * width * side * side, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
 register_model("smallcnn", SmallCNN, input_shape=(1, 28, 28), description="conv32-conv64-fc128, any input size")
+register_model(
+    "seqcnn", sequential_cnn, input_shape=(1, 28, 28), description="Sequential conv16-conv32-fc100, verifiable"
+)
 register_model("lenet5", LeNet5, input_shape=(1, 28, 28), description="advertorch's MNIST LeNet-5 (32-64-200)")
 register_model(
     "preactresnet18", PreActResNet18, input_shape=(3, 32, 32), description="PreAct ResNet-18 (He et al. 2016)"
