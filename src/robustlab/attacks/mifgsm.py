@@ -40,7 +40,7 @@ class MIFGSMConfig(AttackConfig):
     momentum: float = 1.0
     step_size: float | None = None
     loss: str = "ce"
-    early_stop: bool = False
+    early_stop: bool = True
 
     def validate(self) -> None:
         positive("steps", self.steps, integer=True)

@@ -41,7 +41,9 @@ class PGDConfig(AttackConfig):
         restarts: independent random restarts; the per-example worst case is kept.
         random_start: start from a uniform point in the ball (else from the clean input).
         loss: "ce", "margin" (CW) or "dlr"; targeted variants follow from the goal.
-        early_stop: stop each example at its first success (evaluation); False runs every step on every example.
+        early_stop: stop each example at its first success (the default, for evaluation: the same examples
+            break, for less work); False runs every step on every example and returns the last iterate unless an
+            earlier one was adversarial (the classic fixed-step attack).
         l1_sparsity: for l1, the quantile of gradient magnitudes a step spreads over (0.99: the top 1%).
     """
 
@@ -51,7 +53,7 @@ class PGDConfig(AttackConfig):
     restarts: int = 1
     random_start: bool = True
     loss: str = "ce"
-    early_stop: bool = False
+    early_stop: bool = True
     l1_sparsity: float = 0.99
 
     def validate(self) -> None:
