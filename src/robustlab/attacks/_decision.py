@@ -100,25 +100,31 @@ def run_programs(
     programs: list[Program],
     *,
     shape: tuple[int, ...],
+    budget: int,
     stop_at_eps: bool,
     max_rows: int = 8192,
 ) -> None:
     """Drive ``programs[i]`` (whose example is ``i``) until each ends, runs out of budget or succeeds.
 
-    ``shape`` is the shape of one input: flattened rows are reshaped to it for the oracle.
+    ``shape`` is the shape of one input: flattened rows are reshaped to it for the oracle. ``budget`` is the
+    attack's own per-example budget; an oracle with a smaller one (or queries already spent) lowers it.
     """
+
+    def left() -> list[int]:
+        return [int(v) for v in torch.minimum(oracle.remaining(), budget - oracle.queries).tolist()]
+
     pending: dict[int, Tensor] = {}
-    remaining = oracle.remaining()
+    remaining = left()
     for i, program in enumerate(programs):
-        tracks[i].remaining = int(remaining[i])
+        tracks[i].remaining = remaining[i]
         request = _advance(program, None)
         if request is not None:
             pending[i] = request
     while pending:
-        remaining = oracle.remaining()
+        remaining = left()
         for i in list(pending):
-            stop = stop_at_eps and tracks[i].success_queries >= 0
-            if stop or pending[i].shape[0] > int(remaining[i]) or pending[i].shape[0] == 0:
+            rows = int(pending[i].shape[0])
+            if (stop_at_eps and tracks[i].success_queries >= 0) or rows > remaining[i] or rows == 0:
                 programs[i].close()
                 del pending[i]
         if not pending:
@@ -131,14 +137,14 @@ def run_programs(
         answers = []
         for start in range(0, int(points.shape[0]), max_rows):
             chunk = points[start : start + max_rows]
-            rows = index[start : start + max_rows]
-            labels = oracle.labels(chunk.reshape((-1, *shape)), rows)
-            answers.append(goal.subset(rows).is_success(labels))
+            rows_index = index[start : start + max_rows]
+            labels = oracle.labels(chunk.reshape((-1, *shape)), rows_index)
+            answers.append(goal.subset(rows_index).is_success(labels))
         adversarial = torch.cat(answers).split(sizes)
-        remaining = oracle.remaining()
-        used = oracle.queries
+        remaining = left()
+        used = oracle.queries.tolist()
         for i, answer in zip(owners, adversarial):
-            tracks[i].remaining = int(remaining[i])
+            tracks[i].remaining = remaining[i]
             tracks[i].used = int(used[i])
             request = _advance(programs[i], answer)
             if request is None:

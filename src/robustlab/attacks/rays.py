@@ -170,19 +170,27 @@ class RayS(Attack[LabelOracle]):
             direction[rows] = candidate(rows)
             phase[rows] = _CHECK
 
+        def accept(rows: Tensor) -> None:
+            """Keep the candidates of ``rows`` whose adversarial end ``hi`` improves ``r_best``."""
+            better = rows[hi[rows] < r_best[rows]]
+            if better.numel() == 0:
+                return
+            r_best[better] = hi[better]
+            sign_best[better] = direction[better]
+            best_point[better] = ray_point(better, direction[better], hi[better])
+            # Within eps by construction (clamped to the ball), or because clipping to the box pulled it inside.
+            near = threat.distance(best_point[better], flat_x[better]) <= threat.eps
+            within[better] = (hi[better] <= r_eps) | near
+            fresh = better[within[better] & (success_queries[better] < 0)]
+            success_queries[fresh] = oracle.queries[fresh]
+
         def finalize(rows: Tensor) -> None:
-            """End the DBR search of ``rows``: keep improving candidates, then stop or move on."""
+            """End the DBR search of ``rows``: keep an improving candidate, then stop or move on."""
             if rows.numel() == 0:
                 return
-            better = rows[hi[rows] < r_best[rows]]
-            if better.numel():
-                r_best[better] = hi[better]
-                sign_best[better] = direction[better]
-                best_point[better] = ray_point(better, direction[better], hi[better])
-            within = rows[(r_best[rows] <= r_eps) & (success_queries[rows] < 0)]
-            success_queries[within] = oracle.queries[within]
+            accept(rows)
             if stop_at_eps:
-                finished = r_best[rows] <= r_eps
+                finished = within[rows]
                 phase[rows[finished]] = _DONE
                 rows = rows[~finished]
             if rows.numel():
@@ -205,9 +213,11 @@ class RayS(Attack[LabelOracle]):
         best_point = flat_x.clone()
         clean_correct = torch.ones(n, dtype=torch.bool, device=device)
         success_queries = torch.full((n,), -1, dtype=torch.long, device=device)
+        within = torch.zeros(n, dtype=torch.bool, device=device)  # the best point is within eps
 
         while True:
-            live = (phase != _DONE) & (oracle.remaining() > 0)
+            remaining = torch.minimum(oracle.remaining(), cfg.queries - oracle.queries)
+            live = (phase != _DONE) & (remaining > 0)
             rows = live.nonzero().flatten()
             if rows.numel() == 0:
                 break
@@ -225,6 +235,7 @@ class RayS(Attack[LabelOracle]):
             wrong = rows[first & adversarial]
             clean_correct[wrong] = False
             r_best[wrong] = 0.0
+            within[wrong] = True
             phase[wrong] = _DONE
             success_queries[wrong] = oracle.queries[wrong]
             right = rows[first & ~adversarial]
@@ -267,21 +278,13 @@ class RayS(Attack[LabelOracle]):
             finalize(step_rows[hi[step_rows] - lo[step_rows] <= cfg.tol])
 
         # Budget spent in the middle of a search: its adversarial end was queried, keep it if it is better.
-        cut = ((phase == _SEARCH) | (phase == _PROBE)).nonzero().flatten()
-        if cut.numel():
-            better = cut[hi[cut] < r_best[cut]]
-            r_best[better] = hi[better]
-            sign_best[better] = direction[better]
-            best_point[better] = ray_point(better, direction[better], hi[better])
-            within = better[(r_best[better] <= r_eps) & (success_queries[better] < 0)]
-            success_queries[within] = oracle.queries[within]
+        accept(((phase == _SEARCH) | (phase == _PROBE)).nonzero().flatten())
 
         best = best_point.reshape(x.shape)
         found = torch.isfinite(r_best)
         distance = torch.where(found, threat.distance(best, x).to(float64), torch.full_like(r_best, math.inf))
         distance = torch.where(clean_correct, distance, torch.zeros_like(distance))
-        success = r_best <= r_eps
-        x_adv = torch.where(success.reshape((-1,) + (1,) * (x.dim() - 1)), best, x)
+        x_adv = torch.where(within.reshape((-1,) + (1,) * (x.dim() - 1)), best, x)
         extras: dict[str, Any] = {
             "boundary_distance": distance,
             "clean_correct": clean_correct,

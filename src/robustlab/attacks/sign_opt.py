@@ -96,7 +96,15 @@ class SignOPT(Attack[LabelOracle]):
         n = int(x.shape[0])
         tracks = make_tracks(x, threat)
         programs = [self._program(tracks[i], threat, generator) for i in range(n)]
-        run_programs(oracle, goal, tracks, programs, shape=tuple(x.shape[1:]), stop_at_eps=self.config.mode == "eps")
+        run_programs(
+            oracle,
+            goal,
+            tracks,
+            programs,
+            shape=tuple(x.shape[1:]),
+            budget=self.config.queries,
+            stop_at_eps=self.config.mode == "eps",
+        )
         return finish(x, tracks, threat, threat.eps)
 
     def _program(self, track: Track, threat: ThreatModel, generator: torch.Generator) -> Program:
