@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -141,12 +142,13 @@ def _bump_rectangle(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
     return delta / delta.norm().clamp_min(1e-12)
 
 
+@functools.lru_cache(maxsize=64)
 def _bump(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The reference's ``eta``: a positive bump over the top half, a negative one below, unit l2 norm."""
     delta = torch.zeros((rows, cols), dtype=dtype, device=device)
     delta[: rows // 2] = _bump_rectangle(rows // 2, cols, dtype, device)
     delta[rows // 2 :] = -_bump_rectangle(rows - rows // 2, cols, dtype, device)
-    return delta / delta.norm().clamp_min(1e-12)
+    return delta / delta.norm().clamp_min(1e-12)  # cached: never modified in place
 
 
 def _norm(t: Tensor, dims: tuple[int, ...]) -> Tensor:
