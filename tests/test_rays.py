@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,6 +15,16 @@ from robustlab.attacks.rays import average_boundary_distance
 from tests.toys import LinearClassifier, binary_linear, tiny_cnn
 
 TOL = 1e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Label-only attacks make many tiny sequential model calls; on a loaded machine two intra-op threads make
+    each of them wait for the other core (about 40 ms instead of 0.15 ms here), so these tests use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Recorder(nn.Module):
@@ -170,7 +181,7 @@ def test_batched_run_matches_single_runs_with_one_model_call_per_round() -> None
         assert count == int((batch.queries > r).sum()), "each live example asks exactly once per round"
     assert int(batch.queries[0]) == 1 and not bool(batch.extras["clean_correct"][0])
     assert float(batch.extras["boundary_distance"][0]) == 0.0 and bool(batch.success[0])
-    assert 1 < len(set(batch.queries.tolist())), "examples stopped at different rounds"
+    assert len(set(batch.queries.tolist())) > 1, "examples stopped at different rounds"
     for i in range(5):
         single = robustlab.attack(model, x[i : i + 1], y[i : i + 1], threat, method="rays", queries=80)
         assert torch.equal(single.queries, batch.queries[i : i + 1])
