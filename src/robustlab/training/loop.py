@@ -518,12 +518,18 @@ def train(
             "epoch_seconds": running["seconds"],
             **metrics,
         }
-        for key, values in history.items():
-            values.append(record.get(key, math.nan))
+        for key in HISTORY_KEYS:
+            history[key].append(record.get(key, math.nan))
+        epochs_recorded = len(history["epoch"])
         for key in list(running):
             if key.startswith("scalar:"):
                 name = key.split(":", 1)[1]
-                history.setdefault(name, [math.nan] * epoch).append(running[key] / running[f"count:{name}"])
+                value = running[key] / running[f"count:{name}"]
+                history.setdefault(name, [math.nan] * (epochs_recorded - 1)).append(value)
+                log.add(f"epoch/{name}", value, epoch)
+        for values in history.values():  # a scalar the objective did not report this epoch (e.g. after a switch)
+            if len(values) < epochs_recorded:
+                values.append(math.nan)
         methods.append(objective.name)
         for key, value in record.items():
             log.add(f"epoch/{key}", value, epoch)

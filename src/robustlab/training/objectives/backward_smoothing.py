@@ -27,7 +27,7 @@ from robustlab.errors import ConfigError
 from robustlab.losses import kl_divergence
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
 from robustlab.training.objectives.trades import check_beta, kl_ascent, trades_regularized_loss
-from robustlab.training.perturb import model_mode, pgd_perturb
+from robustlab.training.perturb import model_mode
 
 __all__ = ["BackwardSmoothing", "BackwardSmoothingConfig"]
 
@@ -70,17 +70,16 @@ class BackwardSmoothing(Objective):
         cfg = self.config
         step_size = cfg.rel_step_size * self.threat.eps
         with model_mode(model, self.attack_bn_mode):
-            with torch.no_grad():
-                logits_clean = model(x)
-            psi = torch.rand(logits_clean.shape, generator=context.generator, device=x.device, dtype=logits_clean.dtype)
-            smoothed = logits_clean + cfg.gamma * (2 * psi - 1)
-            start = pgd_perturb(
-                lambda z: -kl_divergence(model(z), smoothed).sum(),
-                x,
-                self.threat,
-                steps=1,
-                step_size=step_size,
-                random_start=False,
-            )
+            # The smoothing step starts at x itself, so its forward pass also gives the clean logits.
+            point = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(point)
+                logits_clean = logits.detach()
+                psi = torch.rand(
+                    logits_clean.shape, generator=context.generator, device=x.device, dtype=logits_clean.dtype
+                )
+                smoothed = logits_clean + cfg.gamma * (2 * psi - 1)
+                (grad,) = torch.autograd.grad(-kl_divergence(logits, smoothed).sum(), point)
+            start = self.threat.project(x + step_size * self.threat.steepest_ascent(grad), x)
             x_adv = kl_ascent(model, x, logits_clean, self.threat, steps=cfg.steps, step_size=step_size, start=start)
         return trades_regularized_loss(model, x, x_adv, y, cfg.beta)
