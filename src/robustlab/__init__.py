@@ -19,6 +19,7 @@ from robustlab.errors import (
     QueryBudgetExceeded,
     RobustlabError,
 )
+from robustlab.evaluation import Suite, evaluate
 from robustlab.goals import Goal, least_likely_targets, random_targets
 from robustlab.models import Normalize, build_model, list_models, load_model, save_checkpoint
 from robustlab.oracles import Access, GradientOracle, LabelOracle, ScoreOracle
@@ -44,10 +45,12 @@ __all__ = [
     "QueryBudgetExceeded",
     "RobustlabError",
     "ScoreOracle",
+    "Suite",
     "ThreatModel",
     "attack",
     "attack_batches",
     "build_model",
+    "evaluate",
     "get_attack",
     "least_likely_targets",
     "list_attacks",

@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     attack.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    _add_evaluate_parser(commands)
     _add_train_parser(commands)
     _add_certify_parser(commands)
 
@@ -149,6 +150,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _add_evaluate_parser(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="how robust is the model, really? an attack cascade with masking diagnostics and a report",
+        description="Run an attack suite as a cascade (each attack only on the examples still standing), with "
+        "diagnostics for gradient masking that strengthen the suite when they fire. Writes report.json and "
+        "report.html; an interrupted evaluation resumes from its state file when run again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_data_arguments(evaluate)
+    evaluate.add_argument("--norm", default="linf", help="linf, l2 or l1")
+    evaluate.add_argument("--eps", type=_positive_float, required=True, help="radius of the perturbation ball")
+    evaluate.add_argument("--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
+    evaluate.add_argument("--suite", default="standard", choices=["quick", "standard", "full"])
+    evaluate.add_argument(
+        "--attacks", help="a custom suite instead: comma-separated registered attacks, e.g. apgd,apgd-t,square"
+    )
+    evaluate.add_argument(
+        "--bpda", action="append", default=[], metavar="LAYER",
+        help="name of a non-differentiable submodule to attack through with BPDA (repeatable)",
+    )  # fmt: skip
+    evaluate.add_argument("--eps-curve", type=float, nargs="+", help="also report robust accuracy at these eps")
+    evaluate.add_argument("--no-diagnostics", action="store_true", help="skip the masking checks (not advised)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", default="evaluation", help="directory for report.json, report.html and the state")
+    evaluate.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _add_train_parser(commands: Any) -> None:
@@ -343,6 +374,47 @@ def _human_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  mean queries     {summary['mean_queries']:.1f}")
     lines.append(f"  wall time        {summary['wall_time_s']:.2f} s")
     return "\n".join(lines)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from robustlab import ThreatModel
+    from robustlab.data import load_dataset
+    from robustlab.evaluation import Suite, evaluate, evaluation_section
+    from robustlab.models import load_model
+    from robustlab.report import Report
+
+    threat = ThreatModel(args.norm, args.eps, *args.bounds)
+    device = _device(args.device)
+    model = load_model(args.model, arch=args.arch, device=device)
+    data = load_dataset(args.data, split=args.split, limit=args.limit)
+    suite: str | Suite = args.suite
+    if args.attacks:
+        suite = Suite.custom([name.strip() for name in args.attacks.split(",") if name.strip()])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate(
+        model, data, threat, suite, batch_size=args.batch_size, seed=args.seed, checkpoint=out / "evaluation_state.pt",
+        resume=not args.no_resume, diagnostics=not args.no_diagnostics, bpda=args.bpda, eps_curve=args.eps_curve,
+        progress=not args.quiet, device=device,
+    )  # fmt: skip
+    report = Report(f"robustlab evaluate: {args.model} on {args.data}")
+    evaluation_section(report, result)
+    report.write(out)
+    summary = result.summary()
+    clean, robust = 100 * summary["clean_accuracy"], 100 * summary["robust_accuracy"]
+    stable = 100 * summary["perturbation_stability"]
+    print(f"clean accuracy {clean:.2f}%  robust accuracy {robust:.2f}%  stability {stable:.2f}%  "
+          f"({summary['examples']} examples, {threat})")  # fmt: skip
+    for step in result.steps:
+        print(
+            f"  {step.label:<40} broke {step.broken:>5} of {step.attacked:<5} "
+            f"-> {100 * step.robust_accuracy_after:6.2f}%"
+        )
+    for diagnostic in result.diagnostics:
+        if diagnostic.fired:
+            print(f"  WARNING {diagnostic.name}: {diagnostic.evidence}. {diagnostic.action}")
+    print(f"wrote {out / 'report.html'}")
+    return EXIT_OK
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -572,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list": run_list,
         "demo": run_demo,
         "train": run_train,
+        "evaluate": run_evaluate,
         "certify": run_certify,
     }
     debug = bool(getattr(args, "debug", False))

@@ -1,0 +1,140 @@
+"""Checks that catch models which only look robust, in the spirit of AutoAttack's ``checks.py`` and of Carlini
+et al., "On Evaluating Adversarial Robustness" (2019).
+
+Each check returns a :class:`Diagnostic` that says whether it fired, what it saw, why it matters and what the
+evaluation did about it. The checks:
+
+- ``probabilities``: the model ends in a softmax; losses saturate and gradients vanish. Fix: attack log-outputs.
+- ``train_mode``: the model was handed over in train mode (BatchNorm statistics and dropout would be wrong).
+  Fix: evaluate in eval mode and restore the mode afterwards.
+- ``randomized``: two forward passes on the same input disagree. Fix: expectation over transformation (EOT).
+- ``gradients``: the input gradient of the loss is exactly zero or vanishingly small for many examples, or
+  disagrees with finite differences of the loss (a non-differentiable layer such as input quantization). Fix:
+  margin-based losses, score-based and hard-label attacks with more budget, and BPDA if the user names the layer.
+- ``black_box_beats_white_box``: a gradient-free attack broke examples every gradient attack failed on.
+- ``large_eps``: robust accuracy does not fall to about zero when eps covers most of the input box.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustlab.oracles import looks_like_probabilities
+from robustlab.threat import ThreatModel
+
+__all__ = [
+    "Diagnostic",
+    "check_gradients",
+    "check_probabilities",
+    "check_randomized",
+    "check_train_mode",
+]
+
+
+@dataclass
+class Diagnostic:
+    """One check's verdict, with an explanation for the report."""
+
+    name: str
+    fired: bool
+    evidence: str
+    explanation: str
+    action: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "fired": self.fired,
+            "evidence": self.evidence,
+            "explanation": self.explanation,
+            "action": self.action,
+        }
+
+
+def check_probabilities(model: nn.Module, x: Tensor) -> Diagnostic:
+    with torch.no_grad():
+        outputs = model(x)
+    fired = looks_like_probabilities(outputs)
+    return Diagnostic(
+        "probabilities",
+        fired,
+        "outputs are non-negative and every row sums to 1" if fired else "outputs are not probabilities",
+        "Attacks expect logits. After a softmax, confident predictions saturate: cross-entropy gradients vanish and "
+        "robustness is overestimated (Carlini & Wagner 2017).",
+    )
+
+
+def check_train_mode(model: nn.Module) -> Diagnostic:
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    fired = bool(training)
+    return Diagnostic(
+        "train_mode",
+        fired,
+        f"{len(training)} module(s) in train mode, e.g. {training[0]}" if fired else "the model is in eval mode",
+        "In train mode BatchNorm uses batch statistics and dropout is active, so predictions depend on the batch "
+        "and on chance; a model must be evaluated as deployed.",
+    )
+
+
+def check_randomized(model: nn.Module, x: Tensor, *, trials: int = 3) -> Diagnostic:
+    with torch.no_grad():
+        first = model(x)
+        differ = any(not torch.equal(first, model(x)) for _ in range(trials))
+    return Diagnostic(
+        "randomized",
+        differ,
+        "repeated forward passes on the same inputs gave different outputs" if differ else "outputs are repeatable",
+        "A randomized defense gives each attack step a noisy gradient and each success check a coin flip; attacks "
+        "must average over the randomness (expectation over transformation, Athalye et al. 2018).",
+    )
+
+
+def check_gradients(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Diagnostic:
+    """Zero, vanishing or inconsistent input gradients of the cross-entropy on ``(x, y)``."""
+    x_var = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x_var), y, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), x_var, allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(x)
+    norms = grad.reshape(grad.shape[0], -1).norm(dim=1)
+    zero = float((norms == 0).float().mean())
+    vanishing = float((norms < 1e-8).float().mean())
+    # Finite differences along a random direction in the ball: a non-differentiable layer shows a loss that
+    # changes while the autograd directional derivative says it should not (or the reverse).
+    g = torch.Generator(device=x.device).manual_seed(0)
+    direction = threat.random_start(x, g) - x
+    with torch.no_grad():
+        changed = F.cross_entropy(model(x + direction), y, reduction="none") - loss.detach()
+    predicted = (grad * direction).reshape(x.shape[0], -1).sum(dim=1)
+    scale = changed.abs().clamp_min(1e-6)
+    inconsistent = float(((predicted.abs() < 1e-3 * scale) & (changed.abs() > 1e-3)).float().mean())
+    fired = zero > 0.5 or vanishing > 0.5 or inconsistent > 0.5
+    evidence = (
+        f"{100 * zero:.0f}% of examples have an exactly zero input gradient, {100 * vanishing:.0f}% a norm below "
+        f"1e-8; for {100 * inconsistent:.0f}% the loss changes over a random step in the ball while the gradient "
+        "predicts no change"
+    )
+    return Diagnostic(
+        "gradients",
+        fired,
+        evidence,
+        "Gradient attacks follow the gradient: if it is zero (saturated softmax, quantized or otherwise "
+        "non-differentiable layers) they stop where they start, and the model looks robust without being so "
+        "(obfuscated gradients, Athalye et al. 2018).",
+    )
+
+
+def large_eps_radius(threat: ThreatModel) -> float:
+    """A radius covering most of the input box, where robust accuracy must be about 0."""
+    span = threat.upper - threat.lower
+    if not math.isfinite(span):
+        return 10 * threat.eps
+    if threat.norm.value == "linf":
+        return 0.5 * span
+    return max(10 * threat.eps, 0.5 * span)

@@ -1,0 +1,112 @@
+"""Attack suites: ordered lists of registered attacks run as a cascade.
+
+Each step names a registered attack and its options. The cascade (:func:`robustlab.evaluate`) runs a step only
+on the examples no earlier step broke, so cheap, strong attacks go first and expensive ones only see the few
+examples left. Built-in suites, per norm:
+
+- ``quick`` — for checks during training: APGD-CE with 20 steps.
+- ``standard`` — the default: APGD-CE (100 steps), targeted APGD-DLR on the 3 most likely other classes, then
+  the score-based Square attack (Linf/L2) as a gradient-free check. AutoAttack's standard version runs APGD-CE,
+  APGD-T on 9 targets, FAB-T on 9 targets and Square with 5,000 queries; on the examples left after APGD-CE and
+  APGD-T the remaining attacks rarely add anything on models whose gradients are sound, and the diagnostics
+  (:mod:`robustlab.evaluation.diagnostics`) add budget where they are not.
+- ``full`` — everything: adds APGD-DLR, APGD-T on 9 targets, CW-PGD with restarts, Frank-Wolfe, a longer Square
+  and, for Linf, RayS with a 10,000-query hard-label budget.
+
+A custom suite is a list of attack names or ``(name, options)`` pairs: ``Suite.custom([("apgd", {"steps": 50}),
+"square"])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from robustlab.attacks.registry import get_attack
+from robustlab.errors import ConfigError
+from robustlab.threat import Norm
+
+__all__ = ["SUITE_NAMES", "Suite", "SuiteStep", "get_suite"]
+
+SUITE_NAMES = ("quick", "standard", "full")
+
+
+@dataclass(frozen=True)
+class SuiteStep:
+    """One attack of a suite: a display label, a registered method and its options."""
+
+    label: str
+    method: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def supports(self, norm: Norm) -> bool:
+        return norm in get_attack(self.method).norms
+
+
+@dataclass(frozen=True)
+class Suite:
+    """An ordered cascade of attacks."""
+
+    name: str
+    steps: tuple[SuiteStep, ...]
+
+    def for_norm(self, norm: Norm) -> Suite:
+        """The steps that support ``norm``; an error when none does."""
+        kept = tuple(step for step in self.steps if step.supports(norm))
+        if not kept:
+            raise ConfigError(f"no attack of suite {self.name!r} supports the {norm.value} norm")
+        return Suite(self.name, kept)
+
+    def plus(self, *steps: SuiteStep) -> Suite:
+        return Suite(self.name, self.steps + tuple(steps))
+
+    @staticmethod
+    def custom(steps: Sequence[str | tuple[str, Mapping[str, Any]] | SuiteStep], name: str = "custom") -> Suite:
+        """A suite from attack names, ``(name, options)`` pairs or :class:`SuiteStep` objects."""
+        built = []
+        for step in steps:
+            if isinstance(step, SuiteStep):
+                built.append(step)
+                continue
+            method, options = (step, {}) if isinstance(step, str) else step
+            info = get_attack(method)  # raises a clear error for an unknown name
+            info.cls(**dict(options))  # and for unknown or invalid options
+            built.append(SuiteStep(method, method, dict(options)))
+        if not built:
+            raise ConfigError("a suite needs at least one attack")
+        return Suite(name, tuple(built))
+
+
+def _standard() -> tuple[SuiteStep, ...]:
+    return (
+        SuiteStep("APGD-CE", "apgd", {"steps": 100, "loss": "ce"}),
+        SuiteStep("APGD-T (3 targets)", "apgd-t", {"steps": 100, "n_target_classes": 3}),
+        SuiteStep("Square (1,000 queries)", "square", {"queries": 1000}),
+    )
+
+
+_SUITES: dict[str, tuple[SuiteStep, ...]] = {
+    "quick": (SuiteStep("APGD-CE (20 steps)", "apgd", {"steps": 20, "loss": "ce"}),),
+    "standard": _standard(),
+    "full": (
+        SuiteStep("APGD-CE", "apgd", {"steps": 100, "loss": "ce"}),
+        SuiteStep("APGD-T (9 targets)", "apgd-t", {"steps": 100, "n_target_classes": 9}),
+        SuiteStep("APGD-DLR", "apgd", {"steps": 100, "loss": "dlr"}),
+        SuiteStep("CW-PGD (50 steps, 5 restarts)", "cw-pgd", {"steps": 50, "restarts": 5}),
+        SuiteStep("Frank-Wolfe (100 steps)", "fw", {"steps": 100, "gamma": 0.5}),
+        SuiteStep("Square (5,000 queries)", "square", {"queries": 5000}),
+        SuiteStep("RayS (10,000 queries)", "rays", {"queries": 10_000}),
+    ),
+}
+
+
+def get_suite(name: str | Suite, norm: Norm | str) -> Suite:
+    """The built-in suite ``name`` (or a given :class:`Suite`) restricted to the attacks supporting ``norm``."""
+    norm = Norm.parse(norm)
+    if isinstance(name, Suite):
+        return name.for_norm(norm)
+    key = name.strip().lower()
+    if key not in _SUITES:
+        raise ConfigError(f"unknown suite {name!r}; choose one of {', '.join(SUITE_NAMES)} or build Suite.custom()")
+    return Suite(key, _SUITES[key]).for_norm(norm)
