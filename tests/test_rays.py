@@ -108,6 +108,9 @@ def test_two_pixel_eps_mode_counts() -> None:
     # Without the probe the sequence is the reference's: 3 + 11 binary-search queries, success found at the end.
     plain, _ = run_two_pixel(0.25, 100, eps_probe=False)
     assert int(plain.queries[0]) == 14 and bool(plain.success[0])
+    # eps 1 (the box width): the passing corner check is itself within eps, so 3 queries.
+    wide, calls = run_two_pixel(1.0, 100)
+    assert int(wide.queries[0]) == 3 and bool(wide.success[0]) and calls[2].tolist() == [[0.0, 1.0]]
     # eps 0.1 < 0.2: the probe fails, the search continues on [0.1 sqrt 2, sqrt 2]: ceil(log2(1272.8)) = 11 more,
     # and the rest of the budget goes to rejected candidates.
     low, _ = run_two_pixel(0.1, 40)

@@ -253,10 +253,12 @@ class RayS(Attack[LabelOracle]):
                 lo[passed] = 0.0
                 hi[passed] = radius[checked & adversarial]
                 if probe:
-                    to_probe = passed[hi[passed] > r_eps]
-                    phase[to_probe] = _PROBE
-                    passed = passed[hi[passed] <= r_eps]
-                start_search(passed)
+                    # A passing check within eps (eps at least the box width) is itself the answer; the others
+                    # get the eps probe.
+                    phase[passed[hi[passed] > r_eps]] = _PROBE
+                    finalize(passed[hi[passed] <= r_eps])
+                else:
+                    start_search(passed)
 
             # Probe at eps: adversarial means broken; otherwise the boundary is beyond eps on this ray.
             probed = stage == _PROBE
