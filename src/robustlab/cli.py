@@ -70,6 +70,7 @@ def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
         "factory, or a built-in pretrained name (advertorch-lenet5-clean, advertorch-lenet5-adv)",
     )
     group.add_argument("--arch", help="architecture for a bare state-dict file (smallcnn, lenet5, preactresnet18, ...)")
+    group.add_argument("--token", help="bearer token when --model is the URL of a robustlab model server")
     group.add_argument(
         "--data",
         required=True,
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--debug", action="store_true", help="show tracebacks")
 
     _add_evaluate_parser(commands)
+    _add_serve_parser(commands)
     _add_train_parser(commands)
     _add_certify_parser(commands)
 
@@ -180,6 +182,31 @@ def _add_evaluate_parser(commands: Any) -> None:
     evaluate.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP answering scores or labels only, with auth, budgets and validation",
+        description="Start a FastAPI + uvicorn server for a model (OpenAPI schema at /openapi.json). Point "
+        "black-box attacks, the evaluation and zeroth-order training at it with --model http://HOST:PORT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--model", required=True, help="the model to serve (same forms as for attack)")
+    serve.add_argument("--arch", help="architecture for a bare state-dict file")
+    serve.add_argument("--mode", choices=["scores", "labels"], default="labels", help="what the server reveals")
+    serve.add_argument("--data", help="a data set whose input shape and classes the server takes (e.g. mnist)")
+    serve.add_argument("--input-shape", type=int, nargs="+", help="shape of one input, e.g. 1 28 28")
+    serve.add_argument("--num-classes", type=int, help="number of classes (default: from --data or a probe)")
+    serve.add_argument("--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", action="append", help="accepted bearer token; repeat for several clients")
+    serve.add_argument("--budget", type=_positive_int, help="queries per client")
+    serve.add_argument("--max-batch", type=_positive_int, default=4096, help="rows per request")
+    serve.add_argument("--state-file", help="persist usage counts here so budgets survive restarts")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _add_train_parser(commands: Any) -> None:
@@ -299,27 +326,31 @@ def run_attack(args: argparse.Namespace) -> int:
     from robustlab import ThreatModel, least_likely_targets, random_targets
     from robustlab.api import attack_batches
     from robustlab.data import load_dataset
-    from robustlab.models import load_model
+    from robustlab.errors import ConfigError
 
     threat = ThreatModel(args.norm, args.eps, *args.bounds)
     options = _attack_options(args)
     device = _device(args.device)
-    model = load_model(args.model, arch=args.arch, device=device)
+    model, predict = _open_model(args, device, budget=options.get("queries"))
     data = load_dataset(args.data, split=args.split, limit=args.limit)
     x, y = data.x, data.y
     threat.check_inputs(x, name=f"data set {args.data!r}")
 
     with torch.no_grad():
-        clean_logits = torch.cat(
-            [model(x[i : i + args.batch_size].to(device)).cpu() for i in range(0, len(x), args.batch_size)]
+        clean_out = torch.cat(
+            [predict(x[i : i + args.batch_size].to(device)).cpu() for i in range(0, len(x), args.batch_size)]
         )
-    clean_correct = clean_logits.argmax(1) == y
+    clean_labels = clean_out if clean_out.dim() == 1 else clean_out.argmax(1)
+    num_classes = data.num_classes if clean_out.dim() == 1 else int(clean_out.shape[1])
+    clean_correct = clean_labels == y
     targets = None
     if args.targeted == "random":
-        targets = random_targets(y, int(clean_logits.shape[1]), torch.Generator().manual_seed(args.seed))
+        targets = random_targets(y, num_classes, torch.Generator().manual_seed(args.seed))
     elif args.targeted == "least-likely":
-        targets = least_likely_targets(clean_logits)
-        targets = torch.where(targets == y, (y + 1) % clean_logits.shape[1], targets)
+        if clean_out.dim() == 1:
+            raise ConfigError("--targeted least-likely needs scores; this model answers labels only")
+        targets = least_likely_targets(clean_out)
+        targets = torch.where(targets == y, (y + 1) % num_classes, targets)
 
     result = attack_batches(
         model,
@@ -376,16 +407,64 @@ def _human_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from robustlab.errors import ConfigError
+    from robustlab.models import load_model
+
+    try:
+        from robustlab.serve import ServerConfig, create_app, run_server
+    except ImportError as exc:
+        raise ConfigError(f"serving needs FastAPI and uvicorn: pip install 'robustlab[serve]' ({exc})") from None
+    device = _device(args.device)
+    model = load_model(args.model, arch=args.arch, device=device)
+    shape, classes = args.input_shape, args.num_classes
+    if args.data:
+        from robustlab.data import load_dataset
+
+        sample = load_dataset(args.data, split="test", limit=1)
+        shape, classes = shape or list(sample.image_shape), classes or sample.num_classes
+    if not shape:
+        raise ConfigError("give --input-shape (e.g. 1 28 28) or --data so the server can validate inputs")
+    if classes is None:
+        with torch.no_grad():
+            classes = int(model(torch.zeros(1, *shape, device=device)).shape[1])
+    config = ServerConfig(
+        mode=args.mode, input_shape=tuple(shape), num_classes=classes, bounds=tuple(args.bounds), token=args.token,
+        budget=args.budget, max_batch=args.max_batch, state_file=args.state_file,
+    )  # fmt: skip
+    print(f"serving {args.model} ({args.mode}) on http://{args.host}:{args.port}; schema at /openapi.json")
+    run_server(create_app(model, config), host=args.host, port=args.port, log_level="info")
+    return EXIT_OK
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def _open_model(args: argparse.Namespace, device: Any, budget: int | None = None) -> tuple[Any, Any]:
+    """(the handle attacks get, a function giving clean scores or labels): a local module or a remote oracle."""
+    from robustlab.models import load_model
+
+    if _is_url(args.model):
+        from robustlab.remote import connect
+
+        oracle = connect(args.model, token=getattr(args, "token", None), budget=budget)
+        return oracle, oracle.model
+    model = load_model(args.model, arch=args.arch, device=device)
+    return model, model
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from robustlab import ThreatModel
     from robustlab.data import load_dataset
     from robustlab.evaluation import Suite, evaluate, evaluation_section
-    from robustlab.models import load_model
     from robustlab.report import Report
 
     threat = ThreatModel(args.norm, args.eps, *args.bounds)
     device = _device(args.device)
-    model = load_model(args.model, arch=args.arch, device=device)
+    model, _ = _open_model(args, device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
     suite: str | Suite = args.suite
     if args.attacks:
@@ -645,6 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": run_demo,
         "train": run_train,
         "evaluate": run_evaluate,
+        "serve": run_serve,
         "certify": run_certify,
     }
     debug = bool(getattr(args, "debug", False))

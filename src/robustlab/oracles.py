@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +135,37 @@ def warn_if_probabilities(outputs: Tensor) -> None:
         )
 
 
+class AdversarialWatch:
+    """The nearest goal-meeting point inside ball and box seen so far per example (see LabelOracle.watch)."""
+
+    def __init__(self, goal: Goal, threat: Any, x: Tensor) -> None:
+        self.goal, self.threat, self.x = goal, threat, x
+        self.best = x.clone()
+        self.found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        self.distance = torch.full((x.shape[0],), float("inf"), dtype=torch.float64, device=x.device)
+
+    def record(self, points: Tensor, index: Tensor | None, outputs: Tensor) -> None:
+        if index is None:
+            index = torch.arange(points.shape[0], device=points.device)
+        if outputs.dim() == 2:
+            outputs = outputs.argmax(dim=1)
+        index = index.to(self.x.device)
+        origins = self.x[index]
+        ok = self.goal.subset(index).is_success(outputs.to(self.x.device)) & self.threat.contains(points, origins)
+        if not bool(ok.any()):
+            return
+        rows = ok.nonzero().flatten()
+        examples = index[rows]
+        distance = self.threat.distance(points[rows], origins[rows]).double()
+        # The nearest candidate per example, then only where it beats what is already kept.
+        nearest = torch.full_like(self.distance, float("inf")).scatter_reduce(0, examples, distance, "amin")
+        take = (distance == nearest[examples]) & (distance < self.distance[examples])
+        rows, examples = rows[take], examples[take]
+        self.best[examples] = points[rows].to(self.best.dtype)
+        self.distance[examples] = distance[take]
+        self.found[examples] = True
+
+
 class LabelOracle:
     """Top-1 labels of a black-box model, with per-example query counting and an optional budget.
 
@@ -160,6 +191,7 @@ class LabelOracle:
         self.num_classes = num_classes
         self.budget = budget
         self._ledger: QueryLedger | None = None
+        self._watch: AdversarialWatch | None = None
         self._total = [0]  # shared by every bound copy: queries made through this handle overall
 
     # ----------------------------------------------------------------- binding
@@ -167,6 +199,7 @@ class LabelOracle:
         """A copy of this handle counting queries for a new batch of ``num_examples`` examples."""
         bound = copy.copy(self)
         bound._ledger = QueryLedger(num_examples, self.budget, device)
+        bound._watch = None
         return bound
 
     @property
@@ -197,7 +230,19 @@ class LabelOracle:
     def _query(self, x: Tensor, index: Tensor | None) -> Tensor:
         self.ledger.charge(index, int(x.shape[0]))
         self._total[0] += int(x.shape[0])
-        return self._evaluate(x)
+        out = self._evaluate(x)
+        if self._watch is not None:
+            self._watch.record(x, index, out)
+        return out
+
+    def watch(self, goal: Goal, threat: Any, x: Tensor) -> AdversarialWatch:
+        """Keep, per example, the nearest adversarial point any query of this bound oracle has revealed.
+
+        Black-box attacks are long and their budgets can run out on the server side; the watch lets the attack
+        framework return the best examples found so far when that happens.
+        """
+        self._watch = AdversarialWatch(goal, threat, x)
+        return self._watch
 
     def labels(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """Predicted labels of ``x``; row ``i`` is charged to example ``index[i]`` (None: row i to example i)."""

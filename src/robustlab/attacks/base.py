@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import ConfigError, InvalidInputError, ModelError
+from robustlab.errors import ConfigError, InvalidInputError, ModelError, QueryBudgetExceeded
 from robustlab.goals import Goal
 from robustlab.oracles import (
     Access,
@@ -276,10 +276,26 @@ class Attack(ABC, Generic[OracleT]):
 
         x = x.detach()
         session = oracle.session() if isinstance(oracle, GradientOracle) else contextlib.nullcontext()
+        watch = None if isinstance(oracle, GradientOracle) else oracle.watch(goal, threat, x)
         with session:
-            output = self._perturb(oracle, x, goal, threat, generator)  # type: ignore[arg-type]
+            try:
+                output = self._perturb(oracle, x, goal, threat, generator)  # type: ignore[arg-type]
+            except QueryBudgetExceeded as exc:
+                # A budget enforced elsewhere (a server's per-client total) ran out mid-attack: return the best
+                # adversarial points the attack's queries revealed so far.
+                if watch is None:
+                    raise
+                output = (torch.where(_rows(watch.found, x), watch.best, x), {"interrupted": str(exc)})
             candidate, extras = output if isinstance(output, tuple) else (output, {})
-            x_adv, success = self._finalize(oracle, candidate, x, goal, threat)
+            try:
+                x_adv, success = self._finalize(oracle, candidate, x, goal, threat)
+            except QueryBudgetExceeded as exc:
+                if watch is None:
+                    raise
+                # No query left even to re-check: report what the model itself answered during the attack.
+                x_adv = torch.where(_rows(watch.found, x), watch.best, x)
+                success = watch.found.clone()
+                extras = {**extras, "interrupted": str(exc), "verified": False}
 
         gradients = oracle.gradients.clone() if isinstance(oracle, GradientOracle) else None
         return AttackResult(
@@ -359,6 +375,10 @@ class Attack(ABC, Generic[OracleT]):
         x_adv = threat.project(candidate.detach(), x)
         predicted = oracle.audit_labels(x_adv)
         return x_adv, goal.is_success(predicted)
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
 def build_config(config_type: type[AttackConfig], options: Mapping[str, Any], name: str) -> AttackConfig:

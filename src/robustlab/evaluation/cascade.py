@@ -46,7 +46,7 @@ from robustlab.evaluation.diagnostics import (
 )
 from robustlab.evaluation.suites import Suite, SuiteStep, get_suite
 from robustlab.evaluation.wrappers import ExpectationOverTransformation, LogOutputs, with_bpda
-from robustlab.oracles import Access
+from robustlab.oracles import Access, LabelOracle, ScoreOracle
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["EvaluationResult", "StepReport", "evaluate"]
@@ -139,11 +139,14 @@ class EvaluationResult:
         }
 
 
-def _fingerprint(model: nn.Module, x: Tensor, threat: ThreatModel, suite: Suite, seed: int) -> str:
+def _fingerprint(model: nn.Module | LabelOracle, x: Tensor, threat: ThreatModel, suite: Suite, seed: int) -> str:
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(f"{float(tensor.double().sum()):.10e}".encode())
+    if isinstance(model, nn.Module):
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(f"{float(tensor.double().sum()):.10e}".encode())
+    else:
+        digest.update(repr(getattr(model.model, "url", type(model.model).__name__)).encode())
     digest.update(f"{x.shape}{float(x.double().sum()):.10e}{threat}{suite}{seed}".encode())
     return digest.hexdigest()[:16]
 
@@ -159,7 +162,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _predict(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+def _predict(model: nn.Module | LabelOracle, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    if isinstance(model, LabelOracle):  # a black box: its labels, each row counted as an audit query
+        out = []
+        for i in range(0, len(x), batch_size):
+            chunk = x[i : i + batch_size].to(device)
+            out.append(model.bind(len(chunk), device).audit_labels(chunk).cpu())
+        return torch.cat(out)
     with torch.no_grad():
         return torch.cat(
             [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
@@ -167,7 +176,7 @@ def _predict(model: nn.Module, x: Tensor, batch_size: int, device: torch.device)
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | LabelOracle,
     data: ArrayDataset | tuple[Tensor, Tensor],
     threat: ThreatModel,
     suite: str | Suite = "standard",
@@ -190,7 +199,9 @@ def evaluate(
     """Evaluate ``model``'s robustness on ``data`` inside ``threat`` with an attack suite.
 
     Args:
-        model: a classifier returning logits (probabilities are detected and handled).
+        model: a classifier returning logits (probabilities are detected and handled), or a black-box oracle
+            (e.g. :func:`robustlab.remote.connect` to a URL): then only the suite's attacks that its access level
+            allows run, and the gradient-based diagnostics are skipped.
         data: an :class:`ArrayDataset` or ``(x, y)`` tensors inside the threat model's box.
         threat: the threat model, e.g. ``ThreatModel("linf", 8 / 255)``.
         suite: "quick", "standard" (default), "full", or a :class:`Suite` built from the registry.
@@ -223,9 +234,22 @@ def evaluate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     base_suite = get_suite(suite, threat.norm)
+    white_box = isinstance(model, nn.Module)
+    if not white_box:
+        if not isinstance(model, LabelOracle):
+            raise ConfigError(f"model must be a torch.nn.Module or a robustlab oracle, got {type(model).__name__}")
+        allowed = {Access.LABELS} | ({Access.SCORES} if isinstance(model, ScoreOracle) else set())
+        kept = tuple(s for s in base_suite.steps if get_attack(s.method).access in allowed)
+        if not kept:
+            raise ConfigError(
+                f"no attack of suite {base_suite.name!r} works with {model.access.value} access; use a custom suite "
+                "of score-based or hard-label attacks (e.g. Suite.custom(['square', 'rays']))"
+            )
+        base_suite = Suite(base_suite.name, kept)
+        diagnostics = False
     if adbd_queries is None and base_suite.name == "full":
         adbd_queries = 10_000
-    param = next((p for p in model.parameters()), None)
+    param = next((p for p in model.parameters()), None) if isinstance(model, nn.Module) else None
     run_device = (
         torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     )
@@ -233,14 +257,30 @@ def evaluate(
 
     from tqdm.auto import tqdm
 
-    train_mode = _adapt(check_train_mode(model), "evaluated in eval mode; the modes were restored afterwards")
-    with _eval_mode(model):
+    train_mode = (
+        _adapt(check_train_mode(model), "evaluated in eval mode; the modes were restored afterwards")
+        if isinstance(model, nn.Module)
+        else None
+    )
+    with _eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
         report: list[Diagnostic] = []
-        attack_model: nn.Module = model
+        if isinstance(model, LabelOracle):
+            report.append(
+                Diagnostic(
+                    "black_box_access",
+                    True,
+                    f"the model is reached with {model.access.value} access only",
+                    "Gradient attacks and the gradient-based checks cannot run; the numbers come from score-based "
+                    "or hard-label attacks alone and are upper bounds on the robust accuracy white-box attacks "
+                    "would find.",
+                    "ran only the suite's " + ", ".join(s.label for s in base_suite.steps),
+                )
+            )
+        attack_model: Any = model
         extra_steps: list[SuiteStep] = []
         probe_x = x_all[: min(n, 64)].to(run_device)
         probe_y = y_all[: min(n, 64)].to(run_device)
-        if diagnostics:
+        if diagnostics and isinstance(model, nn.Module) and train_mode is not None:
             report.append(train_mode)
             probabilities = check_probabilities(model, probe_x)
             if probabilities.fired:
