@@ -127,7 +127,7 @@ def test_malformed_requests_are_rejected_and_the_server_keeps_serving() -> None:
                     headers={"content-type": "application/json"},
                 ),
                 422,
-            ),  # fmt: skip
+            ),
             (post(json={"inputs": (x + 3).tolist()}), 422),  # out of bounds
             (post(json={"data": "!!!", "shape": [1, 1, 6, 6]}), 422),
             (post(json={"data": encode_array(x.numpy()), "shape": [3, 1, 6, 6]}), 422),  # bytes do not match
