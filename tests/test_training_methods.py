@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -82,5 +81,23 @@ def test_resume_refuses_an_objective_state_of_another_size(digits, tmp_path: Pat
         train(tiny_model(), digits, "atas", threat, config, checkpoint_dir=tmp_path, progress=False)
 
 
-def _options(method: str) -> dict[str, Any]:
-    return {}
+def test_training_section_plots_curves_and_lists_co_events(digits, tmp_path: Path) -> None:
+    from robustlab.report import Report
+    from robustlab.training.report import training_section
+
+    threat = robustlab.ThreatModel("linf", 0.1)
+    config = TrainConfig(epochs=2, batch_size=64, val_examples=30, val_attack_steps=1)
+    first = train(tiny_model(), digits, "standard", threat, config, progress=False)
+    second = train(tiny_model(), digits, "fast-at", threat, config, progress=False)
+    second.events.append(
+        {"epoch": 1, "method": "fast-at", "val_robust_accuracy": 0.01, "best_val_robust_accuracy": 0.6,
+         "val_fgsm_accuracy": 0.7, "action": "warn"}
+    )  # fmt: skip
+    report = Report("training")
+    training_section(report, {"standard": first, "Fast-AT": second})
+    _, html_path = report.write(tmp_path)
+    page = html_path.read_text()
+    assert page.count("<img") == 4 and "Catastrophic overfitting detected" in page and "Fast-AT, epoch 2" in page
+    assert set(report.data["training"]) == {"standard", "Fast-AT"}
+    with pytest.raises(ValueError, match="at least one"):
+        training_section(report, {})
