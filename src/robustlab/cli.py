@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import os
 import sys
 import time
 import warnings
@@ -235,7 +236,9 @@ def _add_train_parser(commands: Any) -> None:
     loop = train.add_argument_group("loop")
     loop.add_argument("--epochs", type=_positive_int, default=10)
     loop.add_argument("--batch-size", type=_positive_int, default=128)
-    loop.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    loop.add_argument("--optimizer", choices=["sgd", "adam", "lamb"], default="sgd",
+                      help="lamb: layer-wise adaptive rates for large global batches (with --warmup)")  # fmt: skip
+    loop.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, as a fraction of training")
     loop.add_argument("--lr", type=_positive_float, default=0.1)
     loop.add_argument("--weight-decay", type=float, default=5e-4)
     loop.add_argument("--schedule", choices=["piecewise", "cyclic", "cosine", "constant"], default="piecewise")
@@ -506,6 +509,9 @@ def run_train(args: argparse.Namespace) -> int:
     from robustlab.training import TrainConfig, train
 
     device = _device(args.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    lead = int(os.environ.get("RANK", "0")) == 0
     data = load_dataset(args.data, split="train", limit=args.limit)
     threat = ThreatModel(args.norm, args.eps, *data.bounds)
     if args.model:
@@ -527,6 +533,7 @@ def run_train(args: argparse.Namespace) -> int:
         co_policy=args.co_policy,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        warmup=args.warmup,
     )
     out = Path(args.out)
     torch.manual_seed(args.seed)
@@ -541,6 +548,8 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **dict(args.option),
     )
+    if not lead:  # under torchrun, rank 0 writes the outputs
+        return EXIT_OK
     if arch is not None:
         save_checkpoint(
             result.model,

@@ -254,6 +254,8 @@ def evaluate(
         torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     )
     n = int(x_all.shape[0])
+    world, rank = _world()
+    progress = progress and rank == 0
 
     from tqdm.auto import tqdm
 
@@ -339,7 +341,10 @@ def evaluate(
                 batches = [remaining[i : i + batch_size] for i in range(0, len(remaining), batch_size)]
                 done = state["done"].get(index, 0)
                 bar = tqdm(range(done, len(batches)), desc=step.label, unit="batch", disable=not progress, leave=False)
+                mine: list[dict[str, Any]] = []
                 for number in bar:
+                    if number % world != rank:
+                        continue  # another process attacks this batch
                     rows = batches[number]
                     batch_started = time.perf_counter()
                     target = _for_access(attack_model, info.access)
@@ -347,19 +352,29 @@ def evaluate(
                         target, x_all[rows].to(run_device), clean_pred[rows].to(run_device), threat, step.method,
                         seed=seed + 1000 * index + number, **dict(step.options),
                     )  # fmt: skip
-                    success = result.success.cpu()
-                    fresh = rows[success]
-                    state["broken"][fresh] = True
-                    state["x_adv"][fresh] = result.x_adv.cpu()[success]
-                    state["broken_by"][fresh] = index
-                    record.attacked += len(rows)
-                    record.broken += int(success.sum())
-                    record.seconds += time.perf_counter() - batch_started
-                    record.queries += int(result.queries.sum())
-                    record.gradients += int(result.gradients.sum()) if result.gradients is not None else 0
-                    record.queries_to_success += [int(q) for q in result.queries.cpu()[success]]
-                    state["done"][index] = number + 1
-                    _save_state(state_path, state)
+                    outcome = {
+                        "number": number,
+                        "rows": rows,
+                        "success": result.success.cpu(),
+                        "x_adv": result.x_adv.cpu()[result.success.cpu()],
+                        "seconds": time.perf_counter() - batch_started,
+                        "queries": result.queries.cpu(),
+                        "gradients": int(result.gradients.sum()) if result.gradients is not None else 0,
+                    }
+                    if world == 1:
+                        _merge(state, record, index, outcome)
+                        _save_state(state_path, state)
+                    else:
+                        mine.append(outcome)
+                if world > 1:
+                    # Each process attacked every world-th batch with the same seeds as one process would; merging
+                    # in batch order gives every process the single-process state.
+                    gathered: list[Any] = [None] * world
+                    torch.distributed.all_gather_object(gathered, mine)
+                    for outcome in sorted((o for part in gathered for o in part), key=lambda o: o["number"]):
+                        _merge(state, record, index, outcome)
+                    if rank == 0:
+                        _save_state(state_path, state)
                 record.robust_accuracy_after = float((clean_correct & ~state["broken"]).float().mean())
 
         run_steps(active_suite.steps, 0)
@@ -400,7 +415,7 @@ def evaluate(
         if eps_curve:
             curve = _eps_curve(attack_model, x_all, y_all, clean_pred, threat, eps_curve, batch_size, run_device, seed)
 
-    if state_path is not None and state_path.exists():
+    if state_path is not None and state_path.exists() and rank == 0:
         state_path.unlink()  # finished: nothing left to resume
     return EvaluationResult(
         threat=threat,
@@ -421,6 +436,31 @@ def evaluate(
         adbd=adbd,
         wall_time=time.perf_counter() - started,
     )
+
+
+def _merge(state: dict[str, Any], record: StepReport, index: int, outcome: dict[str, Any]) -> None:
+    """Fold one attacked batch into the cascade state."""
+    rows, success = outcome["rows"], outcome["success"]
+    fresh = rows[success]
+    state["broken"][fresh] = True
+    state["x_adv"][fresh] = outcome["x_adv"]
+    state["broken_by"][fresh] = index
+    record.attacked += len(rows)
+    record.broken += int(success.sum())
+    record.seconds += outcome["seconds"]
+    record.queries += int(outcome["queries"].sum())
+    record.gradients += outcome["gradients"]
+    record.queries_to_success += [int(q) for q in outcome["queries"][success]]
+    state["done"][index] = max(state["done"].get(index, 0), outcome["number"] + 1)
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of an initialized process group, else (1, 0): evaluations shard across torchrun ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def _adapt(diagnostic: Diagnostic, action: str) -> Diagnostic:

@@ -41,6 +41,8 @@ from robustlab.training.schedules import SCHEDULES, lr_multiplier
 __all__ = ["CO_POLICIES", "TrainConfig", "TrainResult", "train"]
 
 CO_POLICIES = ("warn", "stop", "switch")
+# Methods whose per-example buffers live in one process (not yet sharded across ranks).
+_PER_EXAMPLE_STATE = frozenset({"atas"})
 STATE_FILE = "train_state.pt"
 STATE_FORMAT = "robustlab-train-state-v1"
 
@@ -103,8 +105,8 @@ class TrainConfig:
             or self.checkpoint_every < 1
         ):  # fmt: skip
             raise ConfigError(f"checkpoint_every must be a positive integer or None, got {self.checkpoint_every!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
+        if self.optimizer not in ("sgd", "adam", "lamb"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose sgd, adam or lamb")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.schedule not in SCHEDULES:
@@ -205,6 +207,10 @@ class ScalarLog:
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "lamb":
+        from robustlab.training.optim import Lamb
+
+        return Lamb(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -234,16 +240,30 @@ def _atomic_save(payload: Mapping[str, Any], path: Path) -> None:
 
 
 def validate_model(
-    model: nn.Module, data: ArrayDataset, threat: ThreatModel, *, steps: int, batch_size: int, seed: int
+    model: nn.Module,
+    data: ArrayDataset,
+    threat: ThreatModel,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    world: int = 1,
+    rank: int = 0,
 ) -> dict[str, float]:
-    """Clean, FGSM and PGD (``steps`` steps, step eps/4, early stop) accuracy and stability on ``data``."""
+    """Clean, FGSM and PGD (``steps`` steps, step eps/4, early stop) accuracy and stability on ``data``.
+
+    With several processes each takes every ``world``-th batch and the counts are summed, so every rank gets the
+    single-process numbers.
+    """
     import robustlab  # the attacks, imported late to keep training importable on its own
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     correct = fgsm_correct = robust = stable = 0
     total = len(data)
     with model_mode(model, "eval"):
-        for start in range(0, total, batch_size):
+        for number, start in enumerate(range(0, total, batch_size)):
+            if number % world != rank:
+                continue
             x = data.x[start : start + batch_size].to(device)
             y = data.y[start : start + batch_size].to(device)
             with torch.no_grad():
@@ -259,12 +279,41 @@ def validate_model(
             robust += int(((clean_pred == y) & ~pgd.success).sum())
             fgsm_correct += int(((clean_pred == y) & ~fgsm.success).sum())
             stable += int((adv_pred == clean_pred).sum())
+    if world > 1:
+        counts = torch.tensor([correct, robust, fgsm_correct, stable], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts)
+        correct, robust, fgsm_correct, stable = (int(v) for v in counts.tolist())
     return {
         "val_clean_accuracy": correct / total,
         "val_robust_accuracy": robust / total,
         "val_fgsm_accuracy": fgsm_correct / total,
         "val_stability": stable / total,
     }
+
+
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """(world size, rank): joins the process group torchrun describes in the environment, if any.
+
+    gloo on the CPU, NCCL on CUDA. A single process (no WORLD_SIZE, or 1) gives (1, 0).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run a single process")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_world_size(), dist.get_rank()
+
+
+def _reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
 
 
 def _state_matches(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
@@ -319,6 +368,23 @@ def train(
     val_data = val_data.head(config.val_examples)
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    world, rank = distributed_context(device)
+    if world > 1 and objective.name in _PER_EXAMPLE_STATE:
+        raise ConfigError(
+            f"{objective.name} keeps per-example state across epochs, which distributed training does not shard "
+            "yet; train it in a single process"
+        )
+    if config.batch_size % world:
+        raise ConfigError(f"the global batch size {config.batch_size} must be divisible by the {world} processes")
+    # DDP averages the ranks' gradients: with equal shards of each global batch that is the gradient of the mean
+    # loss over the global batch, as in a single process.
+    train_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    lead = rank == 0
+    progress = progress and lead
     n = len(data)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -332,8 +398,8 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
     data_generator = torch.Generator().manual_seed(config.seed)
-    attack_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
-    torch.manual_seed(config.seed + 2)
+    attack_generator = torch.Generator(device=device).manual_seed(config.seed + 1 + 7919 * rank)
+    torch.manual_seed(config.seed + 2 + 7919 * rank)
     generators = {"data": data_generator, "attack": attack_generator}
     objective.setup(model, n, tuple(data.x.shape[1:]), device)
 
@@ -351,6 +417,7 @@ def train(
         "batch_size": config.batch_size,
         "train_examples": n,
         "seed": config.seed,
+        "world_size": world,
     }
 
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -379,16 +446,25 @@ def train(
         running = saved["running"]
         start_epoch, start_batch = saved["epoch"], saved["batch"]
         epoch_data_state = saved["epoch_data_state"]
-        _set_rng_state(saved["rng"], generators)
-    elif state_path is not None and not resume and state_path.exists():
+        _set_rng_state(saved["rng"][rank], generators)
+    elif state_path is not None and not resume and state_path.exists() and lead:
         state_path.unlink()
+    if world > 1:
+        torch.distributed.barrier()
 
-    log = ScalarLog(directory)
+    log = ScalarLog(directory if lead else None)
     started = time.perf_counter()
     stopped_early = False
 
     def checkpoint(epoch: int, batch: int) -> None:
         if state_path is None:
+            return
+        rng: list[Any] = [_rng_state(generators)]
+        if world > 1:  # every rank's generators, so each resumes its own stream
+            rng = [None] * world
+            torch.distributed.all_gather_object(rng, _rng_state(generators))
+        if not lead:
+            torch.distributed.barrier()
             return
         payload = {
             "format": STATE_FORMAT,
@@ -408,9 +484,11 @@ def train(
             "best": best,
             "running": running,
             "epoch_data_state": epoch_data_state,
-            "rng": _rng_state(generators),
+            "rng": rng,
         }
         _atomic_save(payload, state_path)
+        if world > 1:
+            torch.distributed.barrier()
 
     from tqdm.auto import tqdm
 
@@ -434,7 +512,7 @@ def train(
         model.train()
         batch_started = time.perf_counter()
         for batch in bar:
-            index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+            index = order[batch * config.batch_size : (batch + 1) * config.batch_size][rank::world]
             x = data.x[index].to(device, non_blocking=True)
             y = data.y[index].to(device, non_blocking=True)
             global_step = epoch * steps_per_epoch + batch
@@ -447,7 +525,7 @@ def train(
                 progress=global_step / total_steps,
             )
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                output: StepOutput = objective.step(model, x, y, context)
+                output: StepOutput = objective.step(train_model, x, y, context)
             if not torch.isfinite(output.loss):
                 raise FloatingPointError(
                     f"the {objective.name} loss became {float(output.loss.detach())} at epoch {epoch + 1}, "
@@ -504,9 +582,14 @@ def train(
 
         # ---------------------------------------------------------------- end of epoch
         metrics = validate_model(
-            model, val_data, threat, steps=config.val_attack_steps, batch_size=500, seed=config.seed + 1000 * epoch
-        )
+            model, val_data, threat, steps=config.val_attack_steps, batch_size=500, seed=config.seed + 1000 * epoch,
+            world=world, rank=rank,
+        )  # fmt: skip
         model.train()
+        if world > 1:  # every rank logs and decides on the same, global numbers
+            running = _reduce_sum(running, device)
+            for key in ("grad_norm", "grad_n", "increase", "increase_n", "seconds"):
+                running[key] = running[key] / world
         seen = max(running["seen"], 1.0)
         record: dict[str, float] = {
             "epoch": float(epoch),

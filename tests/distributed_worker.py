@@ -1,0 +1,50 @@
+"""Run by tests/test_distributed.py under torchrun (and in-process for the single-process reference)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+import robustlab
+from robustlab.training import TrainConfig, train
+
+
+def run(method: str, optimizer: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    data = robustlab.load_dataset("digits", split="train").head(256)
+    config = TrainConfig(
+        epochs=2, batch_size=32, optimizer=optimizer, lr=0.05, schedule="constant", warmup=0.1, val_examples=32,
+        val_attack_steps=2, select="last",
+    )  # fmt: skip
+    options: dict[str, Any] = {"random_start": False, "steps": 2} if method == "pgd-at" else {}
+    result = train(model, data, method, robustlab.ThreatModel("linf", 0.05), config, progress=False, **options)
+    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+
+
+def evaluation() -> dict[str, object]:
+    from robustlab.evaluation import Suite, evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    data = robustlab.load_dataset("digits", split="test").head(60)
+    suite = Suite.custom([("pgd", {"steps": 3}), ("square", {"queries": 50})])
+    result = evaluate(model, data, robustlab.ThreatModel("linf", 0.05), suite, batch_size=8, progress=False)
+    return {"broken": result.broken, "x_adv": result.x_adv, "steps": [s.broken for s in result.steps]}
+
+
+if __name__ == "__main__":
+    job, out = sys.argv[1], sys.argv[-1]
+    if job == "evaluate":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        answer: object = evaluation()
+    else:
+        answer = run(job, sys.argv[2])
+    if torch.distributed.get_rank() == 0:
+        torch.save(answer, out)
+    torch.distributed.destroy_process_group()
