@@ -9,6 +9,7 @@ estimated from the same sample.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,6 +32,15 @@ from robustlab.zeroth_order import (
 
 DTYPE = torch.float64
 SAMPLES = 20_000  # independent estimates per statistical test
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Small tensors: intra-op threads only add scheduling overhead on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _within(sample: torch.Tensor, expected: torch.Tensor | float, z: float = 5.0) -> None:
