@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50_000)
     parser.add_argument("--robust-images", type=int, default=100)
     parser.add_argument("--robust-queries", type=int, default=10_000)
-    parser.add_argument("--batch", type=int, default=50, help="images per robustlab attack batch")
+    parser.add_argument("--batch", type=int, default=200, help="images per robustlab attack batch")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-robust", action="store_true")
     parser.add_argument("--json", default="", help="also write the figures (and success curves) to this file")
@@ -333,6 +333,7 @@ def main() -> None:
         ("NES-PGD (lr 0.01, the NES paper's step)", "nes", {"lr": 0.01}),
         ("ZO-FW gaussian (robustlab defaults)", "zo-fw", {"directions": "gaussian"}),
         ("ZO-FW sphere", "zo-fw", {"directions": "sphere"}),
+        ("ZO-FW gaussian, gamma 0.04 (the reference's command-line default)", "zo-fw", {"gamma": 0.04}),
         ("Square (robustlab)", "square", {}),
     ]
     rows: list[Row] = []
@@ -359,7 +360,9 @@ def main() -> None:
             ("ZO-FW gaussian (robustlab defaults)", "zo-fw", {}),
             ("Square (robustlab)", "square", {}),
         ]:
-            robust_rows.append(run_ours(label, robust_model, xr, yr, None, method, args.robust_queries, options, 100))
+            robust_rows.append(
+                run_ours(label, robust_model, xr, yr, None, method, args.robust_queries, options, args.batch)
+            )
             print(" | ".join(robust_rows[-1].cells()), flush=True)
         for label, attack, note in peer_attacks(peers, xr, yr, None, args.robust_queries):
             robust_rows.append(run_peer(label, robust_model, xr, yr, None, attack, note))

@@ -12,8 +12,8 @@ An attack built on :class:`ZerothOrderAttack` says how one step moves the iterat
   query past the budget;
 - per-example early stop at the first success, and the best iterate (any success, else the highest loss).
 
-Each example's history (its directions aside, which come from one generator for the batch) does not depend on the
-other examples of the batch.
+Apart from the random directions, which come from one generator for the whole batch, an example's run does not
+depend on the other examples of its batch.
 """
 
 from __future__ import annotations
