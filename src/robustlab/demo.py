@@ -216,10 +216,40 @@ def run_demo(
             [[k, f"{100 * v['clean']:.1f}%", f"{100 * v['robust']:.1f}%"] for k, v in pretrained.items()],
         )
 
+    _evaluation_part(report, model, x, y, quick=quick, progress=progress, log=log)
+    _blackbox_part(report, model, x, y, quick=quick, log=log)
+
     report.data["total_seconds"] = time.perf_counter() - started
     json_path, html_path = report.write(out)
     log(f"wrote {json_path} and {html_path} in {report.data['total_seconds']:.0f} s")
     return report
+
+
+def _evaluation_part(
+    report: Report, model: nn.Module, x: Tensor, y: Tensor, *, quick: bool, progress: bool, log: Any
+) -> None:
+    """The full evaluation (cascade, diagnostics, eps curve, ADBD) of the demo CNN at eps 0.1."""
+    from robustlab.evaluation import evaluate, evaluation_section
+
+    count = 40 if quick else 100
+    suite = "quick" if quick else "full"
+    log(f"evaluating the demo CNN with the {suite} suite on {count} test images (Linf eps 0.1)")
+    result = evaluate(
+        model, (x[:count], y[:count]), ThreatModel("linf", 0.1), suite, batch_size=count, progress=progress,
+        eps_curve=[0.02, 0.05, 0.1, 0.15, 0.2], adbd_queries=None if quick else 5000, adbd_examples=50,
+    )  # fmt: skip
+    evaluation_section(report, result, title=f"Evaluation of the demo CNN ({suite} suite, Linf eps 0.1)")
+
+
+def _blackbox_part(report: Report, model: nn.Module, x: Tensor, y: Tensor, *, quick: bool, log: Any) -> None:
+    """Score-based attacks through a query-counting oracle: success against queries."""
+    from robustlab.blackbox import blackbox_section
+
+    log("score-based black-box attacks (Square, ZO-FW, NES) through a counted score oracle")
+    figures = blackbox_section(
+        report, model, x, y, eps=0.2, queries=500 if quick else 2000, examples=10 if quick else 50, log=log
+    )
+    report.data["blackbox"] = figures
 
 
 def _pretrained_pair(x: Tensor, y: Tensor, *, quick: bool, progress: bool, log: Any) -> dict[str, dict[str, float]]:
