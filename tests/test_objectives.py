@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,16 @@ from robustlab.training.objectives.base import StepContext
 from robustlab.training.objectives.fast_bat import INSIDE_TOLERANCE, FastBAT, lower_level_solution
 from robustlab.training.objectives.gradalign import default_lambda
 from robustlab.training.objectives.war import WAR, measure_zeta, update_lambda
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Many small forward/backward passes: on two busy cores a second intra-op thread mostly waits for the other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # Options an objective cannot do without (WAR's zeta has no universal default).
 REQUIRED: dict[str, dict[str, Any]] = {"war": {"zeta": 0.5}}

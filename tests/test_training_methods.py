@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,15 @@ from torch import nn
 
 import robustlab
 from robustlab.training import TrainConfig, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Many small forward/backward passes: on two busy cores a second intra-op thread mostly waits for the other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model() -> nn.Module:
@@ -101,3 +111,47 @@ def test_training_section_plots_curves_and_lists_co_events(digits, tmp_path: Pat
     assert set(report.data["training"]) == {"standard", "Fast-AT"}
     with pytest.raises(ValueError, match="at least one"):
         training_section(report, {})
+
+
+def co_prone_model(seed: int) -> nn.Module:
+    """A small BatchNorm CNN that learns MNIST within an epoch (and, trained with FGSM at eps 0.3, to fool FGSM)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 49, 10),
+    )  # fmt: skip
+
+
+def test_catastrophic_overfitting_criterion() -> None:
+    from robustlab.training.loop import catastrophic_overfitting
+
+    # A collapse from the peak (Wong et al.: a fall of 0.2) with FGSM accuracy staying up.
+    assert catastrophic_overfitting(robust=0.05, peak=0.6, fgsm=0.7, drop=0.2)
+    assert not catastrophic_overfitting(robust=0.45, peak=0.6, fgsm=0.7, drop=0.2)  # fell less than 0.2
+    assert not catastrophic_overfitting(robust=0.30, peak=0.6, fgsm=0.35, drop=0.2)  # FGSM fell too: no CO
+    # A collapsed state: PGD near zero, FGSM far above it (CO before the first validation).
+    assert catastrophic_overfitting(robust=0.02, peak=0.04, fgsm=0.40, drop=0.2)
+    assert not catastrophic_overfitting(robust=0.02, peak=0.04, fgsm=0.10, drop=0.2)  # nothing learned yet
+    assert not catastrophic_overfitting(robust=0.29, peak=0.29, fgsm=0.41, drop=0.2)  # PGD-AT early on
+
+
+def test_co_detection_fires_on_fgsm_training_and_not_on_pgd_at() -> None:
+    """FGSM training without random start at eps 0.3 on MNIST overfits to FGSM within the first epoch: validation
+    FGSM accuracy 28-47% while PGD accuracy stays at 3-10% (seeds 0-2, checked). PGD-AT on the same data keeps FGSM
+    within 15 points of PGD accuracy (18-40%) and raises no event."""
+    data = robustlab.load_dataset("mnist", split="train").head(1000)
+    threat = robustlab.ThreatModel("linf", 0.3)
+    base = dict(epochs=2, batch_size=16, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="constant",
+                val_examples=200, val_attack_steps=5)  # fmt: skip
+    for seed in (0, 1, 2):
+        config = TrainConfig(**base, seed=seed)  # type: ignore[arg-type]
+        with pytest.warns(UserWarning, match="catastrophic overfitting"):
+            fgsm = train(co_prone_model(seed), data, "fast-at", threat, config, progress=False, random_start=False,
+                         rel_step_size=1.0)  # fmt: skip
+        assert fgsm.events and fgsm.events[-1]["val_robust_accuracy"] < 0.1
+    for seed in (0, 1):
+        config = TrainConfig(**base, seed=seed)  # type: ignore[arg-type]
+        pgd = train(co_prone_model(seed), data, "pgd-at", threat, config, progress=False, steps=3)
+        assert pgd.events == []
+        assert pgd.history["val_robust_accuracy"][-1] > 0.15  # PGD-AT is becoming robust in the same setting

@@ -6,8 +6,9 @@ Fast-BAT, ...) over a data set with:
 - a held-out validation split taken from the training data (never the test set) for model selection, and per
   epoch: clean accuracy, robust accuracy under a quick PGD attack, FGSM accuracy, perturbation stability, the
   training attack's loss increase and the gradient norm;
-- catastrophic-overfitting detection: validation PGD accuracy falling far below its best while FGSM accuracy
-  stays up; the policy warns, stops and restores the best weights, or switches to a stronger method;
+- catastrophic-overfitting detection (:func:`catastrophic_overfitting`): validation PGD accuracy falling far below
+  its best, or stuck near zero, while FGSM accuracy stays up; the policy warns, stops and restores the best
+  weights, or switches to a stronger method;
 - learning-rate schedules (piecewise, cyclic, cosine, with warm-up), ``torch.autocast`` on CUDA;
 - checkpoints at every epoch (and every ``checkpoint_every`` steps) that resume *exactly*: model, optimizer,
   schedule, objective state (per-example buffers), every random generator and the position in the epoch;
@@ -38,7 +39,7 @@ from robustlab.training.objectives.base import Objective, StepContext, StepOutpu
 from robustlab.training.perturb import model_mode
 from robustlab.training.schedules import SCHEDULES, lr_multiplier
 
-__all__ = ["CO_POLICIES", "TrainConfig", "TrainResult", "train"]
+__all__ = ["CO_POLICIES", "TrainConfig", "TrainResult", "catastrophic_overfitting", "train"]
 
 CO_POLICIES = ("warn", "stop", "switch")
 # Methods whose per-example buffers live in one process (not yet sharded across ranks).
@@ -62,7 +63,9 @@ class TrainConfig:
         val_attack_steps: steps of the validation PGD attack (with step eps/4 and early stop).
         co_policy: on catastrophic overfitting, "warn", "stop" (restore the best weights and stop) or "switch"
             (restore the best weights and continue with ``co_switch_to``).
-        co_drop: an absolute fall of validation PGD accuracy below its best that signals catastrophic overfitting.
+        co_drop: an absolute fall of validation PGD accuracy below its best that signals catastrophic overfitting
+            (see :func:`catastrophic_overfitting`: also PGD accuracy below ``co_drop / 2`` with FGSM accuracy more
+            than ``co_drop`` above it).
         select: "robust" keeps the weights with the best validation robust accuracy, "last" the final ones.
         seed: seeds the data order, the attacks and the model's own randomness (dropout).
         amp: mixed precision with ``torch.autocast`` when training on CUDA.
@@ -314,6 +317,24 @@ def _reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, flo
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return dict(zip(keys, tensor.tolist()))
+
+
+def catastrophic_overfitting(robust: float, peak: float, fgsm: float, drop: float) -> bool:
+    """Whether validation accuracies show catastrophic overfitting (CO) of single-step training.
+
+    Two signatures, both with FGSM accuracy well above PGD accuracy (the one-step attack the model was trained
+    against no longer approximates the worst case):
+
+    - a collapse: PGD accuracy fell more than ``drop`` below its peak so far while FGSM accuracy is more than
+      ``drop / 2`` above it (Wong et al. 2020 stop when PGD accuracy falls by 0.2);
+    - a collapsed state: PGD accuracy below ``drop / 2`` while FGSM accuracy is more than ``drop`` above it. This
+      catches CO that set in before the first validation (FGSM training at a large eps never becomes robust, yet
+      FGSM accuracy climbs), which a fall from the peak cannot show. Honest training keeps FGSM and PGD accuracy
+      within a few points of each other, also early on when both are low.
+    """
+    fell = robust < peak - drop and fgsm - robust > drop / 2
+    collapsed = robust < drop / 2 and fgsm - robust > drop
+    return fell or collapsed
 
 
 def _state_matches(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
@@ -625,24 +646,22 @@ def train(
                 "metric": robust,
                 "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             }
-        collapsed = (
-            robust < best["metric"] - config.co_drop
-            and metrics["val_fgsm_accuracy"] - robust > config.co_drop / 2
-            and objective.adversarial
-        )  # fmt: skip
-        if collapsed:
+        peak = max(history["val_robust_accuracy"])  # the peak so far, whatever select keeps
+        if catastrophic_overfitting(robust, peak, metrics["val_fgsm_accuracy"], config.co_drop) and (
+            objective.adversarial
+        ):
             event = {
                 "epoch": epoch,
                 "method": objective.name,
                 "val_robust_accuracy": robust,
-                "best_val_robust_accuracy": best["metric"],
+                "best_val_robust_accuracy": peak,
                 "val_fgsm_accuracy": metrics["val_fgsm_accuracy"],
                 "action": config.co_policy,
             }
             events.append(event)
             warnings.warn(
-                f"catastrophic overfitting at epoch {epoch + 1} of {objective.name}: validation PGD accuracy fell "
-                f"to {100 * robust:.1f}% (best {100 * best['metric']:.1f}%) while FGSM accuracy is "
+                f"catastrophic overfitting at epoch {epoch + 1} of {objective.name}: validation PGD accuracy is "
+                f"{100 * robust:.1f}% (best {100 * peak:.1f}%) while FGSM accuracy is "
                 f"{100 * metrics['val_fgsm_accuracy']:.1f}%; "
                 + {
                     "warn": "continuing (co_policy='stop' restores the best weights and stops)",
