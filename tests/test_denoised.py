@@ -1,0 +1,362 @@
+"""Denoised smoothing and ZO-AE-DS: architectures, deterministic training, exact query accounting, certification."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import robustlab
+from robustlab import ConfigError, LabelOracle, ScoreOracle
+from robustlab.certification import (
+    DenoisedClassifier,
+    DenoisedConfig,
+    DnCNN,
+    FitConfig,
+    RandomizedSmoothing,
+    autoencoder,
+    certified_accuracy,
+    denoised_oracle,
+    load_denoiser,
+    save_denoiser,
+    train_autoencoder,
+    train_denoiser,
+    train_denoiser_mse,
+    train_denoiser_zo,
+)
+from robustlab.data import ArrayDataset
+from robustlab.errors import ModelError
+from robustlab.oracles import module_function
+from robustlab.zeroth_order import CGE, RGE
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Many small passes: on two busy cores a second intra-op thread mostly waits for the other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ small problems
+def _digits(split: str = "train", size: int | None = None, limit: int = 256) -> ArrayDataset:
+    data = robustlab.load_dataset("digits", split=split).head(limit)
+    if size is None:
+        return data
+    x = F.interpolate(data.x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    return ArrayDataset(x.contiguous(), data.y, f"digits{size}", data.num_classes)
+
+
+def _fit_classifier(model: nn.Module, data: ArrayDataset, steps: int = 150) -> nn.Module:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(data.x.to(next(model.parameters()).dtype)), data.y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits28() -> ArrayDataset:
+    return _digits(size=28, limit=128)
+
+
+@pytest.fixture(scope="module")
+def linear28(digits28: ArrayDataset) -> nn.Module:
+    torch.manual_seed(0)
+    return _fit_classifier(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), digits28)
+
+
+@pytest.fixture(scope="module")
+def pretrained_ae(digits28: ArrayDataset) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    encoder, decoder = autoencoder((1, 28, 28), width=4)
+    result = train_autoencoder(encoder, decoder, digits28, FitConfig(epochs=10, batch_size=32, lr=1e-2))
+    assert sum(result.losses[-4:]) < 0.5 * sum(result.losses[:4])  # stage 1 learns to reconstruct
+    return encoder, decoder
+
+
+class CountingModel(nn.Module):
+    """Counts the rows of every call (the black box's view of the queries)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.append(int(x.shape[0]))
+        return self.model(x)
+
+
+# ------------------------------------------------------------------------------------------------ architectures
+def test_dncnn_starts_as_the_identity_and_the_autoencoders_have_a_192_code() -> None:
+    x = torch.rand(3, 1, 28, 28)
+    denoiser = DnCNN(1, depth=5, width=8).eval()
+    assert torch.equal(denoiser(x), x)
+    for shape in [(1, 28, 28), (3, 32, 32)]:
+        encoder, decoder = autoencoder(shape)
+        images = torch.rand(2, *shape)
+        z = encoder(images)
+        assert z[0].numel() == encoder.latent_dim == 192
+        out = decoder(z)
+        assert out.shape == images.shape and bool(((out >= 0) & (out <= 1)).all())
+    with pytest.raises(ConfigError, match="28x28"):
+        autoencoder((1, 8, 8))
+    with pytest.raises(ConfigError, match="depth"):
+        DnCNN(1, depth=1)
+
+
+def test_mse_training_learns_to_denoise() -> None:
+    data = _digits()
+    torch.manual_seed(0)
+    denoiser = DnCNN(1, depth=3, width=8)
+    result = train_denoiser_mse(denoiser, data, 0.25, FitConfig(epochs=6, batch_size=32, lr=3e-3))
+    assert not denoiser.training
+    # The identity's error is the noise variance; the trained denoiser removes part of it.
+    assert result.losses[0] == pytest.approx(0.25**2, rel=0.1)
+    assert sum(result.losses[-5:]) / 5 < 0.6 * 0.25**2
+    # The "mse" objective of the denoised-smoothing trainer is the same loss with the same noise.
+    torch.manual_seed(0)
+    again = DnCNN(1, depth=3, width=8)
+    config = DenoisedConfig(sigma=0.25, objective="mse", epochs=6, batch_size=32, lr=3e-3)
+    assert train_denoiser(again, data, None, config).losses == result.losses
+
+
+# ------------------------------------------------------------------------------------------------ ZO training
+def _stability_loss(
+    data: ArrayDataset, classifier: nn.Module, front: nn.Module, sigma: float, seed: int = 123
+) -> float:
+    """The stability objective on the whole set with one fixed draw of noise (eval mode)."""
+    noise = torch.randn(data.x.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        targets = classifier(data.x).argmax(1)
+        return float(F.cross_entropy(classifier(front.eval()(data.x + sigma * noise)), targets))
+
+
+def _zo_ae_run(
+    data: ArrayDataset, classifier: nn.Module, ae: tuple[nn.Module, nn.Module], seed: int = 0, steps: int = 100
+) -> tuple[list[float], nn.Module, float, float]:
+    encoder, decoder = copy.deepcopy(ae[0]), copy.deepcopy(ae[1])
+    torch.manual_seed(1)
+    denoiser = DnCNN(1, depth=3, width=4)
+    sigma = 1.0
+    front = nn.Sequential(denoiser, encoder, decoder)
+    before = _stability_loss(data, classifier, front, sigma)
+    config = DenoisedConfig(sigma=sigma, batch_size=16, epochs=100, max_steps=steps, seed=seed)
+    estimator = RGE(q=8, mu=0.005, directions="sphere", difference="forward")
+    result = train_denoiser_zo(denoiser, data, classifier, estimator, config, encoder=encoder, decoder=decoder)
+    assert result.method == "ZO-AE-DS" and result.dimension == 192 and result.steps == steps
+    return result.losses, denoiser, before, _stability_loss(data, classifier, front, sigma)
+
+
+def test_zo_ae_ds_reduces_the_loss_deterministically(
+    digits28: ArrayDataset, linear28: nn.Module, pretrained_ae: tuple[nn.Module, nn.Module]
+) -> None:
+    losses, denoiser, before, after = _zo_ae_run(digits28, linear28, pretrained_ae)
+    again, denoiser_again, _, after_again = _zo_ae_run(digits28, linear28, pretrained_ae)
+    assert losses == again and after == after_again  # exactly the same run
+    for a, b in zip(denoiser.state_dict().values(), denoiser_again.state_dict().values()):
+        assert torch.equal(a, b)
+    # The training loss (measured by the black box at the unperturbed points) and a fixed evaluation both fall.
+    assert sum(losses[-10:]) < 0.75 * sum(losses[:10])
+    assert after < 0.95 * before
+    other, _, _, _ = _zo_ae_run(digits28, linear28, pretrained_ae, seed=1, steps=3)
+    assert other != losses[:3]  # the seed drives noise, order and directions
+
+
+@pytest.mark.parametrize("autoencoded", [False, True])
+def test_zo_training_with_cge_follows_first_order_training(
+    autoencoded: bool, digits28: ArrayDataset, pretrained_ae: tuple[nn.Module, nn.Module]
+) -> None:
+    """CGE's central differences are exact up to O(mu^2): in float64 the ZO run retraces the FO run."""
+    data = _digits(limit=48) if not autoencoded else digits28.head(24)
+    torch.manual_seed(0)
+    features = data.x[0].numel()
+    classifier = _fit_classifier(nn.Sequential(nn.Flatten(), nn.Linear(features, 10)).double(), data, steps=50)
+    encoder = decoder = None
+    if autoencoded:
+        encoder, decoder = (copy.deepcopy(m).double() for m in pretrained_ae)
+    runs = []
+    for zeroth_order in (False, True):
+        torch.manual_seed(2)
+        denoiser = DnCNN(1, depth=3, width=4, batch_norm=False).double()
+        enc, dec = copy.deepcopy(encoder), copy.deepcopy(decoder)
+        config = DenoisedConfig(sigma=0.25, batch_size=8, max_steps=4, seed=3)
+        if zeroth_order:
+            result = train_denoiser_zo(denoiser, data, classifier, CGE(mu=0.005), config, encoder=enc, decoder=dec)
+        else:
+            result = train_denoiser(denoiser, data, classifier, config, encoder=enc, decoder=dec)
+        runs.append((result.losses, denoiser))
+    (fo_losses, fo_denoiser), (zo_losses, zo_denoiser) = runs
+    assert zo_losses == pytest.approx(fo_losses, rel=1e-5)
+    torch.manual_seed(2)
+    initial = DnCNN(1, depth=3, width=4, batch_norm=False).double()
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(fo_denoiser.parameters(), initial.parameters()))
+    assert moved > 2e-3  # four Adam steps of lr 1e-3 moved the weights ...
+    for a, b in zip(fo_denoiser.parameters(), zo_denoiser.parameters()):
+        assert torch.allclose(a, b, atol=2e-5)  # ... the same way (the decoder's ReLU kinks cost a little)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "autoencoded", "per_example"),
+    [
+        (RGE(q=5, difference="forward"), False, 5 + 1),
+        (RGE(q=5, difference="symmetric", directions="gaussian"), False, 2 * 5 + 1),
+        (CGE(), False, 2 * 64 + 1),
+        (CGE(subset=10), False, 2 * 10 + 1),
+        (RGE(q=7, difference="forward"), True, 7 + 1),
+        (CGE(), True, 2 * 192 + 1),
+    ],
+)
+def test_query_accounting_is_exact(
+    estimator: RGE | CGE,
+    autoencoded: bool,
+    per_example: int,
+    pretrained_ae: tuple[nn.Module, nn.Module],
+) -> None:
+    data = _digits(size=28 if autoencoded else None, limit=20)
+    torch.manual_seed(0)
+    counting = CountingModel(nn.Sequential(nn.Flatten(), nn.Linear(data.x[0].numel(), 10)))
+    black_box = ScoreOracle(module_function(counting))
+    encoder, decoder = (copy.deepcopy(m) for m in pretrained_ae) if autoencoded else (None, None)
+    config = DenoisedConfig(sigma=0.25, batch_size=8, epochs=2)
+    denoiser = DnCNN(1, depth=3, width=4)
+    result = train_denoiser_zo(denoiser, data, black_box, estimator, config, encoder=encoder, decoder=decoder)
+    sizes = [8, 8, 4, 8, 8, 4]  # two epochs of 20 examples in batches of 8
+    assert result.steps == len(sizes)
+    assert result.queries_per_example == per_example
+    # The first epoch also asks once for each example's stability target (the label of the clean image).
+    fresh = [8, 8, 4, 0, 0, 0]
+    assert result.queries_per_step == [b * per_example + f for b, f in zip(sizes, fresh)]
+    assert result.target_queries == 20
+    assert sum(counting.calls) == result.total_queries == black_box.total_queries
+    assert result.total_queries == 2 * 20 * per_example + 20
+    # One model call for the targets of a batch's new examples, one for the whole estimate of each step.
+    assert counting.calls == [r for b, f in zip(sizes, fresh) for r in ([f] if f else []) + [b * per_example]]
+
+
+def test_a_query_budget_stops_training_before_a_step_it_cannot_afford() -> None:
+    data = _digits(limit=16)
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    # Each step costs 6 queries per example (RGE q=5, forward) plus 1 for the target the first time: 13 for two.
+    black_box = ScoreOracle(module_function(classifier), budget=15)
+    config = DenoisedConfig(sigma=0.25, batch_size=16, epochs=5)
+    result = train_denoiser_zo(DnCNN(1, depth=3, width=4), data, black_box, RGE(q=5, difference="forward"), config)
+    assert result.steps == 2
+    assert "budget" in result.stopped_early
+    assert black_box.total_queries == 16 * 13
+
+
+# ------------------------------------------------------------------------------------------------ first order
+def test_first_order_training_leaves_the_frozen_modules_as_they_were(
+    digits28: ArrayDataset, linear28: nn.Module, pretrained_ae: tuple[nn.Module, nn.Module]
+) -> None:
+    classifier = copy.deepcopy(linear28).train()
+    encoder, decoder = (copy.deepcopy(m) for m in pretrained_ae)
+    before = {name: copy.deepcopy(m.state_dict()) for name, m in [("c", classifier), ("e", encoder), ("d", decoder)]}
+    config = DenoisedConfig(sigma=0.25, batch_size=16, max_steps=3, train_encoder=False)
+    result = train_denoiser(DnCNN(1, depth=3, width=4), digits28, classifier, config, encoder=encoder, decoder=decoder)
+    assert result.method == "FO-AE-DS" and result.total_queries == 0 and result.steps == 3
+    assert classifier.training and not encoder.training
+    assert all(p.requires_grad for p in classifier.parameters())
+    assert all(p.grad is None for m in (classifier, encoder, decoder) for p in m.parameters())
+    for name, module in [("c", classifier), ("e", encoder), ("d", decoder)]:
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, before[name][key]), (name, key)
+
+
+# ------------------------------------------------------------------------------------------------ certification
+def test_the_smoothed_denoised_classifier_certifies() -> None:
+    train, test = _digits(limit=1200), _digits("test", limit=40)
+    sigma = 0.5  # the clean classifier alone is poor under this noise
+    torch.manual_seed(0)
+    classifier = _fit_classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)), train)
+    torch.manual_seed(0)
+    denoiser = DnCNN(1, depth=4, width=16)
+    config = DenoisedConfig(sigma=sigma, batch_size=64, epochs=12, lr=3e-3)
+    result = train_denoiser(denoiser, train, classifier, config)
+    assert sum(result.losses[-5:]) < 0.7 * sum(result.losses[:5])
+
+    def certify(model: nn.Module | LabelOracle) -> list[float]:
+        smoothed = RandomizedSmoothing(model, 10, sigma)
+        generator = torch.Generator().manual_seed(0)
+        cert = smoothed.certify(test.x, n0=100, n=1000, alpha=0.001, generator=generator)
+        assert bool((cert.queries == 1100).all())
+        return certified_accuracy(cert, test.y, [0.0, 0.25, 0.5])
+
+    bare = certify(classifier)
+    denoised = certify(DenoisedClassifier(denoiser, classifier))
+    # Measured: bare 47.5% / 12.5% / 0%, denoised 75% / 47.5% / 12.5% at r = 0 / 0.25 / 0.5.
+    assert denoised[0] >= 0.65 and denoised[1] >= 0.35 and denoised[2] > 0.0
+    assert all(d >= b + 0.1 for d, b in zip(denoised, bare))
+    # The same model reached as a black box (scores only) through the denoiser: the very same certificates.
+    through_oracle = certify(denoised_oracle(ScoreOracle(module_function(classifier)), denoiser))
+    assert through_oracle == denoised
+
+
+# ------------------------------------------------------------------------------------------------ files and errors
+def test_denoiser_files_round_trip(tmp_path: object, pretrained_ae: tuple[nn.Module, nn.Module]) -> None:
+    from pathlib import Path
+
+    directory = Path(str(tmp_path))
+    torch.manual_seed(0)
+    denoiser = DnCNN(1, depth=3, width=4)
+    last = denoiser.body[-1]
+    assert isinstance(last, nn.Conv2d)
+    nn.init.normal_(last.weight)  # not the identity any more
+    encoder, decoder = pretrained_ae
+    path = save_denoiser(directory / "d.pt", denoiser, encoder=encoder, decoder=decoder, extra={"sigma": 0.25})
+    bundle = load_denoiser(path)
+    assert bundle.extra == {"sigma": 0.25} and bundle.encoder is not None
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = decoder(encoder(denoiser.eval()(x)))
+        assert torch.equal(bundle.front()(x), expected)
+    alone = load_denoiser(save_denoiser(directory / "alone.pt", denoiser))
+    assert alone.encoder is None and alone.front() is alone.denoiser
+    torch.save({"something": 1}, directory / "other.pt")
+    with pytest.raises(ModelError, match="not a robustlab denoiser"):
+        load_denoiser(directory / "other.pt")
+    with pytest.raises(ConfigError, match="DnCNN"):
+        save_denoiser(directory / "bad.pt", nn.Identity())
+
+
+def test_bad_inputs_give_clear_errors(digits28: ArrayDataset, linear28: nn.Module) -> None:
+    denoiser = DnCNN(1, depth=3, width=4)
+    encoder, _ = autoencoder((1, 28, 28), width=4)
+    labels_only = LabelOracle(module_function(linear28))
+    rge = RGE(q=4, difference="forward")
+    with pytest.raises(ConfigError, match="needs scores"):
+        train_denoiser_zo(denoiser, digits28, labels_only, rge)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="train it with train_denoiser"):
+        train_denoiser_zo(denoiser, digits28, linear28, rge, DenoisedConfig(objective="mse"))
+    with pytest.raises(ConfigError, match="RGE or CGE"):
+        train_denoiser_zo(denoiser, digits28, linear28, "rge")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="both the encoder and the decoder"):
+        train_denoiser_zo(denoiser, digits28, linear28, rge, encoder=encoder)
+    with pytest.raises(ConfigError, match="white-box"):
+        train_denoiser(denoiser, digits28, ScoreOracle(module_function(linear28)))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="needs the classifier"):
+        train_denoiser(denoiser, digits28, None)
+    with pytest.raises(ConfigError, match="objective"):
+        DenoisedConfig(objective="classification").validate()
+    with pytest.raises(ConfigError, match="sigma"):
+        train_denoiser(denoiser, digits28, linear28, DenoisedConfig(sigma=0.0))
+    with pytest.raises(ConfigError, match="batch_size"):
+        train_denoiser(denoiser, digits28, linear28, DenoisedConfig(batch_size=0))
+    with pytest.raises(ConfigError, match="lr"):
+        train_denoiser_mse(denoiser, digits28, 0.25, FitConfig(lr=-1.0))
+    with pytest.raises(robustlab.InvalidInputError, match="shape"):
+        train_denoiser(nn.Flatten(), digits28, linear28)
+    with pytest.raises(ConfigError, match="denoised_oracle"):
+        DenoisedClassifier(denoiser, labels_only)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="DenoisedClassifier"):
+        denoised_oracle(linear28, denoiser)  # type: ignore[arg-type]
