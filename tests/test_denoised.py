@@ -360,3 +360,27 @@ def test_bad_inputs_give_clear_errors(digits28: ArrayDataset, linear28: nn.Modul
         DenoisedClassifier(denoiser, labels_only)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="DenoisedClassifier"):
         denoised_oracle(linear28, denoiser)  # type: ignore[arg-type]
+
+
+def test_cli_certifies_a_model_behind_a_denoiser(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    from robustlab.cli import main
+    from robustlab.models import build_model, save_checkpoint
+
+    directory = Path(str(tmp_path))
+    data = _digits(limit=400)
+    torch.manual_seed(0)
+    model = _fit_classifier(build_model("smallcnn", width=4, hidden=16), data, steps=60)
+    checkpoint = save_checkpoint(model, directory / "m.pt", arch="smallcnn", arch_kwargs={"width": 4, "hidden": 16})
+    denoiser = DnCNN(1, depth=3, width=4)
+    train_denoiser(denoiser, data, model, DenoisedConfig(sigma=0.25, batch_size=64, max_steps=5))
+    path = save_denoiser(directory / "denoiser.pt", denoiser)
+    common = ["certify", "--model", str(checkpoint), "--data", "digits", "--limit", "4", "--quiet"]
+    out = directory / "out.json"
+    assert main([*common, "--n", "200", "--denoiser", str(path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["denoiser"] == str(path) and result["autoencoder"] is False
+    assert len(result["certified_accuracy"]) == 5
+    assert main([*common, "--method", "ibp", "--denoiser", str(path)]) == 2  # a clear usage error

@@ -271,6 +271,11 @@ def _add_certify_parser(commands: Any) -> None:
     smoothing.add_argument(
         "--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="radii for the accuracy curve"
     )
+    smoothing.add_argument(
+        "--denoiser",
+        help="denoised smoothing: a denoiser file (robustlab.certification.save_denoiser) placed in front of the "
+        "model, e.g. one trained by ZO-AE-DS for a black box; --model may then be a URL of a scores or labels server",
+    )
     bounds = certify.add_argument_group("bound propagation")
     bounds.add_argument("--norm", default="linf", help="linf, l2 or l1")
     bounds.add_argument("--eps", type=_positive_float, default=0.1, help="radius to verify")
@@ -588,16 +593,34 @@ def run_certify(args: argparse.Namespace) -> int:
     from robustlab.api import attack_batches
     from robustlab.certification import RandomizedSmoothing, certified_accuracy, verify
     from robustlab.data import load_dataset
+    from robustlab.errors import ConfigError
     from robustlab.models import load_model
+    from robustlab.oracles import LabelOracle
     from robustlab.report import Report, line_plot
 
     device = _device(args.device)
-    model = load_model(args.model, arch=args.arch, device=device)
+    if args.denoiser is not None and args.method != "smoothing":
+        raise ConfigError(f"--denoiser goes with --method smoothing (denoised smoothing), not {args.method}")
+    if args.method == "smoothing":
+        model, _ = _open_model(args, device)  # a local module or, for a URL, a remote oracle
+    else:
+        model = load_model(args.model, arch=args.arch, device=device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
     x, y = data.x.to(device), data.y.to(device)
     out: dict[str, Any] = {"model": args.model, "data": args.data, "split": args.split, "examples": len(y)}
     report = Report(f"robustlab certify: {args.method}")
     if args.method == "smoothing":
+        if args.denoiser is not None:
+            from robustlab.certification import DenoisedClassifier, denoised_oracle, load_denoiser
+
+            bundle = load_denoiser(args.denoiser, device=device)
+            front = {"encoder": bundle.encoder, "decoder": bundle.decoder}
+            if isinstance(model, LabelOracle):
+                model = denoised_oracle(model, bundle.denoiser, **front)
+            else:
+                model = DenoisedClassifier(bundle.denoiser, model, **front).to(device).eval()
+            out["denoiser"] = args.denoiser
+            out["autoencoder"] = bundle.encoder is not None
         smoothed = RandomizedSmoothing(model, data.num_classes, args.sigma, batch_size=max(args.batch_size, 1000))
         generator = torch.Generator(device=device).manual_seed(args.seed)
         started = time.perf_counter()
@@ -626,6 +649,10 @@ def run_certify(args: argparse.Namespace) -> int:
             f"sigma={args.sigma}, n0={args.n0}, n={args.n}, alpha={args.alpha}: each certified radius holds "
             f"with probability at least {1 - args.alpha} over the noise."
         )
+        if args.denoiser is not None:
+            section.text(
+                f"Denoised smoothing: the smoothed base model is the model behind the denoiser {args.denoiser}."
+            )
         section.figure(
             line_plot(
                 {f"sigma={args.sigma}": (list(args.radii), curve)}, xlabel="L2 radius", ylabel="certified accuracy"
