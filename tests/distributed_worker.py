@@ -47,4 +47,7 @@ if __name__ == "__main__":
         answer = run(job, sys.argv[2])
     if torch.distributed.get_rank() == 0:
         torch.save(answer, out)
+    # Both ranks tear gloo down together: a rank that destroys its group while the other still holds open pairs can
+    # abort in gloo's background thread ("terminate called without an active exception").
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -748,6 +748,18 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _leave_process_group() -> None:
+    """Under torchrun, all ranks leave the process group together once the command is done.
+
+    A rank that exits while another still holds gloo connections can abort in gloo's background thread.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -769,7 +781,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            return handlers[args.command](args)
+            code = handlers[args.command](args)
+        _leave_process_group()
+        return code
     except RobustlabError as exc:
         if debug:
             raise

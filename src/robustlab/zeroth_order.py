@@ -415,6 +415,7 @@ def estimate_with_oracle(
     generator: torch.Generator | None = None,
     center: bool = False,
     decode: Callable[[Tensor], Tensor] | None = None,
+    bounds: tuple[float, float] | None = None,
 ) -> Estimate:
     """Estimate gradients of ``objective(model(decode(z)))`` at each row ``z`` of ``x`` with ONE oracle call.
 
@@ -434,6 +435,10 @@ def estimate_with_oracle(
         generator: randomness of the directions.
         center: also query ``x`` itself in the same call (``Estimate.value`` and ``Estimate.center_scores``).
         decode: maps points to the model's inputs (e.g. a decoder from a latent code); part of the black box.
+        bounds: ``(lower, upper)`` of the model's input box. Probes are clipped into it before they are queried:
+            a deployed model only accepts valid inputs (a model server rejects the rest), and an attack must not
+            learn from the model's behaviour outside the domain it will be judged on. A probe clipped at the box
+            face measures a one-sided difference along the face, a small bias only at saturated pixels.
     """
     n = x.shape[0]
     if index is None:
@@ -442,6 +447,8 @@ def estimate_with_oracle(
         raise InvalidInputError(f"index must have shape ({n},), got {tuple(index.shape)}")
     probes = estimator.probes(x, generator, center=center)
     inputs = probes.points if decode is None else decode(probes.points)
+    if bounds is not None:
+        inputs = inputs.clamp(bounds[0], bounds[1])
     examples = index[probes.owner]
     scores = oracle.scores(inputs, examples)
     values = objective(scores, examples)

@@ -105,8 +105,9 @@ class ZerothOrderAttack(Attack[ScoreOracle]):
             if active.numel() == 0:
                 break
             estimate = estimate_with_oracle(
-                oracle, x_adv[active], estimator, objective, index=active, generator=generator
-            )
+                oracle, x_adv[active], estimator, objective, index=active, generator=generator,
+                bounds=(threat.lower, threat.upper),
+            )  # fmt: skip
             x_rows = x[active]
             candidate = self._step(state, active, estimate.grad, estimate.values, x_rows, x_adv[active], threat, step)
             candidate = threat.project(candidate, x_rows)
