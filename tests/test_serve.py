@@ -242,3 +242,45 @@ def test_cli_attacks_a_url(tmp_path: Path) -> None:
         assert code == 0
         assert json.loads(out.read_text())["examples"] == 10
         assert main(["attack", "--model", url, "--data", str(data), "--method", "rays", "--eps", "0.2", "--quiet"]) == 2
+
+
+def _zo_ae_ds(black_box: object) -> object:
+    from robustlab.certification import DenoisedConfig, train_denoiser_zo
+    from robustlab.data import ArrayDataset
+    from robustlab.zeroth_order import RGE
+
+    torch.manual_seed(0)
+    denoiser = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(36, 8))
+    decoder = nn.Sequential(nn.Linear(8, 36), nn.Unflatten(1, (1, 6, 6)))
+    x, _ = batch(32, seed=5)
+    data = ArrayDataset(x, torch.zeros(32, dtype=torch.long), "toy", 10)
+    config = DenoisedConfig(sigma=0.25, batch_size=8, epochs=1, seed=0)
+    estimator = RGE(q=4, mu=0.005, difference="forward")
+    return train_denoiser_zo(denoiser, data, black_box, estimator, config, encoder=encoder, decoder=decoder)  # type: ignore[arg-type]
+
+
+def test_zo_ae_ds_and_smoothing_through_http_match_in_process() -> None:
+    """Noisy and decoded inputs leave [0, 1]: a server for smoothing declares an unbounded input box."""
+    from robustlab.certification import RandomizedSmoothing
+
+    model = small_model()
+    x, _ = batch(4, seed=9)
+    local = _zo_ae_ds(model)
+    local_cert = RandomizedSmoothing(model, 10, 0.25).certify(x, 20, 200, generator=torch.Generator().manual_seed(1))
+    unbounded = (float("-inf"), float("inf"))
+    with live_server(model, mode="scores", bounds=unbounded) as url:
+        oracle = connect(url)
+        remote = _zo_ae_ds(oracle)
+        trained = oracle.model.usage()["used"]  # type: ignore[attr-defined]
+    with live_server(model, mode="labels", bounds=unbounded) as url:
+        labels = connect(url)
+        smoothed = RandomizedSmoothing(labels, 10, 0.25)  # type: ignore[arg-type]
+        remote_cert = smoothed.certify(x, 20, 200, generator=torch.Generator().manual_seed(1))
+        certified = labels.model.usage()["used"]  # type: ignore[attr-defined]
+    assert remote.losses == local.losses  # type: ignore[attr-defined]
+    assert remote.queries_per_step == local.queries_per_step  # type: ignore[attr-defined]
+    assert trained == sum(local.queries_per_step) > 0  # type: ignore[attr-defined]
+    assert torch.equal(remote_cert.prediction, local_cert.prediction)
+    assert torch.allclose(remote_cert.radius, local_cert.radius)
+    assert certified == 4 * (20 + 200)
