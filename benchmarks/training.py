@@ -71,6 +71,7 @@ class Setup:
             weight_decay=0.0,
             schedule="cyclic",
             val_examples=self.val_examples,
+            val_attack="pgd",
             val_attack_steps=self.val_attack_steps,
             select="last",
             seed=seed,

@@ -275,7 +275,7 @@ def test_zo_ae_ds_and_smoothing_through_http_match_in_process() -> None:
         trained = oracle.model.usage()["used"]  # type: ignore[attr-defined]
     with live_server(model, mode="labels", bounds=unbounded) as url:
         labels = connect(url)
-        smoothed = RandomizedSmoothing(labels, 10, 0.25)  # type: ignore[arg-type]
+        smoothed = RandomizedSmoothing(labels, 10, 0.25)
         remote_cert = smoothed.certify(x, 20, 200, generator=torch.Generator().manual_seed(1))
         certified = labels.model.usage()["used"]  # type: ignore[attr-defined]
     assert remote.losses == local.losses  # type: ignore[attr-defined]

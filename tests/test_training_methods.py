@@ -100,14 +100,14 @@ def test_training_section_plots_curves_and_lists_co_events(digits, tmp_path: Pat
     first = train(tiny_model(), digits, "standard", threat, config, progress=False)
     second = train(tiny_model(), digits, "fast-at", threat, config, progress=False)
     second.events.append(
-        {"epoch": 1, "method": "fast-at", "val_robust_accuracy": 0.01, "best_val_robust_accuracy": 0.6,
+        {"epoch": 1, "method": "fast-at", "val_pgd_accuracy": 0.01, "best_val_pgd_accuracy": 0.6,
          "val_fgsm_accuracy": 0.7, "action": "warn"}
     )  # fmt: skip
     report = Report("training")
     training_section(report, {"standard": first, "Fast-AT": second})
     _, html_path = report.write(tmp_path)
     page = html_path.read_text()
-    assert page.count("<img") == 4 and "Catastrophic overfitting detected" in page and "Fast-AT, epoch 2" in page
+    assert page.count("<img") == 5 and "Catastrophic overfitting detected" in page and "Fast-AT, epoch 2" in page
     assert set(report.data["training"]) == {"standard", "Fast-AT"}
     with pytest.raises(ValueError, match="at least one"):
         training_section(report, {})
@@ -149,9 +149,9 @@ def test_co_detection_fires_on_fgsm_training_and_not_on_pgd_at() -> None:
         with pytest.warns(UserWarning, match="catastrophic overfitting"):
             fgsm = train(co_prone_model(seed), data, "fast-at", threat, config, progress=False, random_start=False,
                          rel_step_size=1.0)  # fmt: skip
-        assert fgsm.events and fgsm.events[-1]["val_robust_accuracy"] < 0.1
+        assert fgsm.events and fgsm.events[-1]["val_pgd_accuracy"] < 0.1
     for seed in (0, 1):
         config = TrainConfig(**base, seed=seed)  # type: ignore[arg-type]
         pgd = train(co_prone_model(seed), data, "pgd-at", threat, config, progress=False, steps=3)
         assert pgd.events == []
-        assert pgd.history["val_robust_accuracy"][-1] > 0.15  # PGD-AT is becoming robust in the same setting
+        assert pgd.history["val_pgd_accuracy"][-1] > 0.15  # PGD-AT is becoming robust in the same setting

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from robustlab.data import ArrayDataset, train_val_split
 from robustlab.errors import ConfigError, InvalidInputError
@@ -60,7 +60,10 @@ class TrainConfig:
             (cyclic) and warmup (a fraction of training) shape it.
         val_fraction: part of the training data held out for validation (ignored when val_data is given).
         val_examples: validation examples evaluated each epoch (the first ones of the split).
-        val_attack_steps: steps of the validation PGD attack (with step eps/4 and early stop).
+        val_attack: what the reported validation robust accuracy (and ``select="robust"``) uses: "quick" (PGD, then
+            the evaluation's quick suite on what PGD left, worst case per example) or "pgd" (PGD alone, cheaper).
+            Catastrophic-overfitting detection always uses the PGD accuracy.
+        val_attack_steps: steps of the validation PGD attack (step eps/4, early stop).
         co_policy: on catastrophic overfitting, "warn", "stop" (restore the best weights and stop) or "switch"
             (restore the best weights and continue with ``co_switch_to``).
         co_drop: an absolute fall of validation PGD accuracy below its best that signals catastrophic overfitting
@@ -87,6 +90,7 @@ class TrainConfig:
     warmup: float = 0.0
     val_fraction: float = 0.1
     val_examples: int = 1000
+    val_attack: str = "quick"
     val_attack_steps: int = 10
     co_policy: str = "warn"
     co_drop: float = 0.2
@@ -114,6 +118,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.val_attack not in ("quick", "pgd"):
+            raise ConfigError(
+                f"val_attack must be 'quick' (the quick evaluation suite) or 'pgd', got {self.val_attack!r}"
+            )
         if self.co_policy not in CO_POLICIES:
             raise ConfigError(f"co_policy must be one of {', '.join(CO_POLICIES)}, got {self.co_policy!r}")
         if self.select not in ("robust", "last"):
@@ -174,6 +182,7 @@ HISTORY_KEYS = (
     "grad_norm",
     "val_clean_accuracy",
     "val_robust_accuracy",
+    "val_pgd_accuracy",
     "val_fgsm_accuracy",
     "val_stability",
     "epoch_seconds",
@@ -242,6 +251,34 @@ def _atomic_save(payload: Mapping[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _validation_attack(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, attack: str, steps: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(broken by PGD, broken by the validation attack, adversarial inputs) on one batch.
+
+    PGD always runs: catastrophic-overfitting detection is calibrated on its accuracy. With ``attack="quick"`` the
+    quick evaluation suite then runs on what PGD left, as a cascade keeping the per-example worst case.
+    """
+    import robustlab
+    from robustlab.evaluation.suites import get_suite
+
+    pgd = robustlab.attack(
+        model, x, y, threat, method="pgd", steps=steps, rel_step_size=0.25, early_stop=True, seed=seed
+    )
+    broken, x_adv = pgd.success.clone(), pgd.x_adv.clone()
+    if attack == "pgd":
+        return pgd.success, broken, x_adv
+    for step in get_suite(attack, threat.norm).steps:
+        left = (~broken).nonzero().flatten()
+        if left.numel() == 0:
+            break
+        options: dict[str, Any] = dict(step.options)
+        result = robustlab.attack(model, x[left], y[left], threat, method=step.method, seed=seed, **options)
+        broken[left] = result.success
+        x_adv[left] = torch.where(result.success.reshape((-1,) + (1,) * (x.dim() - 1)), result.x_adv, x_adv[left])
+    return pgd.success, broken, x_adv
+
+
 def validate_model(
     model: nn.Module,
     data: ArrayDataset,
@@ -252,8 +289,12 @@ def validate_model(
     seed: int,
     world: int = 1,
     rank: int = 0,
+    attack: str = "pgd",
 ) -> dict[str, float]:
-    """Clean, FGSM and PGD (``steps`` steps, step eps/4, early stop) accuracy and stability on ``data``.
+    """Clean, FGSM and robust accuracy and stability on ``data``.
+
+    The robust accuracy is under the quick evaluation suite (``attack="quick"``, its attacks in cascade, worst case
+    per example) or PGD (``attack="pgd"``: ``steps`` steps of eps/4, early stop).
 
     With several processes each takes every ``world``-th batch and the counts are summed, so every rank gets the
     single-process numbers.
@@ -261,7 +302,7 @@ def validate_model(
     import robustlab  # the attacks, imported late to keep training importable on its own
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    correct = fgsm_correct = robust = stable = 0
+    correct = fgsm_correct = pgd_correct = robust = stable = 0
     total = len(data)
     with model_mode(model, "eval"):
         for number, start in enumerate(range(0, total, batch_size)):
@@ -271,24 +312,23 @@ def validate_model(
             y = data.y[start : start + batch_size].to(device)
             with torch.no_grad():
                 clean_pred = model(x).argmax(1)
-            pgd = robustlab.attack(
-                model, x, y, threat, method="pgd", steps=steps, rel_step_size=0.25, early_stop=True,
-                seed=seed + start,
-            )  # fmt: skip
+            pgd_broken, broken, x_adv = _validation_attack(model, x, y, threat, attack, steps, seed + start)
             fgsm = robustlab.attack(model, x, y, threat, method="fgsm", seed=seed + start)
             with torch.no_grad():
-                adv_pred = model(pgd.x_adv).argmax(1)
+                adv_pred = model(x_adv).argmax(1)
             correct += int((clean_pred == y).sum())
-            robust += int(((clean_pred == y) & ~pgd.success).sum())
+            robust += int(((clean_pred == y) & ~broken).sum())
+            pgd_correct += int(((clean_pred == y) & ~pgd_broken).sum())
             fgsm_correct += int(((clean_pred == y) & ~fgsm.success).sum())
             stable += int((adv_pred == clean_pred).sum())
     if world > 1:
-        counts = torch.tensor([correct, robust, fgsm_correct, stable], dtype=torch.float64, device=device)
+        counts = torch.tensor([correct, robust, pgd_correct, fgsm_correct, stable], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts)
-        correct, robust, fgsm_correct, stable = (int(v) for v in counts.tolist())
+        correct, robust, pgd_correct, fgsm_correct, stable = (int(v) for v in counts.tolist())
     return {
         "val_clean_accuracy": correct / total,
         "val_robust_accuracy": robust / total,
+        "val_pgd_accuracy": pgd_correct / total,
         "val_fgsm_accuracy": fgsm_correct / total,
         "val_stability": stable / total,
     }
@@ -604,7 +644,7 @@ def train(
         # ---------------------------------------------------------------- end of epoch
         metrics = validate_model(
             model, val_data, threat, steps=config.val_attack_steps, batch_size=500, seed=config.seed + 1000 * epoch,
-            world=world, rank=rank,
+            world=world, rank=rank, attack=config.val_attack,
         )  # fmt: skip
         model.train()
         if world > 1:  # every rank logs and decides on the same, global numbers
@@ -646,22 +686,24 @@ def train(
                 "metric": robust,
                 "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             }
-        peak = max(history["val_robust_accuracy"])  # the peak so far, whatever select keeps
-        if catastrophic_overfitting(robust, peak, metrics["val_fgsm_accuracy"], config.co_drop) and (
+        # CO is judged on PGD accuracy (what the criterion is calibrated on), whatever the validation attack.
+        pgd_accuracy = metrics["val_pgd_accuracy"]
+        peak = max(history["val_pgd_accuracy"])  # the peak so far, whatever select keeps
+        if catastrophic_overfitting(pgd_accuracy, peak, metrics["val_fgsm_accuracy"], config.co_drop) and (
             objective.adversarial
         ):
             event = {
                 "epoch": epoch,
                 "method": objective.name,
-                "val_robust_accuracy": robust,
-                "best_val_robust_accuracy": peak,
+                "val_pgd_accuracy": pgd_accuracy,
+                "best_val_pgd_accuracy": peak,
                 "val_fgsm_accuracy": metrics["val_fgsm_accuracy"],
                 "action": config.co_policy,
             }
             events.append(event)
             warnings.warn(
                 f"catastrophic overfitting at epoch {epoch + 1} of {objective.name}: validation PGD accuracy is "
-                f"{100 * robust:.1f}% (best {100 * peak:.1f}%) while FGSM accuracy is "
+                f"{100 * pgd_accuracy:.1f}% (best {100 * peak:.1f}%) while FGSM accuracy is "
                 f"{100 * metrics['val_fgsm_accuracy']:.1f}%; "
                 + {
                     "warn": "continuing (co_policy='stop' restores the best weights and stops)",

@@ -47,7 +47,8 @@ def training_section(
     section.text(
         description
         or "Per-epoch accuracy on the held-out validation split (never the test set): clean, under FGSM and under "
-        "the loop's quick PGD attack. The selected epoch is the one whose weights the run returned."
+        "the loop's validation attack (the quick suite by default). The selected epoch is the one whose weights the "
+        "run returned."
     )
     rows = []
     for label, result in runs.items():
@@ -86,14 +87,15 @@ def training_section(
             "Catastrophic overfitting detected: "
             + "; ".join(
                 f"{label}, epoch {event['epoch'] + 1}: validation PGD accuracy "
-                f"{_percent(event['val_robust_accuracy'])} (best {_percent(event['best_val_robust_accuracy'])}), "
+                f"{_percent(event['val_pgd_accuracy'])} (best {_percent(event['best_val_pgd_accuracy'])}), "
                 f"FGSM {_percent(event['val_fgsm_accuracy'])}, action '{event['action']}'"
                 for label, event in events
             ),
             note=True,
         )
     for key, name in (
-        ("val_robust_accuracy", "validation PGD accuracy"),
+        ("val_robust_accuracy", "validation robust accuracy"),
+        ("val_pgd_accuracy", "validation PGD accuracy"),
         ("val_clean_accuracy", "validation clean accuracy"),
         ("val_fgsm_accuracy", "validation FGSM accuracy"),
     ):
