@@ -383,7 +383,7 @@ def evaluate(
         if diagnostics:
             verdict = _black_box_verdict(state["steps"], active_suite)
             if verdict.fired and not any(s.method == "rays" for s in active_suite.steps) and threat.norm is Norm.LINF:
-                budget = 4 * extra_queries
+                budget = 2 * extra_queries
                 more = [SuiteStep(f"RayS ({budget:,} queries)", "rays", {"queries": budget})]
                 run_steps(more, steps_run, added_by="black_box_beats_white_box")
                 steps_run += len(more)
@@ -488,7 +488,9 @@ def _black_box_verdict(steps: list[StepReport], suite: Suite) -> Diagnostic:
     white = {i for i, s in enumerate(suite.steps) if get_attack(s.method).access is Access.GRADIENT}
     black_broken = sum(s.broken for i, s in enumerate(steps[: len(suite.steps)]) if i not in white)
     attacked = max((s.attacked for i, s in enumerate(steps) if i not in white), default=0)
-    fired = black_broken > 0
+    # A stray example or two is common even on honest models (Square is in AutoAttack's cascade for a reason); a
+    # gradient-free attack breaking more than 1% of what the gradient attacks left is the masking signature.
+    fired = black_broken >= 2 and black_broken > 0.01 * attacked
     return Diagnostic(
         "black_box_beats_white_box",
         fired,
