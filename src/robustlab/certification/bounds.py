@@ -371,9 +371,18 @@ def verify(
     method: Method = "crown",
     *,
     intermediate: Literal["crown", "ibp"] = "ibp",
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> Tensor:
-    """Per-example mask: the prediction ``labels`` provably holds on the whole ball (batched, no gradients)."""
+    """Per-example mask: the prediction ``labels`` provably holds on the whole ball (batched, no gradients).
+
+    ``batch_size`` examples are bounded at a time (default 256, or 16 with CROWN intermediate bounds: those hold a
+    dense linear map from the input to every hidden neuron per example, e.g. 3136 x 784 floats for one MNIST conv
+    layer, and 256 examples of them exhaust a 24 GB machine).
+    """
+    if batch_size is None:
+        batch_size = 16 if method == "crown" and intermediate == "crown" else 256
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     out = []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
