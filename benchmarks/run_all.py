@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 # Cheapest first; the long ones (score-based attacks, evaluation against AutoAttack, training, certification) take
-# from tens of minutes to hours on 2 cores and resume from their caches in bench-output/ when interrupted.
+# from tens of minutes to hours on 2 cores (evaluation, training and certification resume from bench-output/).
 BENCHMARKS = [
     ["benchmarks.pgd_speed"],
     ["benchmarks.fw_comparison"],
