@@ -21,6 +21,7 @@ from robustlab.certification.denoisers import (
     train_autoencoder,
     train_denoiser_mse,
 )
+from robustlab.certification.report import bounds_section, smoothing_section, verified_vs_empirical
 from robustlab.certification.smoothing import (
     ABSTAIN,
     Certificate,
@@ -43,15 +44,18 @@ __all__ = [
     "FitConfig",
     "RandomizedSmoothing",
     "autoencoder",
+    "bounds_section",
     "certified_accuracy",
     "clopper_pearson_lower",
     "denoised_oracle",
     "load_denoiser",
     "margin_bounds",
     "save_denoiser",
+    "smoothing_section",
     "train_autoencoder",
     "train_denoiser",
     "train_denoiser_mse",
     "train_denoiser_zo",
+    "verified_vs_empirical",
     "verify",
 ]
