@@ -441,9 +441,9 @@ def describe(setup: Setup, args: argparse.Namespace, zeta: float | None) -> str:
         f"{', '.join(map(str, args.seeds))} (the slow baselines PGD-AT, TRADES and WAR: the first {args.slow_seeds}); "
         "mean ± standard deviation over seeds. Training seconds are the loop's training time without its per-epoch "
         "validation, all runs in one process with the method order rotated between seeds; 'time / PGD-AT' is the "
-        "ratio of the means. 'standard suite': `robustlab.evaluate(..., suite='standard', diagnostics=False)` (APGD-CE, "
-        f"APGD-T on 3 targets, Square 1,000 queries) on the first {SUITE_EXAMPLES} test images, next to PGD-50-10's "
-        "robust accuracy on the same images. "
+        "ratio of the means. 'standard suite': `robustlab.evaluate(..., suite='standard', diagnostics=False)` "
+        f"(APGD-CE, APGD-T on 3 targets, Square 1,000 queries) on the first {SUITE_EXAMPLES} test images, next to "
+        "PGD-50-10's robust accuracy on the same images. "
         "Fashion-MNIST is not installed on this machine (no /usr/share/datasets/fashion-mnist): skipped."
     )
 
