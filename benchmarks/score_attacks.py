@@ -18,8 +18,13 @@ the image whose eps-box contains it and records, per image, the count at which a
 rows charged to the image when it never succeeded. "Rows per image" is every row the model evaluated, divided by
 the number of images (it includes what a library spends re-querying images it has already broken).
 
+Each finished row is cached in ``bench-output/score_attacks/rows.json`` (keyed by part, attack, images, budget and
+batch), so an interrupted run resumes where it stopped and ``--only`` can spread the rows over several sessions;
+the table is written from every cached row of the current settings.
+
     python -m benchmarks.score_attacks [--images 200] [--queries 50000] [--robust-images 100]
                                        [--robust-queries 10000] [--skip-peers] [--skip-robust] [--no-docs]
+                                       [--only "Square (robustlab),NES-PGD (robustlab defaults)"]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,7 @@ from robustlab.models import load_model
 from robustlab.oracles import module_function
 
 EPS = 0.3
+CACHE = Path(__file__).resolve().parent.parent / "bench-output" / "score_attacks" / "rows.json"
 CHUNK = 512  # rows per forward pass inside the black box (how a server would batch); no effect on counts
 
 
@@ -57,6 +64,31 @@ class Row:
     seconds: float
     note: str = ""
     curve: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "success": self.success.tolist(),
+            "queries": self.queries.tolist(),
+            "distance": self.distance.tolist(),
+            "rows_per_image": self.rows_per_image,
+            "seconds": self.seconds,
+            "note": self.note,
+            "curve": self.curve,
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Row:
+        return Row(
+            data["label"],
+            torch.tensor(data["success"], dtype=torch.bool),
+            torch.tensor(data["queries"], dtype=torch.long),
+            torch.tensor(data["distance"], dtype=torch.float32),
+            data["rows_per_image"],
+            data["seconds"],
+            data["note"],
+            data["curve"],
+        )
 
     def cells(self) -> list[str]:
         ok = self.success
@@ -301,6 +333,26 @@ def peer_attacks(
     return out
 
 
+class RowCache:
+    """Finished rows on disk: a rerun skips them; ``only`` (labels) limits what may be computed now."""
+
+    def __init__(self, only: set[str]) -> None:
+        self.only = only
+        self.rows: dict[str, Any] = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+
+    def get(self, key: str, label: str, compute: Callable[[], Row]) -> Row | None:
+        if key in self.rows:
+            print(f"[cache] {label}", flush=True)
+            return Row.from_json(self.rows[key])
+        if self.only and label not in self.only:
+            return None
+        row = compute()
+        self.rows[key] = row.to_json()
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        CACHE.write_text(json.dumps(self.rows))
+        return row
+
+
 def select(model: nn.Module, count: int) -> tuple[Tensor, Tensor]:
     data = load_dataset("mnist", split="test", limit=min(10_000, 2 * count + 100))
     with torch.no_grad():
@@ -318,6 +370,7 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-robust", action="store_true")
     parser.add_argument("--json", default="", help="also write the figures (and success curves) to this file")
+    parser.add_argument("--only", default="", help="comma-separated row labels to compute now (others: from the cache)")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
     setup_torch()
@@ -336,13 +389,20 @@ def main() -> None:
         ("ZO-FW gaussian, gamma 0.04 (the reference's command-line default)", "zo-fw", {"gamma": 0.04}),
         ("Square (robustlab)", "square", {}),
     ]
+    cache = RowCache({label.strip() for label in args.only.split(",") if label.strip()})
     rows: list[Row] = []
+
+    def add(rows: list[Row], part: str, label: str, count: int, budget: int, compute: Callable[[], Row]) -> None:
+        row = cache.get(f"{part}|{label}|images={count}|queries={budget}|batch={args.batch}", label, compute)
+        if row is not None:
+            rows.append(row)
+            print(" | ".join(row.cells()), flush=True)
+
     for label, method, options in ours:
-        rows.append(run_ours(label, model, x, y, targets, method, args.queries, options, args.batch))
-        print(" | ".join(rows[-1].cells()), flush=True)
+        compute = partial(run_ours, label, model, x, y, targets, method, args.queries, options, args.batch)
+        add(rows, "targeted", label, len(x), args.queries, compute)
     for label, attack, note in peer_attacks(peers, x, y, targets, args.queries):
-        rows.append(run_peer(label, model, x, y, targets, attack, note))
-        print(" | ".join(rows[-1].cells()), flush=True)
+        add(rows, "targeted", label, len(x), args.queries, partial(run_peer, label, model, x, y, targets, attack, note))
     table = markdown_table(HEADERS, [r.cells() for r in rows])
     notes = [f"- {r.label}: {r.note}" for r in rows if r.note]
     record["targeted"] = {r.label: {"cells": r.cells(), "curve": r.curve} for r in rows}
@@ -360,13 +420,13 @@ def main() -> None:
             ("ZO-FW gaussian (robustlab defaults)", "zo-fw", {}),
             ("Square (robustlab)", "square", {}),
         ]:
-            robust_rows.append(
-                run_ours(label, robust_model, xr, yr, None, method, args.robust_queries, options, args.batch)
+            compute = partial(
+                run_ours, label, robust_model, xr, yr, None, method, args.robust_queries, options, args.batch
             )
-            print(" | ".join(robust_rows[-1].cells()), flush=True)
+            add(robust_rows, "untargeted-robust", label, len(xr), args.robust_queries, compute)
         for label, attack, note in peer_attacks(peers, xr, yr, None, args.robust_queries):
-            robust_rows.append(run_peer(label, robust_model, xr, yr, None, attack, note))
-            print(" | ".join(robust_rows[-1].cells()), flush=True)
+            compute = partial(run_peer, label, robust_model, xr, yr, None, attack, note)
+            add(robust_rows, "untargeted-robust", label, len(xr), args.robust_queries, compute)
         robust_table = markdown_table(HEADERS, [r.cells() for r in robust_rows])
         robust_notes = [f"- {r.label}: {r.note}" for r in robust_rows if r.note]
         record["untargeted_robust"] = {r.label: {"cells": r.cells(), "curve": r.curve} for r in robust_rows}
