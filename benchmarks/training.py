@@ -310,10 +310,13 @@ def targets(main_runs: dict[str, list[dict[str, Any]]], small_runs: dict[str, li
             gap = 100 * (ref_robust - robust)
             misses = [name for name, missed in (("accuracy", gap > 2.0), ("time", ratio > 0.40)) if missed]
             verdict = "met" if not misses else f"not met ({' and '.join(misses)})"
+            suite = statistics.fmean([r["standard"] for r in results])
+            ref_suite = statistics.fmean([r["standard"] for r in reference])
             lines.append(
                 f"- {label}: PGD-50-10 robust accuracy {100 * robust:.1f}% vs PGD-AT {100 * ref_robust:.1f}% "
-                f"({-gap:+.1f} points), training time {100 * ratio:.0f}% of PGD-AT's; target (within 2 points at "
-                f"<= 40% of the time): **{verdict}**"
+                f"({-gap:+.1f} points; standard suite on {SUITE_EXAMPLES} images {100 * suite:.1f}% vs "
+                f"{100 * ref_suite:.1f}%, {100 * (suite - ref_suite):+.1f}), training time {100 * ratio:.0f}% of "
+                f"PGD-AT's; target (within 2 points at <= 40% of the time): **{verdict}**"
             )
     fast_at = main_runs.get("Fast-AT", [])
     if fast_at:
