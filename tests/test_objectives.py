@@ -14,7 +14,7 @@ import robustlab
 from robustlab.training import build_objective, list_objectives
 from robustlab.training.objectives.base import StepContext
 from robustlab.training.objectives.fast_bat import INSIDE_TOLERANCE, FastBAT, lower_level_solution
-from robustlab.training.objectives.gradalign import default_lambda
+from robustlab.training.objectives.gradalign import alignment_cosine, default_lambda
 from robustlab.training.objectives.war import WAR, measure_zeta, update_lambda
 
 
@@ -129,6 +129,17 @@ def test_gradalign_lambda_rule() -> None:
     assert default_lambda(16 / 255) == pytest.approx(2.0)
     assert default_lambda(4 / 255) == pytest.approx(0.02 * 10**0.5)
     assert default_lambda(0.3) == pytest.approx(2.0)  # held beyond the largest eps the rule was fitted on
+
+
+def test_gradalign_cosine_charges_zero_gradients() -> None:
+    g1 = torch.tensor([[1.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    g2 = torch.tensor([[2.0, 0.0], [1.0, 1.0], [-3.0, -4.0]])
+    # cosines 1, 0 (a zero gradient: no escape from the regularizer), -1
+    assert float(alignment_cosine(g1, g2)) == pytest.approx(0.0)
+    assert float(alignment_cosine(torch.zeros(4, 3), torch.zeros(4, 3))) == 0.0  # a dead network pays lambda
+    g2.requires_grad_(True)
+    alignment_cosine(g1, g2).backward()
+    assert torch.isfinite(g2.grad).all()
 
 
 # ------------------------------------------------------------------------------------------------- Fast-BAT
