@@ -90,24 +90,31 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> T
 def demo_model(*, retrain: bool, progress: bool, log: Any, quick: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The demo CNN: from the cache, or trained on the 60,000 MNIST training images (3 epochs) and cached.
 
-    With ``quick`` (a smoke run) it is trained on the first 5,000 images for one epoch and cached separately.
+    With ``quick`` (a smoke run) it is trained on the first 5,000 images for one epoch and cached separately. A
+    cached model trained with another recipe (an older robustlab) is trained again.
     """
     from robustlab.data import load_dataset
-    from robustlab.models import SmallCNN, load_model, save_checkpoint
+    from robustlab.models import SmallCNN, load_checkpoint, save_checkpoint
 
     path = cache_dir() / ("demo-smallcnn-mnist-quick.pt" if quick else "demo-smallcnn-mnist.pt")
+    recipe = {"images": 5000 if quick else 60000, "epochs": 1 if quick else 3, "batch_size": 128, "seed": 0}
     info: dict[str, Any] = {"architecture": "smallcnn", "checkpoint": str(path)}
     if path.exists() and not retrain:
-        log(f"loading the cached demo CNN from {path}")
-        info["trained_now"] = False
-        return load_model(str(path)), info
-    train = load_dataset("mnist", split="train", limit=5000 if quick else None)
-    epochs = 1 if quick else 3
-    torch.manual_seed(0)
+        saved = load_checkpoint(path)
+        if saved.extra.get("recipe") == recipe:
+            log(f"loading the cached demo CNN from {path}")
+            info["trained_now"] = False
+            return saved.model, info
+        log(f"the cached demo CNN at {path} was trained with another recipe: training it again")
+    train = load_dataset("mnist", split="train", limit=recipe["images"])
+    torch.manual_seed(recipe["seed"])
     model = SmallCNN(in_channels=1, num_classes=10)
-    log(f"training a small CNN on {train.x.shape[0]} MNIST training images ({epochs} epochs)")
+    log(f"training a small CNN on {train.x.shape[0]} MNIST training images ({recipe['epochs']} epochs)")
     started = time.perf_counter()
-    fit_classifier(model, train.x, train.y, epochs=epochs, batch_size=128, seed=0, progress=progress)
+    fit_classifier(
+        model, train.x, train.y, epochs=recipe["epochs"], batch_size=recipe["batch_size"], seed=recipe["seed"],
+        progress=progress,
+    )  # fmt: skip
     info.update(
         {
             "trained_now": True,
@@ -116,7 +123,9 @@ def demo_model(*, retrain: bool, progress: bool, log: Any, quick: bool = False) 
         }
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, path, arch="smallcnn", arch_kwargs={"in_channels": 1, "num_classes": 10})
+    save_checkpoint(
+        model, path, arch="smallcnn", arch_kwargs={"in_channels": 1, "num_classes": 10}, extra={"recipe": recipe}
+    )
     return model, info
 
 
