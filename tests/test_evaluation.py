@@ -11,6 +11,7 @@ from torch import nn
 import robustlab
 import robustlab.evaluation.cascade as evaluate_module
 from robustlab.evaluation import Suite, evaluate
+from robustlab.evaluation.cascade import SQUARE_RESTARTS
 
 THREAT = robustlab.ThreatModel("linf", 0.1)
 
@@ -147,6 +148,12 @@ def test_quantizing_input_layer_is_caught_and_bpda_attacks_through_it() -> None:
     masked = evaluate(Quantized().eval(), (x, y), threat, QUICK, progress=False, extra_queries=300)
     assert "gradients" in fired(masked)
     assert "black_box_beats_white_box" in fired(masked)  # Square/RayS broke what APGD could not
+    # Its response: Square restarts while the last one still broke something, at most SQUARE_RESTARTS of them
+    # (RayS is in the suite already, added by the gradients check).
+    restarts = [s for s in masked.steps if s.added_by == "black_box_beats_white_box"]
+    assert 1 <= len(restarts) <= SQUARE_RESTARTS and all(s.method == "square" for s in restarts)
+    assert all(s.broken > 0 for s in restarts[:-1])
+    assert restarts[-1].broken == 0 or len(restarts) == SQUARE_RESTARTS
     bpda = evaluate(Quantized().eval(), (x, y), threat, QUICK, progress=False, bpda=["quantize"])
     assert "gradients" not in fired(bpda)
     assert bpda.steps[0].broken > 0  # APGD through the straight-through backward pass breaks examples

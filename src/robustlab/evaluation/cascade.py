@@ -52,6 +52,7 @@ from robustlab.threat import Norm, ThreatModel
 __all__ = ["EvaluationResult", "StepReport", "evaluate"]
 
 STATE_FORMAT = "robustlab-evaluation-state-v1"
+SQUARE_RESTARTS = 3  # at most, when a gradient-free attack beat the gradient attacks
 
 
 @dataclass
@@ -382,12 +383,32 @@ def evaluate(
 
         if diagnostics:
             verdict = _black_box_verdict(state["steps"], active_suite)
-            if verdict.fired and not any(s.method == "rays" for s in active_suite.steps) and threat.norm is Norm.LINF:
-                budget = 2 * extra_queries
-                more = [SuiteStep(f"RayS ({budget:,} queries)", "rays", {"queries": budget})]
-                run_steps(more, steps_run, added_by="black_box_beats_white_box")
-                steps_run += len(more)
-                verdict.action = f"ran RayS with {budget:,} queries on the examples left"
+            if verdict.fired:
+                # AutoAttack's advice for this signature: more Square iterations and restarts. Restarts (fresh
+                # seeds, the suite's Square budget) continue while the last one still broke something; only if the
+                # last allowed restart still did does RayS (label-only, a different search) get the larger budget.
+                squares = [s for s in active_suite.steps if s.method == "square"]  # ran, so the access allows it
+                square_budget = int(squares[0].options.get("queries", extra_queries)) if squares else 0
+                actions: list[str] = []
+                still_finding, restarts = True, 0
+                while squares and still_finding and restarts < SQUARE_RESTARTS:
+                    restarts += 1
+                    label = f"Square restart {restarts} ({square_budget:,} queries)"
+                    step = SuiteStep(label, "square", {"queries": square_budget})
+                    run_steps([step], steps_run, added_by="black_box_beats_white_box")
+                    still_finding = state["steps"][steps_run].broken > 0
+                    actions.append(f"{label}: {state['steps'][steps_run].broken} more broken")
+                    steps_run += 1
+                has_rays = any(s.method == "rays" for s in active_suite.steps)
+                if still_finding and not has_rays and threat.norm is Norm.LINF:
+                    budget = 2 * extra_queries
+                    run_steps(
+                        [SuiteStep(f"RayS ({budget:,} queries)", "rays", {"queries": budget})], steps_run,
+                        added_by="black_box_beats_white_box",
+                    )  # fmt: skip
+                    actions.append(f"RayS ({budget:,} queries): {state['steps'][steps_run].broken} more broken")
+                    steps_run += 1
+                verdict.action = "ran " + "; ".join(actions) + " (restarts stop at the first that breaks nothing)"
             report.append(verdict)
             report.append(_large_eps_check(attack_model, x_all, clean_pred, threat, run_device, seed))
 
