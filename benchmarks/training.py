@@ -39,6 +39,7 @@ from benchmarks.common import markdown_table, setup_torch, write_docs_section
 from robustlab.data import ArrayDataset, train_val_split
 from robustlab.models import SmallCNN
 from robustlab.training import TrainConfig, build_objective, train
+from robustlab.training.loop import catastrophic_overfitting
 from robustlab.training.objectives.base import StepContext
 from robustlab.training.objectives.war import measure_zeta
 
@@ -244,6 +245,27 @@ def estimate(setup: Setup, data: Data, plan: Sequence[tuple[str, float, Method, 
     return total
 
 
+FAST_AT = next(m for m in MAIN if m.method == "fast-at")
+LABELS = {m.label: m for m in MAIN}
+
+
+def co_epochs(method: Method, run: dict[str, Any]) -> list[int]:
+    """Epochs (1-based) the loop's current CO criterion flags in a run's validation history.
+
+    Recomputed from the cached accuracies rather than read from the run's recorded events, so every row is judged
+    by the same criterion even when runs were cached by an older robustlab (the loop only warns here: detection
+    does not change training).
+    """
+    if method.method == "standard":
+        return []  # the loop judges adversarial objectives only
+    epochs, peak = [], 0.0
+    for epoch, (pgd, fgsm) in enumerate(zip(run["val_robust"], run["val_fgsm"], strict=True), 1):
+        peak = max(peak, pgd)
+        if catastrophic_overfitting(pgd, peak, fgsm, TrainConfig.co_drop):
+            epochs.append(epoch)
+    return epochs
+
+
 def summarize(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     if not values:
         return "–"
@@ -262,7 +284,7 @@ def table(setting: str, eps: float, methods: Sequence[Method], runs: dict[str, l
         if not results:
             continue
         seconds = [r["train_seconds"] for r in results]
-        co = [r["co_epochs"] for r in results]
+        co = [co_epochs(method, r) for r in results]
         co_text = f"{sum(1 for c in co if c)}/{len(co)} runs" + (
             " (epochs " + ", ".join(",".join(map(str, c)) for c in co if c) + ")" if any(co) else ""
         )
@@ -320,11 +342,11 @@ def targets(main_runs: dict[str, list[dict[str, Any]]], small_runs: dict[str, li
             )
     fast_at = main_runs.get("Fast-AT", [])
     if fast_at:
-        collapsed = sum(1 for r in fast_at if r["co_epochs"])
+        collapsed = sum(1 for r in fast_at if co_epochs(FAST_AT, r))
         verdicts, held = [], True
         for label in ("Fast-BAT", "GradAlign", "Backward Smoothing"):
             runs = main_runs.get(label, [])
-            with_co = sum(1 for r in runs if r["co_epochs"])
+            with_co = sum(1 for r in runs if co_epochs(LABELS[label], r))
             robust = statistics.fmean([r["robust"] for r in runs]) if runs else 0.0
             ok = bool(runs) and with_co == 0 and robust >= 0.5
             held = held and ok
@@ -333,11 +355,8 @@ def targets(main_runs: dict[str, list[dict[str, Any]]], small_runs: dict[str, li
                 + ("" if ok or with_co else " (no collapse, but no robustness either)")
             )
         small = small_runs.get("Fast-AT", [])
-        contrast = (
-            f"; at eps {SMALL_EPS:g} Fast-AT collapsed in {sum(1 for r in small if r['co_epochs'])}/{len(small)} runs"
-            if small
-            else ""
-        )
+        small_co = sum(1 for r in small if co_epochs(FAST_AT, r))
+        contrast = f"; at eps {SMALL_EPS:g} Fast-AT collapsed in {small_co}/{len(small)} runs" if small else ""
         met = collapsed == len(fast_at) and held
         lines.append(
             f"- Catastrophic overfitting at eps {MAIN_EPS:g} (Fast-AT's step 1.25 eps): Fast-AT collapsed in "
@@ -438,7 +457,8 @@ def describe(setup: Setup, args: argparse.Namespace, zeta: float | None) -> str:
         f"WAR alpha 0.1, lambda from 1, zeta {zeta_text} measured with "
         f"`measure_zeta` on a thin SmallCNN(width={THIN_WIDTH}) trained with PGD-AT by the same recipe. "
         f"Per epoch the loop validates on {setup.val_examples} held-out images (PGD-{setup.val_attack_steps}, FGSM) "
-        "and flags catastrophic overfitting (CO). "
+        "and flags catastrophic overfitting (CO; the table applies the loop's current criterion, "
+        "`robustlab.training.loop.catastrophic_overfitting`, to each run's validation history). "
         f"Test: the first {EVAL_EXAMPLES} MNIST test images, clean accuracy and robust accuracy under PGD-50 with 10 "
         "restarts (step eps/4, early stop, worst case over restarts). Seeds: "
         f"{', '.join(map(str, args.seeds))} (the slow baselines PGD-AT, TRADES and WAR: the first {args.slow_seeds}); "
