@@ -139,7 +139,7 @@ def test_gradalign_cosine_charges_zero_gradients() -> None:
     assert float(alignment_cosine(torch.zeros(4, 3), torch.zeros(4, 3))) == 0.0  # a dead network pays lambda
     g2.requires_grad_(True)
     alignment_cosine(g1, g2).backward()
-    assert torch.isfinite(g2.grad).all()
+    assert g2.grad is not None and torch.isfinite(g2.grad).all()
 
 
 # ------------------------------------------------------------------------------------------------- Fast-BAT

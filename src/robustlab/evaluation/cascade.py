@@ -408,7 +408,12 @@ def evaluate(
                     )  # fmt: skip
                     actions.append(f"RayS ({budget:,} queries): {state['steps'][steps_run].broken} more broken")
                     steps_run += 1
-                verdict.action = "ran " + "; ".join(actions) + " (restarts stop at the first that breaks nothing)"
+                verdict.action = (
+                    "ran " + "; ".join(actions) + " (restarts stop at the first that breaks nothing)"
+                    if actions
+                    else "nothing to add: the suite has no Square to restart and RayS already ran (or the norm is not "
+                    "linf)"
+                )
             report.append(verdict)
             report.append(_large_eps_check(attack_model, x_all, clean_pred, threat, run_device, seed))
 
