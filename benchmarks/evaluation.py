@@ -322,9 +322,19 @@ def save_cache(path: Path, cache: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def suite_fingerprint() -> str:
+    """robustlab's standard suite and cascade state format: a change re-runs robustlab only, not the peers."""
+    from robustlab.evaluation.cascade import STATE_FORMAT
+
+    text = repr(robustlab.evaluation.get_suite("standard", "linf")) + STATE_FORMAT
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def cache_key(subject: Subject, weights: str, images: int, batch: int, threads: int, evaluator: str) -> str:
+    extra = {"suite": suite_fingerprint()} if evaluator == ROBUSTLAB else {}
     return json.dumps(
         {
+            **extra,
             "protocol": PROTOCOL,
             "model": subject.name,
             "weights": weights,

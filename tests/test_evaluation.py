@@ -10,8 +10,9 @@ from torch import nn
 
 import robustlab
 import robustlab.evaluation.cascade as evaluate_module
-from robustlab.evaluation import Suite, evaluate
+from robustlab.evaluation import Suite, SuiteStep, evaluate
 from robustlab.evaluation.cascade import SQUARE_RESTARTS
+from robustlab.evaluation.suites import FOCUS_MINIMUM
 
 THREAT = robustlab.ThreatModel("linf", 0.1)
 
@@ -69,8 +70,11 @@ def test_resume_after_a_kill_gives_the_same_numbers(tmp_path: Path, monkeypatch:
     model = linear_net()
     x, y = data(60)
     threat = robustlab.ThreatModel("linf", 0.03)
-    suite = Suite.custom([("pgd", {"steps": 4}), ("apgd", {"steps": 6})])
+    # The focused last step picks its examples by the margins the first two left: they must survive the kill too.
+    focused = SuiteStep("focused PGD", "pgd", {"steps": 8}, focus=0.3)
+    suite = Suite.custom([("pgd", {"steps": 4}), ("apgd", {"steps": 6}), focused])
     reference = evaluate(model, (x, y), threat, suite, batch_size=16, diagnostics=False, progress=False)
+    assert reference.steps[2].attacked < reference.steps[2].candidates
 
     real_attack = evaluate_module.run_attack
     calls = {"n": 0}
@@ -92,6 +96,86 @@ def test_resume_after_a_kill_gives_the_same_numbers(tmp_path: Path, monkeypatch:
     assert torch.equal(resumed.x_adv, reference.x_adv)
     assert [s.broken for s in resumed.steps] == [s.broken for s in reference.steps]
     assert not state.exists()  # a finished evaluation leaves nothing to resume
+
+
+def clean_margins(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits = model(x).detach()
+    top2 = logits.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def test_focused_step_attacks_only_the_weakest_examples() -> None:
+    model = linear_net()
+    x, y = data(60)
+    threat = robustlab.ThreatModel("linf", 0.05)
+    step = SuiteStep("focused FGSM", "fgsm", {}, focus=0.1)
+    focused = evaluate(model, (x, y), threat, Suite("focused", (step,)), diagnostics=False, progress=False)
+    everyone = evaluate(model, (x, y), threat, Suite.custom(["fgsm"]), diagnostics=False, progress=False)
+    count = max(6, FOCUS_MINIMUM)  # 10% of 60, raised to the minimum
+    assert focused.steps[0].candidates == 60 and focused.steps[0].attacked == count
+    weakest = set(clean_margins(model, x).argsort()[:count].tolist())
+    broken = set(focused.broken.nonzero().flatten().tolist())
+    assert broken and broken <= weakest
+    assert set(everyone.broken.nonzero().flatten().tolist()) - weakest  # unfocused, FGSM breaks others too
+    with pytest.raises(robustlab.ConfigError, match="focus"):
+        SuiteStep("bad", "fgsm", {}, focus=0.0)
+
+
+def test_fresh_examples_skip_what_the_same_method_attacked() -> None:
+    margins = torch.tensor([0.5, 0.1, 3.0, 0.2, 2.0, 0.3] * 5)
+    state = {
+        "margin": margins,
+        "steps": [evaluate_module.StepReport("sq", "square", {})],
+        "remaining_at_start": {0: torch.arange(16)},
+    }
+    unbroken = torch.arange(30)
+    step = SuiteStep("wider", "square", {}, focus=0.5, fresh_examples=True)
+    chosen = evaluate_module._select(step, 1, unbroken, state, margins_known=True)
+    assert chosen.tolist() == list(range(16, 30))  # 15 wanted, only 14 not attacked yet
+    narrow = SuiteStep("wider", "square", {}, focus=0.1, fresh_examples=True)
+    picked = evaluate_module._select(narrow, 1, torch.arange(30), state, margins_known=True)
+    assert len(picked) == 14  # the minimum (16) capped by what is left
+    again = SuiteStep("same", "square", {}, focus=0.1)
+    first = evaluate_module._select(again, 1, torch.arange(30), state, margins_known=True)
+    assert sorted(margins[first].tolist()) == sorted(margins.sort().values[:16].tolist())
+    assert evaluate_module._select(again, 1, unbroken, state, margins_known=False).tolist() == unbroken.tolist()
+
+
+class _ReversedGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+class Misleading(nn.Module):
+    """Honest forward pass, input gradient pointing the wrong way: gradient attacks fail, the gradient looks fine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = linear_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(_ReversedGradient.apply(x))
+
+
+def test_focused_square_widens_when_it_beats_the_gradient_attacks() -> None:
+    x, y = data(60)
+    threat = robustlab.ThreatModel("linf", 0.05)
+    square = SuiteStep("Square (focused)", "square", {"queries": 200}, focus=0.1)
+    suite = Suite("masked", (SuiteStep("APGD", "apgd", {"steps": 10}), square))
+    result = evaluate(Misleading().eval(), (x, y), threat, suite, progress=False)
+    assert "gradients" not in fired(result) and "black_box_beats_white_box" in fired(result)
+    wider = [s for s in result.steps if s.added_by == "black_box_beats_white_box"]
+    assert wider and all(s.method == "square" and "widened" in s.label for s in wider)
+    assert all(s.broken > 0 for s in wider[:-1])
+    assert wider[-1].broken == 0 or len(wider) == SQUARE_RESTARTS
+    assert sum(s.attacked for s in result.steps[1:]) > result.steps[1].attacked  # reached more examples
+    honest = evaluate(linear_net(), (x, y), threat, Suite.custom([("apgd", {"steps": 10})]), progress=False)
+    assert 3 * result.steps[0].broken < honest.steps[0].broken  # the reversed gradient does mislead APGD
 
 
 def fired(result: robustlab.evaluation.EvaluationResult) -> set[str]:
