@@ -1,12 +1,12 @@
 """``robustlab.evaluate``: how robust is a model, really?
 
 The evaluation runs a suite of attacks as a cascade — each attack only on the examples every earlier attack
-failed to break — and keeps, per example, the first adversarial example found (the per-example worst case). It also
-keeps, per example, the smallest margin (clean prediction's logit minus the best other logit) at any point an
-attack returned: a focused step (:class:`SuiteStep` ``focus``) spends its budget on the examples with the
-smallest margins. Attacks
+failed to break — and keeps, per example, the first adversarial example found (the per-example worst case). Attacks
 target the model's *clean prediction*, so one pass gives both metrics of Wu et al. (2021): perturbation stability
-(the prediction did not change under attack) and robust accuracy (correct and stable).
+(the prediction did not change under attack) and robust accuracy (correct and stable). The cascade also keeps, per
+example, the smallest margin (clean prediction's logit minus the best other logit) at any point an attack
+returned: a focused step (:class:`SuiteStep` ``focus``) spends its budget on the examples with the smallest
+margins.
 
 Before attacking, diagnostics look for the ways a model can look robust without being so (probabilities instead
 of logits, train mode, randomness, broken gradients); when one fires, the evaluation adapts — log-outputs, eval
@@ -436,14 +436,13 @@ def evaluate(
                     )  # fmt: skip
                     actions.append(f"RayS ({budget:,} queries): {state['steps'][steps_run].broken} more broken")
                     steps_run += 1
+                rounds = "widening stops" if focus < 1.0 else "restarts stop"
                 verdict.action = (
-                    "ran " + "; ".join(actions) + " (restarts stop at the first that breaks nothing)"
+                    "ran " + "; ".join(actions) + f" ({rounds} at the first that breaks nothing)"
                     if actions
                     else "nothing to add: the suite has no Square to restart and RayS already ran (or the norm is not "
                     "linf)"
                 )
-                if actions and focus < 1.0:
-                    verdict.action = verdict.action.replace("restarts stop", "widening stops")
             report.append(verdict)
             report.append(_large_eps_check(attack_model, x_all, clean_pred, threat, run_device, seed))
 
