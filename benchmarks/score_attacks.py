@@ -353,6 +353,41 @@ class RowCache:
         return row
 
 
+def targets_verdict(rows: list[Row]) -> list[str]:
+    """The issue's two targets, read from the targeted rows: ZO-FW against NES, our Square against the peers'."""
+    by_label = {r.label: r for r in rows}
+
+    def rate(row: Row) -> float:
+        return float(row.success.double().mean())
+
+    def mean_queries(row: Row) -> float:
+        return float(row.queries.double().mean())
+
+    lines = []
+    zo_fw = [r for r in rows if r.label.startswith("ZO-FW") and "gamma 0.04" not in r.label]
+    for nes in [r for r in rows if r.label.startswith("NES-PGD")]:
+        for fw in zo_fw:
+            ratio = mean_queries(fw) / mean_queries(nes)
+            met = rate(fw) >= rate(nes) and ratio <= 0.5
+            lines.append(
+                f"- {fw.label} vs {nes.label}: success {100 * rate(fw):.1f}% vs {100 * rate(nes):.1f}%, mean queries "
+                f"{mean_queries(fw):.0f} vs {mean_queries(nes):.0f} ({ratio:.2f}x; target: at least NES's success "
+                f"at <= 0.5x its mean queries): {'met' if met else 'MISSED'}."
+            )
+    ours = by_label.get("Square (robustlab)")
+    peers = [r for r in rows if r.label.startswith("Square (") and r is not ours]
+    if ours is not None:
+        for peer in peers:
+            met = rate(ours) >= rate(peer) and mean_queries(ours) <= mean_queries(peer)
+            lines.append(
+                f"- Square, robustlab vs {peer.label}: success {100 * rate(ours):.1f}% vs {100 * rate(peer):.1f}%, "
+                f"mean queries {mean_queries(ours):.0f} vs {mean_queries(peer):.0f}, median "
+                f"{float(ours.queries.double().median()):.0f} vs {float(peer.queries.double().median()):.0f} "
+                f"(target: at least as query-efficient): {'met' if met else 'MISSED'}."
+            )
+    return lines
+
+
 def select(model: nn.Module, count: int) -> tuple[Tensor, Tensor]:
     data = load_dataset("mnist", split="test", limit=min(10_000, 2 * count + 100))
     with torch.no_grad():
@@ -446,6 +481,8 @@ def main() -> None:
         "the peers' are counted by a wrapper around the model (see the script's docstring).\n\n"
         + table
         + ("\n\n" + "\n".join(notes) if notes else "")
+        + "\n\nTargets (targeted part):\n\n"
+        + "\n".join(targets_verdict(rows))
     )
     if robust_table:
         body += (
