@@ -24,7 +24,7 @@ the table is written from every cached row of the current settings.
 
     python -m benchmarks.score_attacks [--images 200] [--queries 50000] [--robust-images 100]
                                        [--robust-queries 10000] [--skip-peers] [--skip-robust] [--no-docs]
-                                       [--only "Square (robustlab),NES-PGD (robustlab defaults)"]
+                                       [--only "Square (robustlab);NES-PGD (robustlab defaults)"]
 """
 
 from __future__ import annotations
@@ -405,7 +405,7 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-robust", action="store_true")
     parser.add_argument("--json", default="", help="also write the figures (and success curves) to this file")
-    parser.add_argument("--only", default="", help="comma-separated row labels to compute now (others: from the cache)")
+    parser.add_argument("--only", default="", help="labels to compute now, ';'-separated (others: cached)")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
     setup_torch()
@@ -422,9 +422,10 @@ def main() -> None:
         ("ZO-FW gaussian (robustlab defaults)", "zo-fw", {"directions": "gaussian"}),
         ("ZO-FW sphere", "zo-fw", {"directions": "sphere"}),
         ("ZO-FW gaussian, gamma 0.04 (the reference's command-line default)", "zo-fw", {"gamma": 0.04}),
+        ("ZO-FW gaussian with forward differences (q + 1 queries a step)", "zo-fw", {"difference": "forward"}),
         ("Square (robustlab)", "square", {}),
     ]
-    cache = RowCache({label.strip() for label in args.only.split(",") if label.strip()})
+    cache = RowCache({label.strip() for label in args.only.split(";") if label.strip()})
     rows: list[Row] = []
 
     def add(rows: list[Row], part: str, label: str, count: int, budget: int, compute: Callable[[], Row]) -> None:

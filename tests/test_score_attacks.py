@@ -197,6 +197,20 @@ def test_exact_query_counts_against_a_counting_model(name: str, budget: int) -> 
     assert oracle.total_queries == model.rows
 
 
+@pytest.mark.parametrize("budget", [1, 5, 6, 11, 27])
+def test_forward_zo_fw_reuses_the_check_query(budget: int) -> None:
+    """With forward differences the value at the iterate comes from its success check: q + 1 queries a step."""
+    model = Constant()
+    oracle = ScoreOracle(model)
+    x, y = torch.rand(3, 1, 4, 4), torch.tensor([0, 0, 0])
+    threat = ThreatModel("linf", 0.2)
+    result = robustlab.attack(oracle, x, y, threat, "zo-fw", queries=budget, seed=0, q=4, difference="forward")
+    per_step = 4 + 1  # four probes x + mu u_i, and the check at the new iterate; f(x_t) is never asked twice
+    expected = 1 + (budget - 1) // per_step * per_step
+    assert result.queries.tolist() == [expected] * 3
+    assert model.rows == 3 * expected + 1 + 3
+
+
 def test_an_oracle_budget_smaller_than_the_attacks_is_respected() -> None:
     model = Constant()
     oracle = ScoreOracle(model, budget=20)
@@ -244,6 +258,8 @@ def test_never_past_the_budget_and_always_feasible(
     options: dict[str, Any] = {"queries": budget}
     if method in ("nes", "zo-fw"):
         options["q"] = int(torch.randint(1, 6, (1,), generator=g))
+    if method == "zo-fw" and seed % 2:
+        options["difference"] = "forward"
     result = robustlab.attack(model, x, y, threat, method=method, targets=targets, seed=seed, **options)
     assert bool((result.queries <= budget).all()) and bool((result.queries >= 1).all())
     assert result.x_adv.dtype == dtype and result.x_adv.shape == x.shape

@@ -280,6 +280,35 @@ def test_estimate_with_oracle_charges_each_example_exactly_in_one_call() -> None
     assert model.calls == before and small.queries.tolist() == [0]
 
 
+def test_a_known_value_replaces_the_query_at_x_and_changes_nothing_else() -> None:
+    goal = Goal(torch.tensor([0, 1, 2]))
+    objective = ScoreObjective(attack_loss("ce"), goal)
+    x = torch.rand(3, 6, dtype=DTYPE)
+    estimator = RGE(q=5, difference="forward")
+    runs = []
+    model = CountingModel(6)
+    for reuse in (False, True):
+        model.calls = []
+        oracle = ScoreOracle(module_function(model)).bind(3, torch.device("cpu"))
+        with torch.no_grad():
+            value = objective(torch.log_softmax(model.linear(x), 1), torch.arange(3))
+        est = estimate_with_oracle(
+            oracle, x, estimator, objective, generator=torch.Generator().manual_seed(0),
+            known_value=value if reuse else None,
+        )  # fmt: skip
+        runs.append((est, oracle.queries.tolist(), model.calls))
+    (plain, plain_queries, plain_calls), (reused, reused_queries, reused_calls) = runs
+    assert plain_queries == [6, 6, 6] and reused_queries == [5, 5, 5]
+    assert plain_calls == [18] and reused_calls == [15]
+    assert torch.allclose(plain.grad, reused.grad, atol=1e-12)
+    assert torch.allclose(plain.values, reused.values, atol=1e-12)
+    # A symmetric estimator never queries x: a known value is simply not needed.
+    model = CountingModel(6)
+    oracle = ScoreOracle(module_function(model)).bind(3, torch.device("cpu"))
+    estimate_with_oracle(oracle, x, RGE(q=5), objective, known_value=torch.zeros(3, dtype=DTYPE))
+    assert oracle.queries.tolist() == [10, 10, 10]
+
+
 def test_estimate_with_oracle_matches_the_true_gradient_of_a_linear_objective_through_a_decoder() -> None:
     """Estimating at a latent code: CGE through ``decode`` recovers the chain-rule gradient exactly."""
     model = CountingModel(6, classes=3)

@@ -416,6 +416,7 @@ def estimate_with_oracle(
     center: bool = False,
     decode: Callable[[Tensor], Tensor] | None = None,
     bounds: tuple[float, float] | None = None,
+    known_value: Tensor | None = None,
 ) -> Estimate:
     """Estimate gradients of ``objective(model(decode(z)))`` at each row ``z`` of ``x`` with ONE oracle call.
 
@@ -439,6 +440,9 @@ def estimate_with_oracle(
             a deployed model only accepts valid inputs (a model server rejects the rest), and an attack must not
             learn from the model's behaviour outside the domain it will be judged on. A probe clipped at the box
             face measures a one-sided difference along the face, a small bias only at saturated pixels.
+        known_value: ``(n,)`` the objective at each row of ``x``, already paid for (an attack's success check at its
+            iterate). With an estimator whose probes include ``x`` itself (forward differences), that point is not
+            queried again: the estimate costs one query less per example.
     """
     n = x.shape[0]
     if index is None:
@@ -446,14 +450,30 @@ def estimate_with_oracle(
     elif index.shape != (n,):
         raise InvalidInputError(f"index must have shape ({n},), got {tuple(index.shape)}")
     probes = estimator.probes(x, generator, center=center)
-    inputs = probes.points if decode is None else decode(probes.points)
+    reuse = known_value is not None and probes.center
+    if reuse and center:
+        raise ConfigError("center=True asks for the scores at x, which known_value does not carry")
+    queried = probes.points
+    if reuse:
+        # Drop the first row of each example's block (x itself) from the query; its value is known.
+        keep = torch.ones(n, probes.per_example, dtype=torch.bool, device=x.device)
+        keep[:, 0] = False
+        queried = probes.points[keep.reshape(-1)]
+    inputs = queried if decode is None else decode(queried)
     if bounds is not None:
         inputs = inputs.clamp(bounds[0], bounds[1])
-    examples = index[probes.owner]
+    owner = probes.owner.reshape(n, probes.per_example)[:, 1:].reshape(-1) if reuse else probes.owner
+    examples = index[owner]
     scores = oracle.scores(inputs, examples)
     values = objective(scores, examples)
+    if reuse:
+        assert known_value is not None
+        if known_value.shape != (n,):
+            raise InvalidInputError(f"known_value must have shape ({n},), got {tuple(known_value.shape)}")
+        block = values.reshape(n, probes.per_example - 1)
+        values = torch.cat([known_value.to(values.dtype).reshape(n, 1), block], dim=1).reshape(-1)
     estimate = estimator.combine(probes, values)
-    if not probes.center:
+    if not probes.center or reuse:
         return estimate
     center_scores = scores.reshape(n, probes.per_example, -1)[:, 0]
     return Estimate(estimate.grad, estimate.values, estimate.value, center_scores)

@@ -6,7 +6,8 @@ An attack built on :class:`ZerothOrderAttack` says how one step moves the iterat
 
 - query accounting: one query at the clean input (is it already adversarial?), then per step one batch of probes
   for all remaining examples and directions (``estimate_with_oracle``) and one query at the new iterate, which is
-  the success check. Every one of them is charged by the oracle to its example;
+  the success check. Every one of them is charged by the oracle to its example. An estimator with forward
+  differences needs the loss at the iterate itself: it reuses the check's answer instead of asking again;
 - the budget: the attack's ``queries`` and the oracle's own budget, whichever is smaller. Before every step, each
   example must afford the whole step (probes + check), else it leaves the batch; the oracle is never asked for a
   query past the budget;
@@ -29,7 +30,7 @@ from robustlab.goals import Goal
 from robustlab.losses import attack_loss
 from robustlab.oracles import Access, ScoreOracle
 from robustlab.threat import ThreatModel
-from robustlab.zeroth_order import GradientEstimator, ScoreObjective, estimate_with_oracle
+from robustlab.zeroth_order import RGE, GradientEstimator, ScoreObjective, estimate_with_oracle
 
 __all__ = ["State", "ZerothOrderAttack", "budget_left"]
 
@@ -83,8 +84,11 @@ class ZerothOrderAttack(Attack[ScoreOracle]):
         objective = ScoreObjective(attack_loss(config.loss), goal)
         estimator = self._estimator()
         n = x.shape[0]
-        step_cost = estimator.queries_per_example(x[0].numel()) + 1  # the probes, and the check at the new iterate
+        # Forward differences need f at the iterate itself: the success check there already paid for it.
+        reuse = isinstance(estimator, RGE) and estimator.difference == "forward"
+        step_cost = estimator.queries_per_example(x[0].numel()) + 1 - int(reuse)  # the probes, and the check
         best = BestTracker(x)
+        last_value = torch.zeros(n, dtype=x.dtype, device=x.device)
         iterations = torch.full((n,), -1, dtype=torch.long, device=x.device)
         x_adv = x.clone()
 
@@ -94,7 +98,8 @@ class ZerothOrderAttack(Attack[ScoreOracle]):
         if active.numel() > 0:
             scores = oracle.scores(x[active], active)
             success = goal.subset(active).is_success(scores)
-            best.update(x[active], success, objective(scores, active), active)
+            last_value[active] = objective(scores, active).to(x.dtype)
+            best.update(x[active], success, last_value[active], active)
             iterations[active[success]] = 0
             active = active[~success]
 
@@ -106,7 +111,7 @@ class ZerothOrderAttack(Attack[ScoreOracle]):
                 break
             estimate = estimate_with_oracle(
                 oracle, x_adv[active], estimator, objective, index=active, generator=generator,
-                bounds=(threat.lower, threat.upper),
+                bounds=(threat.lower, threat.upper), known_value=last_value[active] if reuse else None,
             )  # fmt: skip
             x_rows = x[active]
             candidate = self._step(state, active, estimate.grad, estimate.values, x_rows, x_adv[active], threat, step)
@@ -115,6 +120,7 @@ class ZerothOrderAttack(Attack[ScoreOracle]):
             scores = oracle.scores(candidate, active)
             success = goal.subset(active).is_success(scores)
             loss = objective(scores, active)
+            last_value[active] = loss.to(x.dtype)
             best.update(candidate, success, loss, active)
             self._observe(state, active, loss, step)
             iterations[active[success]] = step + 1

@@ -28,6 +28,9 @@ Differences from the reference, all deliberate:
 - The schedule's stall test ``h_last > h_first - 0.001 * |h_first|`` on the minimized objective is the reference's
   ``last > 0.999 * first`` for a positive cross-entropy; it also covers a margin loss, which can be negative. The
   reference applies its test to the maximized loss of an untargeted attack, where it fires at once; ours does not.
+- ``difference="forward"`` (not the default) is an option the reference lacks: ``q`` one-sided probes against the
+  loss at ``x_t``, which the success check of ``x_t`` has already returned, so a step costs ``q + 1`` queries.
+  On MNIST it lowers the median queries by about a third but not the mean (a few slow examples take longer).
 
 Example:
     >>> oracle = robustlab.ScoreOracle(api_call, budget=50_000)
@@ -64,6 +67,9 @@ class ZOFrankWolfeConfig(AttackConfig):
         gamma: initial step size in (0, 1] (0.8, the reference README's black-box run; its command-line default
             is 0.04, which needs about three times the queries on MNIST: see docs/benchmarks.md).
         beta: momentum in [0, 1) (0.99, the reference's).
+        difference: ``"symmetric"`` (the paper's ``b`` antithetic pairs, ``2q`` probes a step) or ``"forward"``
+            (``q`` probes ``x_t + mu u_i`` against ``f(x_t)``, which the success check at ``x_t`` already paid for:
+            ``q + 1`` queries a step instead of ``2q + 1``).
         loss: ``"ce"`` (the reference's), ``"margin"`` or ``"dlr"``, on log-probabilities.
         stall_window: iterations over which the loss must fall for gamma to stay constant (5, the reference's).
         stall_tolerance: the relative fall required over that window (0.001, the reference's 0.1%).
@@ -75,6 +81,7 @@ class ZOFrankWolfeConfig(AttackConfig):
     mu: float = 0.01
     gamma: float = 0.8
     beta: float = 0.99
+    difference: str = "symmetric"
     loss: str = "ce"
     stall_window: int = 5
     stall_tolerance: float = 0.001
@@ -86,6 +93,8 @@ class ZOFrankWolfeConfig(AttackConfig):
         positive("stall_window", self.stall_window, integer=True)
         if self.directions not in ("sphere", "gaussian"):
             raise ConfigError(f"directions must be 'sphere' or 'gaussian', got {self.directions!r}")
+        if self.difference not in ("symmetric", "forward"):
+            raise ConfigError(f"difference must be 'symmetric' or 'forward', got {self.difference!r}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
             raise ConfigError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta < 1.0:
@@ -112,7 +121,12 @@ class ZOFrankWolfe(ZerothOrderAttack):
 
     def _estimator(self) -> GradientEstimator:
         c = self.config
-        return RGE(q=c.q, mu=c.mu, directions="sphere" if c.directions == "sphere" else "gaussian")
+        return RGE(
+            q=c.q,
+            mu=c.mu,
+            directions="sphere" if c.directions == "sphere" else "gaussian",
+            difference="forward" if c.difference == "forward" else "symmetric",
+        )
 
     def _init_state(self, x: Tensor) -> State:
         n = x.shape[0]
