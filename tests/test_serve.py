@@ -43,11 +43,13 @@ def live_server(model: nn.Module, port: int | None = None, **settings: Any) -> I
     thread.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 20
-    while time.time() < deadline:
+    while time.time() < deadline and thread.is_alive():
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 break
         time.sleep(0.05)
+    # Fail here, with the reason, rather than later in whatever the test asks of a server that is not there.
+    assert server.started and thread.is_alive(), f"the test server did not start on port {port}"
     try:
         yield url
     finally:
