@@ -453,23 +453,20 @@ def estimate_with_oracle(
     reuse = known_value is not None and probes.center
     if reuse and center:
         raise ConfigError("center=True asks for the scores at x, which known_value does not carry")
-    queried = probes.points
-    if reuse:
-        # Drop the first row of each example's block (x itself) from the query; its value is known.
-        keep = torch.ones(n, probes.per_example, dtype=torch.bool, device=x.device)
-        keep[:, 0] = False
-        queried = probes.points[keep.reshape(-1)]
-    inputs = queried if decode is None else decode(queried)
+    if known_value is not None and known_value.shape != (n,):
+        raise InvalidInputError(f"known_value must have shape ({n},), got {tuple(known_value.shape)}")
+    points, owner = probes.points, probes.owner
+    if reuse:  # the first row of each example's block is x itself, whose value is known: do not query it
+        k = probes.per_example
+        points = points.reshape(n, k, *points.shape[1:])[:, 1:].reshape(n * (k - 1), *points.shape[1:])
+        owner = owner.reshape(n, k)[:, 1:].reshape(-1)
+    inputs = points if decode is None else decode(points)
     if bounds is not None:
         inputs = inputs.clamp(bounds[0], bounds[1])
-    owner = probes.owner.reshape(n, probes.per_example)[:, 1:].reshape(-1) if reuse else probes.owner
     examples = index[owner]
     scores = oracle.scores(inputs, examples)
     values = objective(scores, examples)
-    if reuse:
-        assert known_value is not None
-        if known_value.shape != (n,):
-            raise InvalidInputError(f"known_value must have shape ({n},), got {tuple(known_value.shape)}")
+    if reuse and known_value is not None:
         block = values.reshape(n, probes.per_example - 1)
         values = torch.cat([known_value.to(values.dtype).reshape(n, 1), block], dim=1).reshape(-1)
     estimate = estimator.combine(probes, values)
