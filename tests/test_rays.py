@@ -47,10 +47,10 @@ def two_pixel_model() -> LinearClassifier:
     return LinearClassifier(torch.stack([torch.zeros(2, dtype=torch.float64), w]), torch.tensor([0.0, -0.1]).double())
 
 
-def bisection(lo: float, hi: float, boundary: float) -> tuple[float, int]:
+def bisection(lo: float, hi: float, boundary: float, tol: float = TOL) -> tuple[float, int]:
     """The reference's binary search on a ray whose boundary is at ``boundary``: (final hi, queries)."""
     count = 0
-    while hi - lo > TOL:
+    while hi - lo > tol:
         mid = (lo + hi) / 2
         count += 1
         if mid > boundary:
@@ -60,11 +60,15 @@ def bisection(lo: float, hi: float, boundary: float) -> tuple[float, int]:
     return hi, count
 
 
-def run_two_pixel(eps: float, queries: int, **options) -> tuple[robustlab.AttackResult, list[torch.Tensor]]:
+def run_two_pixel(
+    eps: float, queries: int, x: tuple[float, float] = (0.5, 0.5), **options
+) -> tuple[robustlab.AttackResult, list[torch.Tensor]]:
+    """RayS on the two-pixel model; the reference's start unless ``start`` is given."""
     model = Recorder(two_pixel_model())
-    x = torch.full((1, 2), 0.5, dtype=torch.float64)
+    point = torch.tensor([x], dtype=torch.float64)
+    options = {"start": "ones"} | options
     result = robustlab.attack(
-        model, x, torch.tensor([0]), ThreatModel("linf", eps), method="rays", queries=queries, **options
+        model, point, torch.tensor([0]), ThreatModel("linf", eps), method="rays", queries=queries, **options
     )
     return result, model.calls[:-1]  # the last call is the audit, outside the budget
 
@@ -101,24 +105,63 @@ def test_two_pixel_adbd_query_sequence_is_exact() -> None:
 def test_two_pixel_eps_mode_counts() -> None:
     # eps 0.25 > 0.2: clean, rejected (-1,-1), passing check at the corner, then the eps probe at r = 0.25 sqrt 2
     # is adversarial: 4 queries, no binary search.
-    result, calls = run_two_pixel(0.25, 100)
+    result, calls = run_two_pixel(0.25, 100, tol=TOL)
     assert int(result.queries[0]) == 4 == len(calls) and bool(result.success[0])
     assert torch.allclose(calls[3], torch.tensor([[0.25, 0.75]], dtype=torch.float64))
     assert torch.allclose(result.x_adv, calls[3]) and int(result.extras["success_queries"][0]) == 4
     # Without the probe the sequence is the reference's: 3 + 11 binary-search queries, success found at the end.
-    plain, _ = run_two_pixel(0.25, 100, eps_probe=False)
+    plain, _ = run_two_pixel(0.25, 100, eps_probe=False, tol=TOL)
     assert int(plain.queries[0]) == 14 and bool(plain.success[0])
     # eps 1 (the box width): the passing corner check is itself within eps, so 3 queries.
-    wide, calls = run_two_pixel(1.0, 100)
+    wide, calls = run_two_pixel(1.0, 100, tol=TOL)
     assert int(wide.queries[0]) == 3 and bool(wide.success[0]) and calls[2].tolist() == [[0.0, 1.0]]
     # eps 0.1 < 0.2: the probe fails, the search continues on [0.1 sqrt 2, sqrt 2]: ceil(log2(1272.8)) = 11 more,
     # and the rest of the budget goes to rejected candidates.
-    low, _ = run_two_pixel(0.1, 40)
+    low, _ = run_two_pixel(0.1, 40, tol=TOL)
     root = math.sqrt(2)
     expected_hi, searches = bisection(0.1 * root, root, 0.2 * root)
     assert searches == 11
     assert int(low.queries[0]) == 40 and not bool(low.success[0])
     assert float(low.extras["boundary_distance"][0]) == pytest.approx(expected_hi / root, abs=1e-12)
+
+
+def test_box_start_and_the_eps_mode_tolerance() -> None:
+    # x = (0.6, 0.4): margin -0.9, Linf distance 0.9 / 3 = 0.3 along (-1, +1), which is also the direction toward
+    # each coordinate's farther face of the box. The box start asks about it first.
+    root = math.sqrt(2)
+    result, calls = run_two_pixel(0.35, 100, x=(0.6, 0.4), start="box")
+    # clean, the box direction's corner (0, 1), the eps probe (0.25, 0.75): broken in 3 queries.
+    assert int(result.queries[0]) == 3 == len(calls) and bool(result.success[0])
+    assert calls[1].tolist() == [[0.0, 1.0]]
+    assert torch.allclose(calls[2], torch.tensor([[0.25, 0.75]], dtype=torch.float64))
+    reference, _ = run_two_pixel(0.35, 100, x=(0.6, 0.4))  # the corner (0, 0) is rejected first
+    assert int(reference.queries[0]) == 4 and bool(reference.success[0])
+    # eps 0.17 < 0.3: the probe misses and the search on [0.17 sqrt 2, sqrt 2] stops at 1% of eps by default:
+    # ceil(log2(0.83 sqrt 2 / (0.0017 sqrt 2))) = 9 midpoints, then every later candidate is rejected at once.
+    tol = 0.17 * root / 100
+    expected_hi, searches = bisection(0.17 * root, root, 0.3 * root, tol)
+    assert searches == 9
+    low, calls = run_two_pixel(0.17, 20, x=(0.6, 0.4), start="box")
+    assert int(low.queries[0]) == 20 and not bool(low.success[0])
+    on_ray = torch.cat(calls[3:12])
+    assert torch.allclose(on_ray.sum(1), torch.ones(9, dtype=torch.float64))  # all on the ray (-1, +1)
+    assert float(low.extras["boundary_distance"][0]) == pytest.approx(expected_hi / root, abs=1e-12)
+    assert 0.0 <= float(low.extras["boundary_distance"][0]) - 0.3 <= 0.17 / 100
+    # In ADBD mode the tolerance stays the reference's 1e-3: 11 midpoints on [0, sqrt 2].
+    adbd, calls = run_two_pixel(0.17, 13, x=(0.6, 0.4), start="box", mode="adbd")
+    assert float(adbd.extras["boundary_distance"][0]) == pytest.approx(bisection(0, root, 0.3 * root)[0] / root)
+
+
+def test_box_start_on_an_unbounded_box_is_the_reference_start() -> None:
+    model = binary_linear(8, seed=6).eval()
+    x = torch.rand(6, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = model(x).argmax(1)
+    threat = ThreatModel("linf", 0.05, -math.inf, math.inf)
+    runs = [
+        robustlab.attack(model, x, y, threat, method="rays", queries=200, max_radius=1.0, start=start)
+        for start in ("box", "ones")
+    ]
+    assert torch.equal(runs[0].queries, runs[1].queries) and torch.equal(runs[0].x_adv, runs[1].x_adv)
 
 
 def test_budget_cut_in_a_search_keeps_its_adversarial_end() -> None:
