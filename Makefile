@@ -31,7 +31,7 @@ demo: setup
 $(BENCH_STAMP): $(STAMP)
 	# Peer libraries, for side-by-side benchmarks only; --no-deps keeps this venv's torch.
 	$(PIP) install -q --no-deps torchattacks adversarial-robustness-toolbox eagerpy
-	$(PIP) install -q scipy scikit-learn typing_extensions gitpython requests
+	$(PIP) install -q scipy scikit-learn typing_extensions gitpython requests six setuptools tqdm
 	touch $@
 
 bench: $(BENCH_STAMP)
