@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 from torch import nn
@@ -85,6 +87,27 @@ def test_gradient_oracle_restores_modes_and_counts() -> None:
     oracle.logits(x[:2], torch.tensor([1, 3]))
     assert oracle.gradients.tolist() == [1, 1, 1, 1]
     assert oracle.queries.tolist() == [1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("mode", ["eval", "keep"])
+def test_weights_are_untracked_during_a_call_and_their_flags_come_back(mode: Literal["eval", "keep"]) -> None:
+    model = tiny_cnn()
+    frozen_by_user = next(model.parameters())
+    frozen_by_user.requires_grad_(False)
+    before = [p.requires_grad for p in model.parameters()]
+    assert before.count(True) >= 2
+    tracked_during: list[bool] = []
+    model.register_forward_hook(lambda m, i, o: tracked_during.append(any(p.requires_grad for p in m.parameters())))
+    oracle = GradientOracle(model, mode=mode).bind(2, torch.device("cpu"))
+    x = torch.rand(2, 1, 6, 6)
+    _, _, grad = oracle.loss_and_grad(x, Goal(torch.tensor([0, 1])), attack_loss("ce"))
+    assert tracked_during == [False] and bool(grad.abs().sum() > 0)
+    assert [p.requires_grad for p in model.parameters()] == before
+    # an exception inside a session restores them too
+    with pytest.raises(RuntimeError, match="inside"), oracle.session():
+        assert not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError("inside")
+    assert [p.requires_grad for p in model.parameters()] == before
 
 
 def test_gradient_matches_autograd_per_example() -> None:
