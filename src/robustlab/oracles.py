@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from robustlab.errors import InvalidInputError, ModelError, QueryBudgetExceeded
 from robustlab.goals import Goal
+from robustlab.layout import LAYOUTS, ChannelsLastWeights
 from robustlab.losses import AttackLoss
 
 __all__ = [
@@ -313,18 +314,28 @@ class GradientOracle(ScoreOracle):
     The module runs in ``mode`` during each call or :meth:`session` ("eval" by default, "train" for training
     attacks that need BatchNorm in train mode, "keep" to leave it alone) and is put back in the mode it was in
     afterwards. Forward passes are counted in :attr:`queries`, gradient evaluations in :attr:`gradients`.
+
+    ``layout``: with "auto" (the default) a convolutional model runs each call on the CPU with its 4-D weights
+    and the input in the channels-last memory layout, which is 1.5-2.7x faster there for small CNNs; the model
+    itself is left as it was (see :mod:`robustlab.layout`). "contiguous" turns this off, "channels_last" forces it
+    on other devices too.
     """
 
     access = Access.GRADIENT
 
-    def __init__(self, model: nn.Module, *, num_classes: int | None = None, mode: ModeName = "eval") -> None:
+    def __init__(
+        self, model: nn.Module, *, num_classes: int | None = None, mode: ModeName = "eval", layout: str = "auto"
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"white-box access needs a torch.nn.Module, got {type(model).__name__}")
         if mode not in ("eval", "train", "keep"):
             raise InvalidInputError(f"mode must be 'eval', 'train' or 'keep', got {mode!r}")
+        if layout not in LAYOUTS:
+            raise InvalidInputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         super().__init__(model, num_classes=num_classes, budget=None)
         self.module = model
         self.mode: ModeName = mode
+        self.layout = ChannelsLastWeights(model, layout)
         self._gradients: Tensor | None = None
         self._depth = 0
 
@@ -380,7 +391,7 @@ class GradientOracle(ScoreOracle):
 
     def _evaluate(self, x: Tensor) -> Tensor:
         with self.session(), torch.no_grad():
-            return self.module(x)
+            return self.layout.run(x, self.module)
 
     def logits(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """Logits of ``x`` without gradient; counted as one query per row."""
@@ -395,13 +406,18 @@ class GradientOracle(ScoreOracle):
         bound batch as in :meth:`scores`. One forward and backward pass is counted per row. Summing makes each
         example's gradient independent of the others, so a batch gives per-example gradients in one backward pass.
         """
-        with self.session(), torch.enable_grad():
-            x_var = x.detach().requires_grad_(True)
+
+        def forward_backward(inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            x_var = inputs.detach().requires_grad_(True)
             logits = self.module(x_var)
             values = loss(logits, goal)
             (grad,) = torch.autograd.grad(values.sum(), x_var)
+            return values.detach(), logits.detach(), grad.contiguous()
+
+        with self.session(), torch.enable_grad():
+            out = self.layout.run(x, forward_backward)
         self._count_gradients(index, int(x.shape[0]))
-        return values.detach(), logits.detach(), grad
+        return out
 
     def _count_gradients(self, index: Tensor | None, rows: int) -> None:
         self.ledger.charge(index, rows)
@@ -412,13 +428,13 @@ class GradientOracle(ScoreOracle):
         self._total[0] += rows
 
 
-def module_function(module: nn.Module, mode: ModeName = "eval") -> Callable[[Tensor], Tensor]:
+def module_function(module: nn.Module, mode: ModeName = "eval", layout: str = "auto") -> Callable[[Tensor], Tensor]:
     """A plain function calling ``module`` in ``mode`` without gradients, restoring its modes afterwards.
 
     Gives a local module to a :class:`ScoreOracle` or :class:`LabelOracle`, so that black-box attacks can be run
     (and tested) on it with no way to reach its gradients.
     """
-    handle = GradientOracle(module, mode=mode)
+    handle = GradientOracle(module, mode=mode, layout=layout)
 
     def evaluate(x: Tensor) -> Tensor:
         return handle._evaluate(x)
