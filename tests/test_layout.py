@@ -45,11 +45,13 @@ def test_copies_follow_weight_updates() -> None:
     model = tiny_cnn()
     layout = ChannelsLastWeights(model)
     x = torch.rand(4, 1, 6, 6)
+    conv = model[0]
+    assert isinstance(conv, nn.Conv2d)
     with torch.no_grad():
         layout.run(x, model)
-        model[0].weight.mul_(-2.0)  # an in-place update, as an optimizer step makes
+        conv.weight.mul_(-2.0)  # an in-place update, as an optimizer step makes
         torch.testing.assert_close(layout.run(x, model), model(x), rtol=1e-5, atol=1e-6)
-        model[0].weight.data = torch.randn_like(model[0].weight)  # a new tensor altogether
+        conv.weight.data = torch.randn_like(conv.weight)  # a new tensor altogether
         torch.testing.assert_close(layout.run(x, model), model(x), rtol=1e-5, atol=1e-6)
 
 
