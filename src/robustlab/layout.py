@@ -44,7 +44,8 @@ class ChannelsLastWeights:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.module = module
         self.layout = layout
-        self.enabled = layout != "contiguous" and any(p.dim() == 4 for p in module.parameters())
+        self._weights = [p for p in module.parameters() if p.dim() == 4]  # the structure is read once
+        self.enabled = layout != "contiguous" and bool(self._weights)
         # id(parameter) -> (storage pointer, version, channels-last copy)
         self._copies: dict[int, tuple[int, int, Tensor]] = {}
 
@@ -59,9 +60,7 @@ class ChannelsLastWeights:
         """Swap the 4-D weights for their channels-last copies for the block."""
         swapped: list[tuple[nn.Parameter, Tensor]] = []
         try:
-            for parameter in self.module.parameters():
-                if parameter.dim() != 4:
-                    continue
+            for parameter in self._weights:
                 original = parameter.data
                 key = (original.data_ptr(), parameter._version)
                 cached = self._copies.get(id(parameter))

@@ -336,6 +336,9 @@ class GradientOracle(ScoreOracle):
         self.module = model
         self.mode: ModeName = mode
         self.layout = ChannelsLastWeights(model, layout)
+        # The model's structure is read once, here: sessions run per call and walking it each time shows.
+        self._modules = list(model.modules())
+        self._weights = list(model.parameters())
         self._gradients: Tensor | None = None
         self._depth = 0
 
@@ -373,10 +376,14 @@ class GradientOracle(ScoreOracle):
             finally:
                 self._depth -= 1
             return
-        saved = [] if self.mode == "keep" else [(m, m.training) for m in self.module.modules()]
+        saved: list[tuple[nn.Module, bool]] = []
         if self.mode != "keep":
-            self.module.train(self.mode == "train")
-        tracked = [p for p in self.module.parameters() if p.requires_grad]
+            target = self.mode == "train"
+            # Black-box attacks open a session per query; most find the model in the right mode already.
+            if any(m.training != target for m in self._modules):
+                saved = [(m, m.training) for m in self._modules]
+                self.module.train(target)
+        tracked = [p for p in self._weights if p.requires_grad]
         for parameter in tracked:
             parameter.requires_grad_(False)
         self._depth += 1
