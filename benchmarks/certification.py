@@ -85,7 +85,7 @@ class Setup:
 
     sigmas: tuple[float, ...] = (0.25, 0.5)
     rs_images: int = 500
-    denoised_images: int = 100
+    denoised_images: int = 500
     steps: int = 200
     batch: int = 32
     lr: float = 1e-3
