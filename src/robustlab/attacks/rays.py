@@ -12,9 +12,9 @@ decision-boundary radius (DBR) search:
 
 1. the fast check: one query at ``x + r_best * u`` (clipped to the box). If it is not adversarial, the candidate
    cannot beat ``r_best`` and is rejected for this single query;
-2. otherwise a binary search of ``r`` in ``[0, min(r_best, r_max)]`` to a tolerance of ``tol = 1e-3`` in units of
-   ``r`` (the ray length along the L2-normalized direction, as in the reference; ``1e-3 / sqrt(n)`` in Linf),
-   keeping the candidate if the adversarial end improves ``r_best``.
+2. otherwise a binary search of ``r`` in ``[0, min(r_best, r_max)]`` to a tolerance ``tol`` in units of ``r`` (the
+   ray length along the L2-normalized direction, as in the reference, whose tolerance is 1e-3, ``1e-3 / sqrt(n)``
+   in Linf), keeping the candidate if the adversarial end improves ``r_best``.
 
 ``r_max`` is where the search starts while ``r_best`` is infinite: ``sqrt(n)`` times the box width, which along
 any sign direction reaches a corner of the box (the reference's ``x + inf * u`` clipped to [0, 1]). Like the
@@ -42,8 +42,8 @@ Modes (``mode``):
 - ``"eps"`` (robust accuracy): an example stops as soon as its best boundary point is within ``eps``. After a
   passing fast check the ray is probed once at radius ``eps`` (``eps_probe``): if that point is adversarial the
   example is broken with no binary search; if not, the binary search continues on ``[eps, r_best]``, where its
-  first midpoint is the only thing the probe replaced. ``eps_probe=False`` makes the sequence of queries that of
-  the reference (plus the clean check).
+  first midpoint is the only thing the probe replaced. ``eps_probe=False`` with ``start="ones", tol=1e-3`` makes
+  the sequence of queries that of the reference (plus the clean check).
 - ``"adbd"``: every example runs to its budget, and ``extras["boundary_distance"]`` holds the Linf distance of
   the nearest boundary point found. Its mean over correctly classified examples is the average decision-boundary
   distance (ADBD, see :func:`average_boundary_distance`); the reference code forgets to drop misclassified ones.
