@@ -97,6 +97,9 @@ MAIN: list[Method] = [
     Method("Fast-AT", "fast-at"),
     Method("Fast TRADES", "fast-trades"),
     Method("GradAlign", "gradalign"),
+    # The same regularizer on Fast-AT's attack: from zero, FGSM at eps 0.3 leaves the network a constant output.
+    # lambda 0.5: the best final validation PGD-10 accuracy without CO among 0.2, 0.5, 1, 2 (seed 0; see describe).
+    Method("GradAlign (random start)", "gradalign", {"start": "random", "lam": 0.5}),
     Method("ATAS", "atas"),
     Method("Backward Smoothing", "backward-smoothing"),
     Method("Fast-BAT", "fast-bat"),
@@ -344,16 +347,22 @@ def targets(main_runs: dict[str, list[dict[str, Any]]], small_runs: dict[str, li
     if fast_at:
         collapsed = sum(1 for r in fast_at if co_epochs(FAST_AT, r))
         verdicts, held = [], True
-        for label in ("Fast-BAT", "GradAlign", "Backward Smoothing"):
-            runs = main_runs.get(label, [])
-            with_co = sum(1 for r in runs if co_epochs(LABELS[label], r))
-            robust = statistics.fmean([r["robust"] for r in runs]) if runs else 0.0
-            ok = bool(runs) and with_co == 0 and robust >= 0.5
-            held = held and ok
-            verdicts.append(
-                f"{label} CO in {with_co}/{len(runs)} runs, PGD-50-10 {100 * robust:.1f}%"
-                + ("" if ok or with_co else " (no collapse, but no robustness either)")
-            )
+        # GradAlign holds if one of its variants does (its regularizer on either FGSM start); both are reported.
+        for family in (("Fast-BAT",), ("GradAlign", "GradAlign (random start)"), ("Backward Smoothing",)):
+            family_ok = False
+            for label in family:
+                runs = main_runs.get(label, [])
+                if not runs and len(family) > 1:
+                    continue
+                with_co = sum(1 for r in runs if co_epochs(LABELS[label], r))
+                robust = statistics.fmean([r["robust"] for r in runs]) if runs else 0.0
+                ok = bool(runs) and with_co == 0 and robust >= 0.5
+                family_ok = family_ok or ok
+                verdicts.append(
+                    f"{label} CO in {with_co}/{len(runs)} runs, PGD-50-10 {100 * robust:.1f}%"
+                    + ("" if ok or with_co else " (no collapse, but no robustness either)")
+                )
+            held = held and family_ok
         small = small_runs.get("Fast-AT", [])
         small_co = sum(1 for r in small if co_epochs(FAST_AT, r))
         contrast = f"; at eps {SMALL_EPS:g} Fast-AT collapsed in {small_co}/{len(small)} runs" if small else ""
@@ -377,7 +386,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--slow-seeds", type=int, default=3, help="seeds for the slow baselines (the first ones)")
     parser.add_argument("--setting", choices=[*SETTINGS, "all"], default="all")
-    parser.add_argument("--only", default="", help="comma-separated method names to run (others come from the cache)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated method names or row labels to run (others come from the cache)"
+    )
     parser.add_argument("--estimate", action="store_true", help="print the estimated run time and exit")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-docs", action="store_true")
@@ -405,7 +416,7 @@ def main() -> None:
     cache = load_cache()
     for number, (setting, eps, method, seed) in enumerate(plan, 1):
         key = run_key(setup, setting, method, seed)
-        if key in cache or (only and method.method not in only):
+        if key in cache or (only and method.method not in only and method.label not in only):
             continue
         extra = {"zeta": war_zeta(setup, data, cache)} if method.method == "war" else {}
         print(f"[bench] {number}/{len(plan)} {setting} eps {eps:g} {method.label} seed {seed} ...", flush=True)
@@ -451,7 +462,11 @@ def describe(setup: Setup, args: argparse.Namespace, zeta: float | None) -> str:
         "(select='last', so a collapse shows). Each method runs with its documented defaults (`robustlab.training."
         "list_objectives()`); at eps 0.3 these are: PGD-AT 10 steps of eps/4; TRADES 10 steps of 0.2258 eps, beta 6; "
         "Fast-AT uniform start and one 1.25 eps step; Fast TRADES one eps step, beta 6; GradAlign FGSM from zero "
-        "plus lambda 2.0 (the reference's log-linear rule, held at its 16/255 value beyond it); ATAS c 0.01, "
+        "plus lambda 2.0 (the reference's log-linear rule, held at its 16/255 value beyond it), and 'GradAlign (random "
+        "start)' the same regularizer on Fast-AT's attack (uniform start, one 1.25 eps step: the reference code's "
+        "`--attack_init random`; `start='random'`) with lambda 0.5, chosen on the validation split: one seed-0 run "
+        "each of lambda 0.2 / 0.5 / 1 / 2 ended at 67.8 / 74.2 / 73.4 / 58.8% validation PGD-10 accuracy, 0.2 with a "
+        "CO event in epoch 1; ATAS c 0.01, "
         "steps 0.5-1.75 eps, no warm-up epoch (epochs // 6 = 0); Backward Smoothing gamma 1, steps eps, beta 6; "
         "Fast-BAT lower-level step 250 eps (the reference's 2000/255 at 8/255, as a multiple of eps), lambda 10; "
         f"WAR alpha 0.1, lambda from 1, zeta {zeta_text} measured with "

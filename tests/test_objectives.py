@@ -14,7 +14,7 @@ import robustlab
 from robustlab.training import build_objective, list_objectives
 from robustlab.training.objectives.base import StepContext
 from robustlab.training.objectives.fast_bat import INSIDE_TOLERANCE, FastBAT, lower_level_solution
-from robustlab.training.objectives.gradalign import alignment_cosine, default_lambda
+from robustlab.training.objectives.gradalign import GradAlignConfig, alignment_cosine, default_lambda
 from robustlab.training.objectives.war import WAR, measure_zeta, update_lambda
 
 
@@ -140,6 +140,35 @@ def test_gradalign_cosine_charges_zero_gradients() -> None:
     g2.requires_grad_(True)
     alignment_cosine(g1, g2).backward()
     assert g2.grad is not None and torch.isfinite(g2.grad).all()
+
+
+def test_gradalign_zero_start_is_fgsm_from_the_clean_input(batch) -> None:
+    x, y = batch
+    model = plain_model()
+    threat = robustlab.ThreatModel("linf", 0.2)
+    objective = build_objective("gradalign", threat, lam=0.5)
+    x_var = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x_var), y, reduction="sum"), x_var)
+    expected = threat.project(x + 0.2 * grad.sign(), x)
+    output = objective.step(model, x, y, context(x.shape[0]))
+    assert torch.equal(output.x_adv, expected)
+
+
+def test_gradalign_random_start_without_regularizer_is_fast_at(batch) -> None:
+    """start="random" puts the regularizer on Fast-AT's attack: with lambda 0 the step is Fast-AT's, draw for draw."""
+    x, y = batch
+    threat = robustlab.ThreatModel("linf", 0.3)
+    model = plain_model()
+    fast_at = build_objective("fast-at", threat).step(model, x, y, context(x.shape[0], seed=5))
+    objective = build_objective("gradalign", threat, start="random", lam=0.0)
+    aligned = objective.step(model, x, y, context(x.shape[0], seed=5))
+    assert aligned.x_adv is not None and fast_at.x_adv is not None
+    assert torch.equal(aligned.x_adv, fast_at.x_adv)
+    assert torch.allclose(aligned.loss, fast_at.loss)
+    assert GradAlignConfig(start="random").step_multiple == 1.25 and GradAlignConfig().step_multiple == 1.0
+    assert GradAlignConfig(start="random", rel_step_size=0.5).step_multiple == 0.5
+    with pytest.raises(robustlab.ConfigError, match="start must be"):
+        build_objective("gradalign", threat, start="uniform")
 
 
 # ------------------------------------------------------------------------------------------------- Fast-BAT
