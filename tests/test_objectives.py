@@ -151,7 +151,7 @@ def test_gradalign_zero_start_is_fgsm_from_the_clean_input(batch) -> None:
     (grad,) = torch.autograd.grad(F.cross_entropy(model(x_var), y, reduction="sum"), x_var)
     expected = threat.project(x + 0.2 * grad.sign(), x)
     output = objective.step(model, x, y, context(x.shape[0]))
-    assert torch.equal(output.x_adv, expected)
+    assert output.x_adv is not None and torch.equal(output.x_adv, expected)
 
 
 def test_gradalign_random_start_without_regularizer_is_fast_at(batch) -> None:
