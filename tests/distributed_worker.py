@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -48,6 +49,11 @@ if __name__ == "__main__":
     if torch.distributed.get_rank() == 0:
         torch.save(answer, out)
     # Both ranks tear gloo down together: a rank that destroys its group while the other still holds open pairs can
-    # abort in gloo's background thread ("terminate called without an active exception").
+    # abort in gloo's background thread ("terminate called without an active exception"); and even after both have
+    # destroyed it, that abort can still come at interpreter shutdown, so the process skips the shutdown (as
+    # robustlab.cli.entry does under torchrun).
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,22 @@ def test_console_script_runs_as_a_process(files) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "must be a positive finite number" in done.stderr
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_the_process_exit_keeps_output_and_code(files, torchrun: bool) -> None:
+    # Under torchrun the process skips interpreter shutdown (os._exit): the exit code and the output stay the same.
+    model_path, data_path = files
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    if torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    listing = subprocess.run([sys.executable, "-m", "robustlab", "list"], capture_output=True, text=True, env=env,
+                             check=False)  # fmt: skip
+    assert listing.returncode == 0 and "pgd" in listing.stdout and "square" in listing.stdout
+    bad_eps = ["attack", "--model", str(model_path), "--data", str(data_path), "--eps", "-1"]
+    failing = subprocess.run([sys.executable, "-m", "robustlab", *bad_eps], capture_output=True, text=True, env=env,
+                             check=False)  # fmt: skip
+    assert failing.returncode == 2 and "must be a positive finite number" in failing.stderr
 
 
 def test_train_then_certify(tmp_path: Path, capsys) -> None:

@@ -1,7 +1,5 @@
 """``python -m robustlab`` runs the command line (also what torchrun launches)."""
 
-import sys
+from robustlab.cli import entry
 
-from robustlab.cli import main
-
-sys.exit(main())
+entry()
