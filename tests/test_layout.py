@@ -90,6 +90,8 @@ def test_layout_choice() -> None:
     assert not ChannelsLastWeights(nn.Linear(4, 2)).enabled  # no 4-D weights
     with pytest.raises(robustlab.InvalidInputError, match="layout must be one of"):
         GradientOracle(model, layout="nhwc")
+    with pytest.raises(robustlab.InvalidInputError, match="layout must be one of auto, channels_last"):
+        ChannelsLastWeights(model, "NHWC")
 
 
 def test_oracle_gradients_agree_across_layouts() -> None:

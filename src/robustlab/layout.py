@@ -23,6 +23,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from robustlab.errors import InvalidInputError
+
 __all__ = ["LAYOUTS", "ChannelsLastWeights"]
 
 LAYOUTS = ("auto", "channels_last", "contiguous")
@@ -41,7 +43,7 @@ class ChannelsLastWeights:
 
     def __init__(self, module: nn.Module, layout: str = "auto") -> None:
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+            raise InvalidInputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.module = module
         self.layout = layout
         self._weights = [p for p in module.parameters() if p.dim() == 4]  # the structure is read once

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from robustlab.errors import InvalidInputError, ModelError, QueryBudgetExceeded
 from robustlab.goals import Goal
-from robustlab.layout import LAYOUTS, ChannelsLastWeights
+from robustlab.layout import ChannelsLastWeights
 from robustlab.losses import AttackLoss
 
 __all__ = [
@@ -330,12 +330,10 @@ class GradientOracle(ScoreOracle):
             raise ModelError(f"white-box access needs a torch.nn.Module, got {type(model).__name__}")
         if mode not in ("eval", "train", "keep"):
             raise InvalidInputError(f"mode must be 'eval', 'train' or 'keep', got {mode!r}")
-        if layout not in LAYOUTS:
-            raise InvalidInputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        self.layout = ChannelsLastWeights(model, layout)  # checks the layout's name
         super().__init__(model, num_classes=num_classes, budget=None)
         self.module = model
         self.mode: ModeName = mode
-        self.layout = ChannelsLastWeights(model, layout)
         # The model's structure is read once, here: sessions run per call and walking it each time shows.
         self._modules = list(model.modules())
         self._weights = list(model.parameters())
