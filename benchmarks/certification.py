@@ -80,6 +80,8 @@ N0, N, ALPHA = 100, 10_000, 0.001
 REFERENCE_BATCH = 1000  # locuslab/smoothing code/certify.py --batch default
 DEFAULT_SHAPE = "1x28x28"
 SHAPES = {DEFAULT_SHAPE: (1, 28, 28), "3x32x32": (3, 32, 32)}
+DEFAULT_DATASET = "mnist"
+DATASETS = {DEFAULT_DATASET: "MNIST", "fashion-mnist": "Fashion-MNIST"}
 RS_LABEL, ALONE_LABEL = "RS (Gaussian augmentation)", "black box alone"
 
 
@@ -111,10 +113,26 @@ class Setup:
     # "3x32x32": every MNIST image zero-padded to 32x32 and repeated over 3 channels, CIFAR-10's input size (3,072
     # numbers), for the denoised rows only: how the gap between ZO-DS and ZO-AE-DS depends on the input dimension.
     shape: str = DEFAULT_SHAPE
+    # "fashion-mnist": the same study on Fashion-MNIST, whose classifier loses far more to the noise, so the
+    # denoiser has more to learn (the situation of the paper's CIFAR-10 classifier).
+    dataset: str = DEFAULT_DATASET
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
             raise SystemExit(f"shape must be one of {', '.join(SHAPES)}, got {self.shape!r}")
+        if self.dataset not in DATASETS:
+            raise SystemExit(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+
+    @property
+    def is_default(self) -> bool:
+        """The benchmark the targets are set on (MNIST at its own size); other setups are studies."""
+        return self.shape == DEFAULT_SHAPE and self.dataset == DEFAULT_DATASET
+
+    @property
+    def variant(self) -> str:
+        """A name for a study setup: its non-default dataset and shape, e.g. ``3x32x32`` or ``fashion-mnist``."""
+        pieces = [self.dataset] if self.dataset != DEFAULT_DATASET else []
+        return "-".join(pieces + ([self.shape] if self.shape != DEFAULT_SHAPE else []))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -122,8 +140,9 @@ class Setup:
 
     def key(self) -> str:
         fields = asdict(self)
-        if self.shape == DEFAULT_SHAPE:
-            del fields["shape"]  # the cache of runs from before the field existed stays valid
+        for name, default in (("shape", DEFAULT_SHAPE), ("dataset", DEFAULT_DATASET)):
+            if fields[name] == default:
+                del fields[name]  # the cache of runs from before the field existed stays valid
         return json.dumps(fields, sort_keys=True)
 
 
@@ -193,7 +212,7 @@ def thin_cnn(setup: Setup) -> nn.Module:
 
 
 def in_shape(data: ArrayDataset, setup: Setup) -> ArrayDataset:
-    """The MNIST images as ``setup.shape`` asks: unchanged, or zero-padded to 32x32 and repeated over 3 channels."""
+    """The images as ``setup.shape`` asks: unchanged, or zero-padded to 32x32 and repeated over 3 channels."""
     channels, side, _ = setup.input_shape
     if data.x.shape[1:] == setup.input_shape:
         return data
@@ -475,12 +494,13 @@ def render(setup: Setup, cache: Cache) -> str:
     parts = []
     bb = cache.get("black_box") or {}
     ae = cache.get("autoencoder") or {}
+    name = DATASETS[setup.dataset]
+    channels = "" if setup.input_shape[0] == 1 else f"in_channels={setup.input_shape[0]}, "
     if setup.shape == DEFAULT_SHAPE:
-        data, channels = "MNIST", ""
+        data = name
     else:
-        channels = f"in_channels={setup.input_shape[0]}, "
         data = (
-            f"MNIST with every image zero-padded to {setup.input_shape[1]}x{setup.input_shape[2]} and repeated over "
+            f"{name} with every image zero-padded to {setup.input_shape[1]}x{setup.input_shape[2]} and repeated over "
             f"{setup.input_shape[0]} channels ({math.prod(setup.input_shape):,} inputs, CIFAR-10's size, against "
             f"MNIST's 784; the ZO-AE-DS paper's ZO-DS gap is at this size), every model trained on that form"
         )
@@ -491,7 +511,7 @@ def render(setup: Setup, cache: Cache) -> str:
         f"width={setup.denoiser_width})` trained from scratch for {setup.steps} steps of {setup.batch} images (Adam, "
         f"lr {setup.lr}, stability objective, same batches and noise for every row); AE-DS rows add the "
         f"pre-trained autoencoder (`width={setup.ae_width}`, 192-number code; "
-        f"{setup.ae_epochs} epochs on clean MNIST, test MSE {ae.get('test_mse', math.nan):.4f}), encoder trained "
+        f"{setup.ae_epochs} epochs on clean {name}, test MSE {ae.get('test_mse', math.nan):.4f}), encoder trained "
         f"with the denoiser, decoder frozen inside the black box. ZO rows query the black box only through a "
         f"`ScoreOracle`; mu = {setup.mu}, RGE on the unit sphere with forward differences (the reference's). "
         f"Queries/step: black-box queries per training image per step (plus one per training image, once, for "
@@ -536,8 +556,8 @@ def render(setup: Setup, cache: Cache) -> str:
             theirs = " / ".join(pct(v) for v in zo_ds[:3])
             lines.append(f"- sigma {sigma}: ZO-AE-DS (CGE) against ZO-DS at r = 0 / 0.25 / 0.5: {ours} vs {theirs}")
     if lines:
-        # The targets are the MNIST benchmark's; other shapes are a study, read against the same comparisons.
-        heading = "Targets" if setup.shape == DEFAULT_SHAPE else "The targets' comparisons, at this input size"
+        # The targets are the MNIST benchmark's; other setups are studies, read against the same comparisons.
+        heading = "Targets" if setup.is_default else "The targets' comparisons, in this setup"
         parts.append(f"{heading}:\n\n" + "\n".join(lines))
     tp = cache.get("throughput")
     if tp:
@@ -597,8 +617,8 @@ def main(argv: list[str] | None = None) -> None:
             overrides[key] = tuple(overrides[key])
     setup = Setup(**overrides)
     parts = set(args.only.split(",")) if args.only else {"models", "denoised", "throughput", "bounds"}
-    train_data = in_shape(robustlab.load_dataset("mnist", split="train"), setup)
-    test = in_shape(robustlab.load_dataset("mnist", split="test"), setup)
+    train_data = in_shape(robustlab.load_dataset(setup.dataset, split="train"), setup)
+    test = in_shape(robustlab.load_dataset(setup.dataset, split="test"), setup)
     wanted = [name.strip() for name in args.rows.split(",")] if args.rows else None
 
     def chosen(label: str) -> bool:
@@ -634,11 +654,12 @@ def main(argv: list[str] | None = None) -> None:
     print(body)
     log(f"done in {time.perf_counter() - started:.0f} s")
     if not args.no_docs:
-        if setup.shape == DEFAULT_SHAPE:
+        if setup.is_default:
             title = "Certified robustness (MNIST): smoothing, denoised smoothing, bounds"
             write_docs_section("certification", title, body)
         else:
-            write_docs_section(f"certification-{setup.shape}", f"Denoised smoothing at {setup.shape} inputs", body)
+            data = DATASETS[setup.dataset] + (f" at {setup.shape} inputs" if setup.shape != DEFAULT_SHAPE else "")
+            write_docs_section(f"certification-{setup.variant}", f"Denoised smoothing on {data}", body)
 
 
 def estimate(setup: Setup, test: ArrayDataset) -> None:
