@@ -110,7 +110,7 @@ class Setup:
     throughput_images: int = 8
     throughput_rounds: int = 9
     seed: int = 0
-    # "3x32x32": every MNIST image zero-padded to 32x32 and repeated over 3 channels, CIFAR-10's input size (3,072
+    # "3x32x32": every image zero-padded to 32x32 and repeated over 3 channels, CIFAR-10's input size (3,072
     # numbers), for the denoised rows only: how the gap between ZO-DS and ZO-AE-DS depends on the input dimension.
     shape: str = DEFAULT_SHAPE
     # "fashion-mnist": the same study on Fashion-MNIST, whose classifier loses far more to the noise, so the
@@ -502,7 +502,7 @@ def render(setup: Setup, cache: Cache) -> str:
         data = (
             f"{name} with every image zero-padded to {setup.input_shape[1]}x{setup.input_shape[2]} and repeated over "
             f"{setup.input_shape[0]} channels ({math.prod(setup.input_shape):,} inputs, CIFAR-10's size, against "
-            f"MNIST's 784; the ZO-AE-DS paper's ZO-DS gap is at this size), every model trained on that form"
+            f"784 at 28x28; the ZO-AE-DS paper's ZO-DS gap is at this size), every model trained on that form"
         )
     parts.append(
         f"{data}, n0 = {N0}, n = {N:,}, alpha = {ALPHA}; certified accuracy (%) at L2 radius r. The black box is "
