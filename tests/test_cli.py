@@ -102,6 +102,19 @@ def test_list_and_help(capsys) -> None:
     assert "--eps" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["attack", "evaluate", "train", "certify", "serve", "demo"])
+def test_help_states_each_default_once_and_only_when_set(capsys, command: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+    assert "(default: test) (default: test)" not in text
+    if command == "attack":
+        assert "(default: 256)" in text and "(default: linf)" in text and "(default: pgd)" in text
+        assert text.count("(default: 256)") == 1
+
+
 def test_console_script_runs_as_a_process(files) -> None:
     model_path, data_path = files
     done = subprocess.run(

@@ -31,6 +31,24 @@ EXIT_USAGE = 2
 _COMMON_OPTIONS = ("steps", "restarts", "step_size", "loss", "queries")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only when it tells the reader something: not for required options, flags, unset
+    options (None) or help that already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.required
+            or action.default is None
+            or action.default is False
+            or action.default == []
+            or action.default is argparse.SUPPRESS
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -96,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "attack",
         help="attack a model on a data set and report success, distances and queries",
         description="Run one registered attack over a data set. Examples already misclassified count as broken.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_model_data_arguments(attack)
     threat = attack.add_argument_group("threat model")
@@ -144,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="the main job: train or load a CNN on MNIST, attack it, write report.json and report.html",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     demo.add_argument("--out", default="demo-output", help="output directory")
     demo.add_argument("--examples", type=_positive_int, default=500, help="test images to attack")
@@ -162,7 +180,7 @@ def _add_evaluate_parser(commands: Any) -> None:
         description="Run an attack suite as a cascade (each attack only on the examples still standing), with "
         "diagnostics for gradient masking that strengthen the suite when they fire. Writes report.json and "
         "report.html; an interrupted evaluation resumes from its state file when run again.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_model_data_arguments(evaluate)
     evaluate.add_argument("--norm", default="linf", help="linf, l2 or l1")
@@ -191,7 +209,7 @@ def _add_serve_parser(commands: Any) -> None:
         help="serve a model over HTTP answering scores or labels only, with auth, budgets and validation",
         description="Start a FastAPI + uvicorn server for a model (OpenAPI schema at /openapi.json). Point "
         "black-box attacks, the evaluation and zeroth-order training at it with --model http://HOST:PORT.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     serve.add_argument("--model", required=True, help="the model to serve (same forms as for attack)")
     serve.add_argument("--arch", help="architecture for a bare state-dict file")
@@ -217,7 +235,7 @@ def _add_train_parser(commands: Any) -> None:
         description="Train with one of the registered methods (robustlab.training.list_objectives()). The output "
         "directory receives train_state.pt (exact resume), model.pt (the selected weights), history.json, "
         "scalars.jsonl and report.html. Run the same command again to resume after an interruption.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     group = train.add_argument_group("model and data")
     group.add_argument("--data", default="mnist", help="built-in data set or .npz file (its training split is used)")
@@ -261,7 +279,7 @@ def _add_certify_parser(commands: Any) -> None:
         description="smoothing: Cohen et al.'s CERTIFY with n0/n/alpha on a Gaussian-smoothed model; each radius "
         "holds with probability 1 - alpha. ibp/crown: deterministic verification over the eps ball, compared with "
         "PGD's empirical robust accuracy on the same examples.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _add_model_data_arguments(certify)
     certify.add_argument("--method", choices=["smoothing", "ibp", "crown"], default="smoothing")
