@@ -102,7 +102,7 @@ def test_list_and_help(capsys) -> None:
     assert "--eps" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["attack", "evaluate", "train", "certify", "serve", "demo"])
+@pytest.mark.parametrize("command", ["attack", "evaluate", "train", "certify", "denoise", "serve", "demo"])
 def test_help_states_each_default_once_and_only_when_set(capsys, command: str) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])

@@ -387,3 +387,59 @@ def test_cli_certifies_a_model_behind_a_denoiser(tmp_path: object) -> None:
     assert result["denoiser"] == str(path) and result["autoencoder"] is False
     assert len(result["certified_accuracy"]) == 5
     assert main([*common, "--method", "ibp", "--denoiser", str(path)]) == 2  # a clear usage error
+
+
+def test_cli_trains_a_denoiser_through_scores_then_certifies_with_it(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from robustlab.cli import main
+    from robustlab.models import build_model, save_checkpoint
+
+    directory = Path(str(tmp_path))
+    data = _digits(limit=96)
+    torch.manual_seed(0)
+    model = _fit_classifier(build_model("smallcnn", width=4, hidden=16), data, steps=60)
+    checkpoint = save_checkpoint(model, directory / "m.pt", arch="smallcnn", arch_kwargs={"width": 4, "hidden": 16})
+    common = ["denoise", "--model", str(checkpoint), "--data", "digits", "--limit", "96", "--quiet"]
+    small = ["--depth", "2", "--width", "4", "--batch-size", "32", "--steps", "3"]
+    path = directory / "d.pt"
+    assert main([*common, *small, "--method", "zo-ds", "--q", "4", "--queries", "1000", "--out", str(path)]) == 0
+    bundle = load_denoiser(path)
+    assert isinstance(bundle.denoiser, DnCNN) and bundle.encoder is None
+    summary = bundle.extra["summary"]
+    # 3 steps of 32 images, each image 4 forward-difference probes + its unperturbed point; 96 stability targets once.
+    assert summary["steps"] == 3 and summary["queries_per_step"] == 32 * 5
+    assert summary["total_queries"] == 3 * 32 * 5 + 96
+    certified = directory / "c.json"
+    certify = ["certify", "--model", str(checkpoint), "--data", "digits", "--limit", "3", "--n", "100", "--quiet"]
+    assert main([*certify, "--denoiser", str(path), "--out", str(certified)]) == 0
+    assert json.loads(certified.read_text())["denoiser"] == str(path)
+
+    # A budget that cannot pay for one step: a usage error, and no file.
+    assert (
+        main([*common, *small, "--method", "zo-ds", "--q", "4", "--queries", "3", "--out", str(directory / "no.pt")])
+        == 2
+    )
+    assert not (directory / "no.pt").exists()
+    # First-order methods need a local model; MSE does not involve the model; the autoencoder needs 28x28 or 32x32.
+    assert main(["denoise", "--model", "http://127.0.0.1:9/m", "--data", "digits", "--method", "fo-ds"]) == 2
+    assert main([*common, "--method", "zo-ds", "--objective", "mse"]) == 2
+    assert main([*common, *small, "--method", "zo-ae-ds"]) == 2
+
+    # The autoencoder path on 28x28 images: FO-AE-DS writes denoiser, encoder and decoder.
+    digits28 = _digits(size=28, limit=64)
+    npz = directory / "d28.npz"
+    np.savez(npz, x=digits28.x.numpy(), y=digits28.y.numpy())
+    model28 = _fit_classifier(build_model("smallcnn", width=4, hidden=16), digits28, steps=30)
+    checkpoint28 = save_checkpoint(
+        model28, directory / "m28.pt", arch="smallcnn", arch_kwargs={"width": 4, "hidden": 16}
+    )
+    ae_path = directory / "ae.pt"
+    args = ["denoise", "--model", str(checkpoint28), "--data", str(npz), "--quiet", *small, "--ae-epochs", "1"]
+    assert main([*args, "--method", "fo-ae-ds", "--out", str(ae_path)]) == 0
+    ae_bundle = load_denoiser(ae_path)
+    assert ae_bundle.encoder is not None and ae_bundle.decoder is not None
+    assert ae_bundle.extra["method"] == "fo-ae-ds" and ae_bundle.extra["summary"]["steps"] == 2

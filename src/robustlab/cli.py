@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -95,10 +95,10 @@ def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="a built-in data set (digits, mnist, fashion-mnist, cifar10-sample) or an .npz file with arrays x and y",
     )
-    group.add_argument("--split", default="test", choices=["train", "test"], help="data split (default: test)")
-    group.add_argument("--limit", type=_positive_int, help="attack only the first N examples")
+    group.add_argument("--split", default="test", choices=["train", "test"], help="data split")
+    group.add_argument("--limit", type=_positive_int, help="use only the first N examples")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    group.add_argument("--batch-size", type=_positive_int, default=256, help="examples per batch (default: 256)")
+    group.add_argument("--batch-size", type=_positive_int, default=256, help="examples per batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(commands)
     _add_train_parser(commands)
     _add_certify_parser(commands)
+    _add_denoise_parser(commands)
 
     listing = commands.add_parser("list", help="list the registered attacks with access level and norms")
     listing.add_argument("--access", choices=["gradient", "scores", "labels"], help="only this access level")
@@ -304,6 +305,49 @@ def _add_certify_parser(commands: Any) -> None:
     certify.add_argument("--report", help="write report.json and report.html into this directory")
     certify.add_argument("--quiet", action="store_true", help="no progress bar")
     certify.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+DENOISE_METHODS = ("zo-ae-ds", "zo-ds", "fo-ae-ds", "fo-ds")
+
+
+def _add_denoise_parser(commands: Any) -> None:
+    denoise = commands.add_parser(
+        "denoise",
+        help="train a denoiser in front of a frozen model for denoised smoothing (FO-DS, ZO-DS, ZO-AE-DS)",
+        description="Train a denoiser placed in front of a frozen classifier so that its Gaussian-smoothed version "
+        "certifies (denoised smoothing). zo-ds and zo-ae-ds query the classifier for scores only, so --model may be "
+        "the URL of a robustlab model server; fo-ds and fo-ae-ds back-propagate through a local model. The -ae- "
+        "methods first pre-train an autoencoder on the training images and estimate gradients at its latent code. "
+        "Then: robustlab certify --model MODEL --denoiser OUT ...",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_data_arguments(denoise)
+    denoise.set_defaults(split="train", batch_size=32)
+    method = denoise.add_argument_group("denoised smoothing")
+    method.add_argument("--method", choices=DENOISE_METHODS, default="zo-ae-ds", help="how the denoiser is trained")
+    method.add_argument(
+        "--sigma", type=_positive_float, default=0.25, help="noise level the model will be certified at"
+    )
+    method.add_argument(
+        "--objective", choices=["stability", "mse"], default="stability", help="training loss (mse: fo-ds only)"
+    )
+    method.add_argument("--estimator", choices=["rge", "cge"], default="rge", help="zeroth-order gradient estimator")
+    method.add_argument("--q", type=_positive_int, default=192, help="RGE directions per estimate")
+    method.add_argument("--mu", type=_positive_float, default=0.005, help="probe radius of the estimator")
+    method.add_argument("--queries", type=_positive_int, help="query budget per training image over the whole run")
+    method.add_argument("--depth", type=_positive_int, default=17, help="DnCNN layers (the default is the paper's)")
+    method.add_argument("--width", type=_positive_int, default=64, help="DnCNN channels (the default is the paper's)")
+    method.add_argument(
+        "--ae-epochs", type=_positive_int, default=5, help="autoencoder pre-training epochs (-ae- methods)"
+    )
+    loop = denoise.add_argument_group("training")
+    loop.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training images")
+    loop.add_argument("--steps", type=_positive_int, help="stop after this many optimizer steps")
+    loop.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
+    loop.add_argument("--seed", type=int, default=0, help="seeds data order, noise and directions")
+    denoise.add_argument("--out", default="denoiser.pt", help="the denoiser file to write")
+    denoise.add_argument("--quiet", action="store_true", help="no progress bar")
+    denoise.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _version() -> str:
@@ -690,6 +734,80 @@ def run_certify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_denoise(args: argparse.Namespace) -> int:
+    """Denoised smoothing's training on the command line: FO-DS / FO-AE-DS (local model) or ZO-DS / ZO-AE-DS."""
+    import torch
+
+    from robustlab.certification import (
+        DenoisedConfig,
+        DnCNN,
+        FitConfig,
+        autoencoder,
+        save_denoiser,
+        train_autoencoder,
+        train_denoiser,
+        train_denoiser_zo,
+    )
+    from robustlab.data import load_dataset
+    from robustlab.errors import ConfigError
+    from robustlab.oracles import ScoreOracle, module_function
+    from robustlab.zeroth_order import CGE, RGE
+
+    zeroth_order, with_ae = args.method.startswith("zo-"), "-ae-" in args.method
+    if args.objective == "mse" and args.method != "fo-ds":
+        raise ConfigError(
+            f"--objective mse goes with --method fo-ds (it does not involve the model), not {args.method}"
+        )
+    if not zeroth_order and _is_url(args.model):
+        raise ConfigError(
+            f"--method {args.method} back-propagates through the model, which a URL does not allow: "
+            "use --method zo-ae-ds or zo-ds for a model behind a server"
+        )
+    if not zeroth_order and args.queries is not None:
+        raise ConfigError(f"--queries limits zeroth-order training; {args.method} makes no queries")
+    device = _device(args.device)
+    data = load_dataset(args.data, split=args.split, limit=args.limit)
+    model, _ = _open_model(args, device, budget=args.queries)
+    if zeroth_order and not _is_url(args.model):  # a local model is still reached through scores only
+        model = ScoreOracle(module_function(model), budget=args.queries)
+    torch.manual_seed(args.seed)  # the modules' initial weights
+    channels = data.image_shape[0]
+    denoiser = DnCNN(channels, depth=args.depth, width=args.width).to(device)
+    fit = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_steps": args.steps}
+    config = DenoisedConfig(sigma=args.sigma, objective=args.objective, seed=args.seed, **fit)
+    encoder = decoder = None
+    if with_ae:
+        encoder, decoder = (
+            module.to(device) for module in autoencoder(cast(tuple[int, int, int], tuple(data.image_shape)))
+        )
+        ae_config = FitConfig(epochs=args.ae_epochs, batch_size=128, lr=1e-3, seed=args.seed)
+        pre = train_autoencoder(encoder, decoder, data, ae_config)
+        print(f"autoencoder: {pre.steps} steps, reconstruction loss {pre.losses[0]:.4f} -> {pre.losses[-1]:.4f}")
+    front = {"encoder": encoder, "decoder": decoder}
+    if zeroth_order:
+        estimator = CGE(mu=args.mu) if args.estimator == "cge" else RGE(args.q, args.mu, "sphere", "forward")
+        result = train_denoiser_zo(denoiser, data, model, estimator, config, progress=not args.quiet, **front)
+    else:
+        result = train_denoiser(denoiser, data, model, config, progress=not args.quiet, **front)
+    summary = result.summary()
+    if summary["steps"] == 0:
+        raise ConfigError(
+            f"--queries {args.queries} does not pay for one training step ({result.queries_per_example} queries per "
+            f"image a step, plus 1 once per image): nothing trained, no file written"
+        )
+    extra = {"method": args.method, "sigma": args.sigma, "model": args.model, "data": args.data, "summary": summary}
+    path = save_denoiser(args.out, denoiser, extra=extra, **front)
+    print(f"{summary['method']}: {summary['steps']} steps in {summary['seconds']:.0f} s, loss "
+          f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")  # fmt: skip
+    if zeroth_order:
+        print(f"  {summary['estimator']}: {summary['queries_per_step']:.0f} queries per step, "
+              f"{summary['total_queries']} in all")  # fmt: skip
+    if summary["stopped_early"]:
+        print(f"  stopped early: {summary['stopped_early']}")
+    print(f"wrote {path}; certify with: robustlab certify --model {args.model} --denoiser {path} --sigma {args.sigma}")
+    return EXIT_OK
+
+
 def run_list(args: argparse.Namespace) -> int:
     from robustlab import list_attacks
 
@@ -758,6 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": run_evaluate,
         "serve": run_serve,
         "certify": run_certify,
+        "denoise": run_denoise,
     }
     debug = bool(getattr(args, "debug", False))
     from robustlab.errors import RobustlabError
