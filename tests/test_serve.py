@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import robustlab
+from robustlab.certification import load_denoiser
 from robustlab.remote import RemoteModel, connect, encode_array
 from robustlab.serve import ServerConfig, create_app
 
@@ -228,9 +229,12 @@ def test_evaluation_through_http_matches_in_process() -> None:
         evaluate(connect(url), (x, y), threat, Suite.custom(["square"]), progress=False)
 
 
-def test_cli_attacks_a_url(tmp_path: Path) -> None:
+def test_cli_attacks_a_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from robustlab.cli import main
 
+    closed: list[str] = []
+    original_close = RemoteModel.close
+    monkeypatch.setattr(RemoteModel, "close", lambda self: (closed.append(self.url), original_close(self))[1])
     model = small_model()
     x, y = batch(10)
     data = tmp_path / "d.npz"
@@ -244,6 +248,24 @@ def test_cli_attacks_a_url(tmp_path: Path) -> None:
         assert code == 0
         assert json.loads(out.read_text())["examples"] == 10
         assert main(["attack", "--model", url, "--data", str(data), "--method", "rays", "--eps", "0.2", "--quiet"]) == 2
+        assert closed == [url, url]  # both commands closed their connection, the refused one included
+        # Zeroth-order denoiser training needs scores: a labels server is a usage error, not a crash.
+        denoise = ["denoise", "--model", url, "--token", "k", "--data", str(data), "--method", "zo-ds", "--quiet"]
+        assert main([*denoise, "--depth", "2", "--width", "2", "--out", str(tmp_path / "d.pt")]) == 2
+        assert not (tmp_path / "d.pt").exists() and closed == [url, url, url]
+    with live_server(model, mode="scores") as url:  # the image box: the noisy inputs of ZO-DS are refused
+        denoise = ["denoise", "--model", url, "--data", str(data), "--method", "zo-ds", "--quiet", "--q", "3"]
+        assert (
+            main([*denoise, "--depth", "2", "--width", "2", "--batch-size", "5", "--out", str(tmp_path / "d.pt")]) == 2
+        )
+    assert "--bounds -inf inf" in capsys.readouterr().err
+    with live_server(model, mode="scores", bounds=(float("-inf"), float("inf"))) as url:
+        denoise = ["denoise", "--model", url, "--data", str(data), "--method", "zo-ds", "--quiet", "--q", "3"]
+        assert (
+            main([*denoise, "--depth", "2", "--width", "2", "--batch-size", "5", "--out", str(tmp_path / "d.pt")]) == 0
+        )
+        summary = load_denoiser(tmp_path / "d.pt").extra["summary"]
+        assert summary["steps"] == 2 and summary["total_queries"] == 2 * 5 * 4 + 10
 
 
 def _zo_ae_ds(black_box: object) -> object:

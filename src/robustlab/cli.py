@@ -523,6 +523,7 @@ def _open_model(args: argparse.Namespace, device: Any, budget: int | None = None
         from robustlab.remote import connect
 
         oracle = connect(args.model, token=getattr(args, "token", None), budget=budget)
+        args.close_on_exit.append(oracle.model)  # its HTTP connection, closed by main() when the command ends
         return oracle, oracle.model
     model = load_model(args.model, arch=args.arch, device=device)
     return model, model
@@ -804,7 +805,9 @@ def run_denoise(args: argparse.Namespace) -> int:
               f"{summary['total_queries']} in all")  # fmt: skip
     if summary["stopped_early"]:
         print(f"  stopped early: {summary['stopped_early']}")
-    print(f"wrote {path}; certify with: robustlab certify --model {args.model} --denoiser {path} --sigma {args.sigma}")
+    token = " --token TOKEN" if args.token else ""
+    print(f"wrote {path}; certify with: robustlab certify --model {args.model}{token} --denoiser {path} "
+          f"--sigma {args.sigma}")  # fmt: skip
     return EXIT_OK
 
 
@@ -879,6 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "denoise": run_denoise,
     }
     debug = bool(getattr(args, "debug", False))
+    args.close_on_exit = []
     from robustlab.errors import RobustlabError
 
     try:
@@ -903,6 +907,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    finally:
+        for opened in args.close_on_exit:
+            opened.close()
 
 
 if __name__ == "__main__":

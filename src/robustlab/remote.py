@@ -117,7 +117,13 @@ class RemoteModel:
         if response.status_code == 429:
             raise QueryBudgetExceeded(f"the model server's query budget is exhausted: {detail}")
         if response.status_code in (400, 413, 422):
-            raise InvalidInputError(f"the model server rejected the request: {detail}")
+            hint = ""
+            if "must lie in" in str(detail):  # the server's input-box check
+                hint = (
+                    " (randomized smoothing and zeroth-order denoiser training query noisy or decoded inputs outside "
+                    "the image box: serve the model with --bounds -inf inf for them; see docs/serving.md)"
+                )
+            raise InvalidInputError(f"the model server rejected the request: {detail}{hint}")
         raise ModelError(f"the model server failed ({response.status_code}): {detail}")
 
     # ------------------------------------------------------------------- API
@@ -167,6 +173,10 @@ def connect(
     per-client total on top).
     """
     remote = RemoteModel(url, token=token, **options)
-    info = remote.info()
+    try:
+        info = remote.info()
+    except BaseException:  # refused credentials, no server, ...: do not leave the connection open
+        remote.close()
+        raise
     oracle_type = ScoreOracle if info["mode"] == "scores" else LabelOracle
     return oracle_type(remote, num_classes=int(info["num_classes"]), budget=budget)
