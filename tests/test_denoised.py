@@ -258,6 +258,68 @@ def test_a_query_budget_stops_training_before_a_step_it_cannot_afford() -> None:
     assert black_box.total_queries == 16 * 13
 
 
+class Killed(Exception):
+    """Stands for the process dying in the middle of a run."""
+
+
+def test_a_killed_zo_run_resumes_to_exactly_the_uninterrupted_result(
+    tmp_path: object, digits28: ArrayDataset, pretrained_ae: tuple[nn.Module, nn.Module]
+) -> None:
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    config = DenoisedConfig(sigma=0.5, batch_size=16, epochs=2, max_steps=11, seed=3)  # crosses an epoch
+    estimator = RGE(q=4, mu=0.005, directions="sphere", difference="forward")
+
+    def run(black_box: object, **options: object) -> tuple[object, list[Tensor]]:
+        torch.manual_seed(1)
+        denoiser, (encoder, decoder) = DnCNN(1, depth=3, width=4), (copy.deepcopy(m) for m in pretrained_ae)
+        result = train_denoiser_zo(
+            denoiser,
+            digits28,
+            black_box,
+            estimator,
+            config,
+            encoder=encoder,
+            decoder=decoder,
+            **options,  # type: ignore[arg-type]
+        )
+        return result, [p.detach().clone() for m in (denoiser, encoder) for p in m.parameters()]
+
+    whole, whole_weights = run(classifier)
+
+    calls = [0]
+
+    def dies_on_the_ninth_call(x: Tensor) -> Tensor:
+        calls[0] += 1
+        if calls[0] == 9:
+            raise Killed
+        return classifier(x)
+
+    state = Path(str(tmp_path)) / "zo.state"
+    with pytest.raises(Killed):  # two calls a step in the first epoch (targets, estimate): dies in step 5
+        run(ScoreOracle(dies_on_the_ninth_call), checkpoint=state, checkpoint_every=2)
+    assert state.exists()  # written after steps 2 and 4
+    counting = CountingModel(classifier)
+    resumed, resumed_weights = run(ScoreOracle(module_function(counting)), checkpoint=state, checkpoint_every=2)
+    assert resumed.losses == whole.losses  # type: ignore[attr-defined]
+    assert resumed.queries_per_step == whole.queries_per_step  # type: ignore[attr-defined]
+    assert resumed.target_queries == whole.target_queries  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in zip(resumed_weights, whole_weights))
+    # The resumed process only paid for steps 5-11: the first four steps' queries were not made again.
+    assert sum(counting.calls) == sum(whole.queries_per_step[4:])  # type: ignore[attr-defined]
+    # A finished state resumes to the same result without a query; a different run's state is refused.
+    again = CountingModel(classifier)
+    finished, _ = run(ScoreOracle(module_function(again)), checkpoint=state)
+    assert finished.losses == whole.losses and again.calls == []  # type: ignore[attr-defined]
+    other = RGE(q=5, mu=0.005, directions="sphere", difference="forward")
+    with pytest.raises(ConfigError, match="different training run"):
+        train_denoiser_zo(DnCNN(1, depth=3, width=4), digits28, classifier, other, config, checkpoint=state)
+    fresh, _ = run(classifier, checkpoint=state, resume=False)
+    assert fresh.losses == whole.losses  # type: ignore[attr-defined]
+
+
 # ------------------------------------------------------------------------------------------------ first order
 def test_first_order_training_leaves_the_frozen_modules_as_they_were(
     digits28: ArrayDataset, linear28: nn.Module, pretrained_ae: tuple[nn.Module, nn.Module]
@@ -413,6 +475,16 @@ def test_cli_trains_a_denoiser_through_scores_then_certifies_with_it(tmp_path: o
     # 3 steps of 32 images, each image 4 forward-difference probes + its unperturbed point; 96 stability targets once.
     assert summary["steps"] == 3 and summary["queries_per_step"] == 32 * 5
     assert summary["total_queries"] == 3 * 32 * 5 + 96
+    # A rerun continues from d.pt.state (here: already finished) to the same denoiser; other options are refused.
+    assert (directory / "d.pt.state").exists()
+    assert main([*common, *small, "--method", "zo-ds", "--q", "4", "--queries", "1000", "--out", str(path)]) == 0
+    rerun = load_denoiser(path)
+    assert rerun.extra["summary"]["total_queries"] == summary["total_queries"]
+    assert all(
+        torch.equal(a, b) for a, b in zip(rerun.denoiser.state_dict().values(), bundle.denoiser.state_dict().values())
+    )
+    assert main([*common, *small, "--method", "zo-ds", "--q", "5", "--out", str(path)]) == 2
+    assert main([*common, *small, "--method", "zo-ds", "--q", "5", "--out", str(path), "--no-resume"]) == 0
     certified = directory / "c.json"
     certify = ["certify", "--model", str(checkpoint), "--data", "digits", "--limit", "3", "--n", "100", "--quiet"]
     assert main([*certify, "--denoiser", str(path), "--out", str(certified)]) == 0

@@ -346,6 +346,14 @@ def _add_denoise_parser(commands: Any) -> None:
     loop.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
     loop.add_argument("--seed", type=int, default=0, help="seeds data order, noise and directions")
     denoise.add_argument("--out", default="denoiser.pt", help="the denoiser file to write")
+    denoise.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=10,
+        help="zeroth-order steps between saves of the training state (OUT.state); a rerun of the same command "
+        "continues from it without paying again for the queries already made",
+    )
+    denoise.add_argument("--no-resume", action="store_true", help="start over even if OUT.state exists")
     denoise.add_argument("--quiet", action="store_true", help="no progress bar")
     denoise.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -781,13 +789,27 @@ def run_denoise(args: argparse.Namespace) -> int:
         encoder, decoder = (
             module.to(device) for module in autoencoder(cast(tuple[int, int, int], tuple(data.image_shape)))
         )
+        ae_file = Path(args.out).with_name(Path(args.out).name + ".autoencoder")
         ae_config = FitConfig(epochs=args.ae_epochs, batch_size=128, lr=1e-3, seed=args.seed)
-        pre = train_autoencoder(encoder, decoder, data, ae_config)
-        print(f"autoencoder: {pre.steps} steps, reconstruction loss {pre.losses[0]:.4f} -> {pre.losses[-1]:.4f}")
+        ae_key = f"{args.data} {args.split} {args.limit} {tuple(data.x.shape)} {ae_config!r}"
+        saved = torch.load(ae_file, map_location=device, weights_only=True) if ae_file.exists() else {}
+        if saved.get("key") == ae_key and not args.no_resume:  # the stage-1 autoencoder of the run being resumed
+            encoder.load_state_dict(saved["encoder"])
+            decoder.load_state_dict(saved["decoder"])
+            print(f"autoencoder: loaded from {ae_file}")
+        else:
+            pre = train_autoencoder(encoder, decoder, data, ae_config)
+            print(f"autoencoder: {pre.steps} steps, reconstruction loss {pre.losses[0]:.4f} -> {pre.losses[-1]:.4f}")
+            ae_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": ae_key, "encoder": encoder.state_dict(), "decoder": decoder.state_dict()}, ae_file)
     front = {"encoder": encoder, "decoder": decoder}
     if zeroth_order:
         estimator = CGE(mu=args.mu) if args.estimator == "cge" else RGE(args.q, args.mu, "sphere", "forward")
-        result = train_denoiser_zo(denoiser, data, model, estimator, config, progress=not args.quiet, **front)
+        state = Path(args.out).with_name(Path(args.out).name + ".state")
+        result = train_denoiser_zo(
+            denoiser, data, model, estimator, config, progress=not args.quiet, checkpoint=state,
+            checkpoint_every=args.checkpoint_every, resume=not args.no_resume, **front,
+        )  # fmt: skip
     else:
         result = train_denoiser(denoiser, data, model, config, progress=not args.quiet, **front)
     summary = result.summary()

@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -387,6 +389,9 @@ def train_denoiser_zo(
     encoder: nn.Module | None = None,
     decoder: nn.Module | None = None,
     progress: bool = False,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = True,
 ) -> DenoiserTrainResult:
     """Zeroth-order denoised smoothing: ZO-DS, or ZO-AE-DS with ``encoder`` and ``decoder``.
 
@@ -411,12 +416,18 @@ def train_denoiser_zo(
         encoder, decoder: the pre-trained autoencoder (ZO-AE-DS). The decoder is frozen and queried as part of
             the black box; the encoder is trained unless ``config.train_encoder`` is False.
         progress: show a progress bar.
+        checkpoint: a file for the training state (modules, optimizer, random generators, every example's query
+            count, the stability targets, the history), written every ``checkpoint_every`` steps and at the end.
+            With ``resume`` (default) an existing state is continued: the run ends exactly as an uninterrupted one,
+            and queries already paid for are not made again. A state from a different run is refused.
     """
     config = config or DenoisedConfig()
     config.validate()
     _check_autoencoder(encoder, decoder)
     if not isinstance(denoiser, nn.Module):
         raise ConfigError(f"the denoiser must be a torch.nn.Module, got {type(denoiser).__name__}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     if config.objective != "stability":
         raise ConfigError(
             f"zeroth-order training optimizes the stability objective through the black box; the "
@@ -448,13 +459,22 @@ def train_denoiser_zo(
     autoencoded = encoder is not None and decoder is not None
     result = DenoiserTrainResult(method="ZO-AE-DS" if autoencoded else "ZO-DS", estimator=repr(estimator))
     decode: Callable[[Tensor], Tensor] | None = decoder if autoencoded else None
-    started = time.perf_counter()
+    state_file = Path(checkpoint).expanduser() if checkpoint is not None else None
+    run = _TrainingState(
+        state_file, _run_identity(config, estimator, data, modules), modules, optimizer, noise_generator,
+        direction_generator, oracle, targets, result,
+    )  # fmt: skip
+    done = run.restore() if resume else 0
+    started = time.perf_counter() - result.seconds
     frozen_encoder = encoder if encoder is not None and not config.train_encoder else None
     with _frozen(decoder, frozen_encoder):
         for module in modules:
             module.train()
         bar = _progress(config.total_steps(len(data)), f"{result.method} {type(estimator).__name__}", progress)
-        for index in batches(config, len(data)):
+        bar.update(done)
+        for step, index in enumerate(batches(config, len(data))):
+            if step < done:  # the batch order is seeded: skipping reproduces the interrupted run's sequence
+                continue
             index = index.to(device)
             x = data.x[index.cpu()].to(device, dtype)
             fresh = index[targets[index] < 0]
@@ -494,8 +514,91 @@ def train_denoiser_zo(
             result.queries_per_example = per_example
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", queries=result.queries_per_step[-1])
+            if result.steps % checkpoint_every == 0:
+                result.seconds = time.perf_counter() - started
+                run.save()
         bar.close()
     for module in modules:
         module.eval()
     result.seconds = time.perf_counter() - started
+    run.save()
     return result
+
+
+def _run_identity(
+    config: DenoisedConfig, estimator: GradientEstimator, data: ArrayDataset, modules: list[nn.Module]
+) -> str:
+    """What must match for a saved state to continue this run: options, estimator, data and module shapes."""
+    shapes = [tuple(p.shape) for m in modules for p in m.parameters()]
+    fingerprint = f"{tuple(data.x.shape)} {float(data.x.double().sum()):.10g}"
+    return f"{config!r} | {estimator!r} | {fingerprint} | {shapes}"
+
+
+_STATE_FORMAT = "robustlab-zo-denoiser-state-1"
+
+
+@dataclass
+class _TrainingState:
+    """Everything an interrupted zeroth-order denoiser training needs to continue exactly (see ``checkpoint``)."""
+
+    path: Path | None
+    identity: str
+    modules: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    noise_generator: torch.Generator
+    direction_generator: torch.Generator
+    oracle: ScoreOracle
+    targets: Tensor
+    result: DenoiserTrainResult
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        r = self.result
+        payload = {
+            "format": _STATE_FORMAT,
+            "identity": self.identity,
+            "modules": [m.state_dict() for m in self.modules],
+            "optimizer": self.optimizer.state_dict(),
+            "noise_generator": self.noise_generator.get_state(),
+            "direction_generator": self.direction_generator.get_state(),
+            "queries": self.oracle.queries.cpu(),
+            "targets": self.targets.cpu(),
+            "result": {
+                "losses": r.losses, "queries_per_step": r.queries_per_step, "target_queries": r.target_queries,
+                "dimension": r.dimension, "queries_per_example": r.queries_per_example, "seconds": r.seconds,
+                "stopped_early": r.stopped_early,
+            },
+        }  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.path)  # a kill while writing leaves the previous state intact
+
+    def restore(self) -> int:
+        """Load the saved state if there is one; the number of steps already done."""
+        if self.path is None or not self.path.exists():
+            return 0
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ConfigError(
+                f"{self.path} cannot be read as a training state ({exc}); delete it to start over"
+            ) from exc
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ConfigError(f"{self.path} is not a zeroth-order denoiser training state; delete it or pass another")
+        if state["identity"] != self.identity:
+            raise ConfigError(
+                f"{self.path} holds the state of a different training run (other options, estimator, data or "
+                "modules); delete it, pass resume=False (CLI: --no-resume) or another checkpoint file"
+            )
+        for module, saved in zip(self.modules, state["modules"]):
+            module.load_state_dict(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise_generator.set_state(state["noise_generator"])
+        self.direction_generator.set_state(state["direction_generator"])
+        self.oracle.queries.copy_(state["queries"])
+        self.targets.copy_(state["targets"])
+        for name, value in state["result"].items():
+            setattr(self.result, name, value)
+        return len(self.result.losses)
