@@ -85,6 +85,23 @@ def test_missing_files_are_named(files, capsys) -> None:
     assert "missing.npz" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["attack", "evaluate", "certify", "denoise"])
+def test_data_the_model_cannot_take_is_named_not_a_torch_error(tmp_path: Path, capsys, command: str) -> None:
+    torch.manual_seed(0)
+    model_path = tmp_path / "linear36.pt"  # a model for 6x6 images only
+    torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 10))).save(str(model_path))
+    extra = {
+        "attack": ["--eps", "0.1"],
+        "evaluate": ["--eps", "0.1", "--out", str(tmp_path / "e")],
+        "denoise": ["--method", "zo-ds", "--out", str(tmp_path / "d.pt")],
+    }
+    code = main([command, "--model", str(model_path), "--data", "digits", "--limit", "4", "--quiet",
+                 *extra.get(command, [])])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot take the images of digits (each of shape (1, 8, 8))" in err and "Traceback" not in err
+
+
 def test_argparse_rejects_bad_eps(files) -> None:
     model_path, data_path = files
     with pytest.raises(SystemExit) as exc:

@@ -413,6 +413,7 @@ def run_attack(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, predict = _open_model(args, device, budget=options.get("queries"))
     data = load_dataset(args.data, split=args.split, limit=args.limit)
+    _check_model_fits_data(model, data, args, device)
     x, y = data.x, data.y
     threat.check_inputs(x, name=f"data set {args.data!r}")
 
@@ -537,6 +538,39 @@ def _open_model(args: argparse.Namespace, device: Any, budget: int | None = None
     return model, model
 
 
+def _check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, device: Any) -> None:
+    """One forward pass on two examples, so a model/data mismatch is named here rather than deep inside torch."""
+    import torch
+    from torch import nn
+
+    from robustlab.errors import ModelError
+
+    if not isinstance(model, nn.Module):
+        return  # a server checks shapes itself and answers with a message
+    sample = data.x[:2].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(sample)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(exc).__name__  # TorchScript puts its own traceback before the error
+        raise ModelError(
+            f"the model {args.model} cannot take the images of {args.data} (each of shape {tuple(data.x.shape[1:])}): "
+            f"its forward pass failed with: {reason}. Check that --data is the data the model was made for"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] != sample.shape[0]:
+        shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise ModelError(f"the model {args.model} must return scores of shape (batch, classes), got {shape}")
+    if outputs.shape[1] < data.num_classes:
+        raise ModelError(
+            f"the model {args.model} answers {outputs.shape[1]} classes but {args.data} has {data.num_classes}"
+        )
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from robustlab import ThreatModel
     from robustlab.data import load_dataset
@@ -547,6 +581,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, _ = _open_model(args, device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
+    _check_model_fits_data(model, data, args, device)
     suite: str | Suite = args.suite
     if args.attacks:
         suite = Suite.custom([name.strip() for name in args.attacks.split(",") if name.strip()])
@@ -594,6 +629,7 @@ def run_train(args: argparse.Namespace) -> int:
     threat = ThreatModel(args.norm, args.eps, *data.bounds)
     if args.model:
         model = load_model(args.model, device=device)
+        _check_model_fits_data(model, data, args, device)
         arch, arch_kwargs = None, None
     else:
         arch_kwargs = {"in_channels": data.image_shape[0], "num_classes": data.num_classes}
@@ -679,6 +715,7 @@ def run_certify(args: argparse.Namespace) -> int:
     else:
         model = load_model(args.model, arch=args.arch, device=device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
+    _check_model_fits_data(model, data, args, device)
     x, y = data.x.to(device), data.y.to(device)
     out: dict[str, Any] = {"model": args.model, "data": args.data, "split": args.split, "examples": len(y)}
     report = Report(f"robustlab certify: {args.method}")
@@ -777,6 +814,7 @@ def run_denoise(args: argparse.Namespace) -> int:
     device = _device(args.device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
     model, _ = _open_model(args, device, budget=args.queries)
+    _check_model_fits_data(model, data, args, device)
     if zeroth_order and not _is_url(args.model):  # a local model is still reached through scores only
         model = ScoreOracle(module_function(model), budget=args.queries)
     torch.manual_seed(args.seed)  # the modules' initial weights
