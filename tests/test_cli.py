@@ -102,6 +102,16 @@ def test_data_the_model_cannot_take_is_named_not_a_torch_error(tmp_path: Path, c
     assert "cannot take the images of digits (each of shape (1, 8, 8))" in err and "Traceback" not in err
 
 
+def test_an_unbounded_input_box_parses_as_the_docs_write_it() -> None:
+    from robustlab.cli import build_parser, command_line_arguments
+
+    argv = ["serve", "--model", "m.pt", "--mode", "labels", "--bounds", "-inf", "inf", "--port", "8000"]
+    args = build_parser().parse_args(command_line_arguments(argv))
+    assert args.bounds == [float("-inf"), float("inf")] and args.port == 8000
+    args = build_parser().parse_args(command_line_arguments(["serve", "--model", "m.pt", "--bounds", "-1", "1"]))
+    assert args.bounds == [-1.0, 1.0]
+
+
 def test_argparse_rejects_bad_eps(files) -> None:
     model_path, data_path = files
     with pytest.raises(SystemExit) as exc:

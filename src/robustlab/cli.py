@@ -925,9 +925,16 @@ def entry() -> NoReturn:
     sys.exit(code)
 
 
+def command_line_arguments(argv: Sequence[str] | None) -> list[str]:
+    """``argv`` (default ``sys.argv[1:]``) with ``-inf`` readable as a value: argparse takes any ``-word`` for an
+    option, so ``--bounds -inf inf`` failed. A leading space makes argparse see a value; ``float`` ignores it."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    return [" " + token if token.lower() in ("-inf", "-infinity") else token for token in tokens]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(command_line_arguments(argv))
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
