@@ -836,7 +836,7 @@ def run_denoise(args: argparse.Namespace) -> int:
             decoder.load_state_dict(saved["decoder"])
             print(f"autoencoder: loaded from {ae_file}")
         else:
-            pre = train_autoencoder(encoder, decoder, data, ae_config)
+            pre = train_autoencoder(encoder, decoder, data, ae_config, progress=not args.quiet)
             print(f"autoencoder: {pre.steps} steps, reconstruction loss {pre.losses[0]:.4f} -> {pre.losses[-1]:.4f}")
             ae_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"key": ae_key, "encoder": encoder.state_dict(), "decoder": decoder.state_dict()}, ae_file)

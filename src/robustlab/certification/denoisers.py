@@ -307,7 +307,12 @@ def _fit(
     data: ArrayDataset,
     config: FitConfig,
     loss_of: Callable[[Tensor, torch.Generator], Tensor],
+    *,
+    progress: bool = False,
+    desc: str = "training",
 ) -> FitResult:
+    from tqdm.auto import tqdm
+
     config.validate()
     device, dtype = module_device(*modules), module_dtype(*modules)
     check_training_data(data)
@@ -320,6 +325,7 @@ def _fit(
     started = time.perf_counter()
     for module in modules:
         module.train()
+    bar = tqdm(total=config.total_steps(len(data)), desc=desc, unit="step", disable=not progress, leave=False)
     for index in batches(config, len(data)):
         x = data.x[index].to(device, dtype)
         loss = loss_of(x, noise)
@@ -329,6 +335,9 @@ def _fit(
         loss.backward()
         optimizer.step()
         result.losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+    bar.close()
     for module in modules:
         module.eval()
     result.seconds = time.perf_counter() - started
@@ -369,11 +378,12 @@ def train_autoencoder(
     config: FitConfig | None = None,
     *,
     sigma: float = 0.0,
+    progress: bool = False,
 ) -> FitResult:
     """Stage 1 of ZO-AE-DS: minimize the reconstruction loss ``mean ||Dec(Enc(x + n)) - x||^2`` (white box).
 
     ``sigma = 0`` (default) reconstructs clean images, as the reference's autoencoder pre-training. Both modules
-    are left in eval mode.
+    are left in eval mode. ``progress`` shows a progress bar.
     """
     sigma = check_sigma(sigma, allow_zero=True)
     for name, module in (("encoder", encoder), ("decoder", decoder)):
@@ -386,7 +396,7 @@ def train_autoencoder(
             inputs = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return F.mse_loss(decoder(encoder(inputs)), x)
 
-    return _fit([encoder, decoder], data, config or FitConfig(), loss_of)
+    return _fit([encoder, decoder], data, config or FitConfig(), loss_of, progress=progress, desc="autoencoder")
 
 
 # ------------------------------------------------------------------------------------------------ files
