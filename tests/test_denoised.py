@@ -468,7 +468,12 @@ def test_cli_trains_a_denoiser_through_scores_then_certifies_with_it(tmp_path: o
     common = ["denoise", "--model", str(checkpoint), "--data", "digits", "--limit", "96", "--quiet"]
     small = ["--depth", "2", "--width", "4", "--batch-size", "32", "--steps", "3"]
     path = directory / "d.pt"
-    assert main([*common, *small, "--method", "zo-ds", "--q", "4", "--queries", "1000", "--out", str(path)]) == 0
+    report = directory / "report"
+    zo = [*common, *small, "--method", "zo-ds", "--q", "4", "--queries", "1000", "--out", str(path)]
+    assert main([*zo, "--report", str(report)]) == 0
+    written = json.loads((report / "report.json").read_text())["denoiser_training"]
+    assert written["steps"] == 3 and written["total_queries"] == 3 * 32 * 5 + 96
+    assert (report / "report.html").read_text().count("data:image/png") == 2  # loss and queries per step
     bundle = load_denoiser(path)
     assert isinstance(bundle.denoiser, DnCNN) and bundle.encoder is None
     summary = bundle.extra["summary"]

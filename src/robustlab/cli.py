@@ -354,6 +354,7 @@ def _add_denoise_parser(commands: Any) -> None:
         "continues from it without paying again for the queries already made",
     )
     denoise.add_argument("--no-resume", action="store_true", help="start over even if OUT.state exists")
+    denoise.add_argument("--report", help="write report.json and report.html (loss and queries per step) here")
     denoise.add_argument("--quiet", action="store_true", help="no progress bar")
     denoise.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -858,6 +859,14 @@ def run_denoise(args: argparse.Namespace) -> int:
         )
     extra = {"method": args.method, "sigma": args.sigma, "model": args.model, "data": args.data, "summary": summary}
     path = save_denoiser(args.out, denoiser, extra=extra, **front)
+    if args.report:
+        from robustlab.certification.report import denoiser_section
+        from robustlab.report import Report
+
+        report = Report(f"robustlab denoise: {args.method} in front of {args.model}")
+        denoiser_section(report, result)
+        report.data.update(extra)
+        report.write(args.report)
     print(f"{summary['method']}: {summary['steps']} steps in {summary['seconds']:.0f} s, loss "
           f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")  # fmt: skip
     if zeroth_order:

@@ -17,11 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.certification.bounds import Method, verify
+from robustlab.certification.denoised import DenoiserTrainResult
 from robustlab.certification.smoothing import Certificate, certified_accuracy
 from robustlab.report import Report, Section, line_plot
 from robustlab.threat import ThreatModel
 
-__all__ = ["bounds_section", "smoothing_section", "verified_vs_empirical"]
+__all__ = ["bounds_section", "denoiser_section", "smoothing_section", "verified_vs_empirical"]
 
 _METHOD_NAMES = {"ibp": "IBP", "crown": "CROWN"}
 
@@ -147,4 +148,32 @@ def bounds_section(
         caption=f"{figures['examples']} examples, {figures['norm']} eps={figures['eps']:g}",
     )
     section.text("Verified <= empirical holds on every example: no verified example was broken by PGD.")
+    return section
+
+
+def denoiser_section(report: Report, result: DenoiserTrainResult, *, title: str = "Denoiser training") -> Section:
+    """A denoiser training run: its summary, the loss per step and, for zeroth-order training, the queries spent."""
+    summary = result.summary()
+    section = report.section(title)
+    rows = [[key.replace("_", " "), value] for key, value in summary.items() if value not in ("", None)]
+    section.table(["", "value"], rows)
+    steps = list(range(1, len(result.losses) + 1))
+    if steps:
+        loss = line_plot(
+            {result.method or "loss": (steps, result.losses)}, xlabel="step", ylabel="training loss", percent=False
+        )
+        section.figure(
+            loss, "The objective of each batch before its update (for ZO training, from the black box's scores)."
+        )
+    if result.queries_per_step:
+        spent, total = [], 0
+        for queries in result.queries_per_step:
+            total += queries
+            spent.append(total)
+        queries = line_plot(
+            {result.estimator or "queries": (steps, spent)}, xlabel="step", ylabel="black-box queries so far",
+            percent=False,
+        )  # fmt: skip
+        section.figure(queries, "Every query of the black box, the stability targets included.")
+    report.data.setdefault("denoiser_training", summary)
     return section
