@@ -129,6 +129,28 @@ def test_list_and_help(capsys) -> None:
     assert "--eps" in capsys.readouterr().out
 
 
+def test_the_train_help_lists_every_registered_method() -> None:
+    from robustlab.cli import TRAINING_METHODS
+    from robustlab.training import list_objectives
+
+    assert sorted(TRAINING_METHODS) == sorted(list_objectives())
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    import argparse
+
+    from robustlab.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [
+        (name, action.option_strings[0])
+        for name, parser in commands.choices.items()
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert silent == []  # argparse shows neither help nor default for these
+
+
 @pytest.mark.parametrize("command", ["attack", "evaluate", "train", "certify", "denoise", "serve", "demo"])
 def test_help_states_each_default_once_and_only_when_set(capsys, command: str) -> None:
     with pytest.raises(SystemExit) as exc:

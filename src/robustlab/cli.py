@@ -186,8 +186,14 @@ def _add_evaluate_parser(commands: Any) -> None:
     _add_model_data_arguments(evaluate)
     evaluate.add_argument("--norm", default="linf", help="linf, l2 or l1")
     evaluate.add_argument("--eps", type=_positive_float, required=True, help="radius of the perturbation ball")
-    evaluate.add_argument("--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
-    evaluate.add_argument("--suite", default="standard", choices=["quick", "standard", "full"])
+    evaluate.add_argument(
+        "--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"), help="input box"
+    )
+    evaluate.add_argument(
+        "--suite", default="standard", choices=["quick", "standard", "full"],
+        help="quick: APGD-CE (20 steps); standard: APGD-CE, APGD-T, then APGD-T on 9 targets and Square on the "
+        "weakest examples left; full: adds APGD-DLR, CW-PGD, Frank-Wolfe, a longer Square and RayS",
+    )  # fmt: skip
     evaluate.add_argument(
         "--attacks", help="a custom suite instead: comma-separated registered attacks, e.g. apgd,apgd-t,square"
     )
@@ -197,7 +203,7 @@ def _add_evaluate_parser(commands: Any) -> None:
     )  # fmt: skip
     evaluate.add_argument("--eps-curve", type=float, nargs="+", help="also report robust accuracy at these eps")
     evaluate.add_argument("--no-diagnostics", action="store_true", help="skip the masking checks (not advised)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed")
     evaluate.add_argument("--out", default="evaluation", help="directory for report.json, report.html and the state")
     evaluate.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -218,15 +224,25 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--data", help="a data set whose input shape and classes the server takes (e.g. mnist)")
     serve.add_argument("--input-shape", type=int, nargs="+", help="shape of one input, e.g. 1 28 28")
     serve.add_argument("--num-classes", type=int, help="number of classes (default: from --data or a probe)")
-    serve.add_argument("--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
+    serve.add_argument(
+        "--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+        help="accepted input range; -inf inf for randomized smoothing and zeroth-order denoiser training",
+    )  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--token", action="append", help="accepted bearer token; repeat for several clients")
     serve.add_argument("--budget", type=_positive_int, help="queries per client")
     serve.add_argument("--max-batch", type=_positive_int, default=4096, help="rows per request")
     serve.add_argument("--state-file", help="persist usage counts here so budgets survive restarts")
-    serve.add_argument("--device", default="auto")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
     serve.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+# robustlab.training.list_objectives() without importing torch for --help (a test keeps the two equal)
+TRAINING_METHODS = (
+    "standard", "pgd-at", "trades", "fast-at", "fast-trades", "gradalign", "atas", "backward-smoothing", "fast-bat",
+    "war", "gaussian", "ibp",
+)  # fmt: skip
 
 
 def _add_train_parser(commands: Any) -> None:
@@ -245,7 +261,7 @@ def _add_train_parser(commands: Any) -> None:
     group.add_argument("--model", help="start from these weights or this factory instead of a fresh --arch")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
     method = train.add_argument_group("method")
-    method.add_argument("--method", default="pgd-at", help="training method; see robustlab.training.list_objectives()")
+    method.add_argument("--method", default="pgd-at", help=f"training method: {', '.join(TRAINING_METHODS)}")
     method.add_argument("--norm", default="linf", help="linf, l2 or l1")
     method.add_argument("--eps", type=_positive_float, default=0.3, help="radius of the training threat model")
     method.add_argument(
@@ -253,19 +269,22 @@ def _add_train_parser(commands: Any) -> None:
         help="an option of the method, e.g. -O steps=7 (repeatable)",
     )  # fmt: skip
     loop = train.add_argument_group("loop")
-    loop.add_argument("--epochs", type=_positive_int, default=10)
-    loop.add_argument("--batch-size", type=_positive_int, default=128)
+    loop.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training data")
+    loop.add_argument("--batch-size", type=_positive_int, default=128, help="examples per optimizer step")
     loop.add_argument("--optimizer", choices=["sgd", "adam", "lamb"], default="sgd",
                       help="lamb: layer-wise adaptive rates for large global batches (with --warmup)")  # fmt: skip
     loop.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, as a fraction of training")
-    loop.add_argument("--lr", type=_positive_float, default=0.1)
-    loop.add_argument("--weight-decay", type=float, default=5e-4)
-    loop.add_argument("--schedule", choices=["piecewise", "cyclic", "cosine", "constant"], default="piecewise")
+    loop.add_argument("--lr", type=_positive_float, default=0.1, help="peak learning rate")
+    loop.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    loop.add_argument(
+        "--schedule", choices=["piecewise", "cyclic", "cosine", "constant"], default="piecewise",
+        help="learning-rate schedule (piecewise: decays at 50%% and 75%% of training; cyclic: one cycle)",
+    )  # fmt: skip
     loop.add_argument("--co-policy", choices=["warn", "stop", "switch"], default="warn",
                       help="what to do on catastrophic overfitting")  # fmt: skip
     loop.add_argument("--val-attack", choices=["quick", "pgd"], default="quick",
                       help="per-epoch validation attack: the quick evaluation suite, or a cheaper PGD-10")  # fmt: skip
-    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, attacks)")
     loop.add_argument("--checkpoint-every", type=_positive_int, help="also checkpoint every N optimizer steps")
     loop.add_argument("--no-resume", action="store_true", help="start over even if the output holds a checkpoint")
     train.add_argument("--out", default="runs/train", help="output directory")
@@ -283,7 +302,10 @@ def _add_certify_parser(commands: Any) -> None:
         formatter_class=_HelpFormatter,
     )
     _add_model_data_arguments(certify)
-    certify.add_argument("--method", choices=["smoothing", "ibp", "crown"], default="smoothing")
+    certify.add_argument(
+        "--method", choices=["smoothing", "ibp", "crown"], default="smoothing",
+        help="smoothing: L2 certificates of the smoothed model; ibp, crown: deterministic bounds",
+    )  # fmt: skip
     smoothing = certify.add_argument_group("randomized smoothing")
     smoothing.add_argument("--sigma", type=_positive_float, default=0.25, help="noise standard deviation")
     smoothing.add_argument("--n0", type=_positive_int, default=100, help="samples to select the top class")
@@ -300,7 +322,7 @@ def _add_certify_parser(commands: Any) -> None:
     bounds = certify.add_argument_group("bound propagation")
     bounds.add_argument("--norm", default="linf", help="linf, l2 or l1")
     bounds.add_argument("--eps", type=_positive_float, default=0.1, help="radius to verify")
-    certify.add_argument("--seed", type=int, default=0)
+    certify.add_argument("--seed", type=int, default=0, help="random seed of the noise")
     certify.add_argument("--out", help="write the result as JSON to this file")
     certify.add_argument("--report", help="write report.json and report.html into this directory")
     certify.add_argument("--quiet", action="store_true", help="no progress bar")
