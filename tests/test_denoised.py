@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -272,7 +273,7 @@ def test_a_killed_zo_run_resumes_to_exactly_the_uninterrupted_result(
     config = DenoisedConfig(sigma=0.5, batch_size=16, epochs=2, max_steps=11, seed=3)  # crosses an epoch
     estimator = RGE(q=4, mu=0.005, directions="sphere", difference="forward")
 
-    def run(black_box: object, **options: object) -> tuple[object, list[Tensor]]:
+    def run(black_box: ScoreOracle | nn.Module, **options: Any) -> tuple[Any, list[Tensor]]:
         torch.manual_seed(1)
         denoiser, (encoder, decoder) = DnCNN(1, depth=3, width=4), (copy.deepcopy(m) for m in pretrained_ae)
         result = train_denoiser_zo(
@@ -283,7 +284,7 @@ def test_a_killed_zo_run_resumes_to_exactly_the_uninterrupted_result(
             config,
             encoder=encoder,
             decoder=decoder,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
         return result, [p.detach().clone() for m in (denoiser, encoder) for p in m.parameters()]
 
@@ -303,21 +304,21 @@ def test_a_killed_zo_run_resumes_to_exactly_the_uninterrupted_result(
     assert state.exists()  # written after steps 2 and 4
     counting = CountingModel(classifier)
     resumed, resumed_weights = run(ScoreOracle(module_function(counting)), checkpoint=state, checkpoint_every=2)
-    assert resumed.losses == whole.losses  # type: ignore[attr-defined]
-    assert resumed.queries_per_step == whole.queries_per_step  # type: ignore[attr-defined]
-    assert resumed.target_queries == whole.target_queries  # type: ignore[attr-defined]
+    assert resumed.losses == whole.losses
+    assert resumed.queries_per_step == whole.queries_per_step
+    assert resumed.target_queries == whole.target_queries
     assert all(torch.equal(a, b) for a, b in zip(resumed_weights, whole_weights))
     # The resumed process only paid for steps 5-11: the first four steps' queries were not made again.
-    assert sum(counting.calls) == sum(whole.queries_per_step[4:])  # type: ignore[attr-defined]
+    assert sum(counting.calls) == sum(whole.queries_per_step[4:])
     # A finished state resumes to the same result without a query; a different run's state is refused.
     again = CountingModel(classifier)
     finished, _ = run(ScoreOracle(module_function(again)), checkpoint=state)
-    assert finished.losses == whole.losses and again.calls == []  # type: ignore[attr-defined]
+    assert finished.losses == whole.losses and again.calls == []
     other = RGE(q=5, mu=0.005, directions="sphere", difference="forward")
     with pytest.raises(ConfigError, match="different training run"):
         train_denoiser_zo(DnCNN(1, depth=3, width=4), digits28, classifier, other, config, checkpoint=state)
     fresh, _ = run(classifier, checkpoint=state, resume=False)
-    assert fresh.losses == whole.losses  # type: ignore[attr-defined]
+    assert fresh.losses == whole.losses
 
 
 # ------------------------------------------------------------------------------------------------ first order

@@ -234,7 +234,12 @@ def test_cli_attacks_a_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
 
     closed: list[str] = []
     original_close = RemoteModel.close
-    monkeypatch.setattr(RemoteModel, "close", lambda self: (closed.append(self.url), original_close(self))[1])
+
+    def close_and_note(self: RemoteModel) -> None:
+        closed.append(self.url)
+        original_close(self)
+
+    monkeypatch.setattr(RemoteModel, "close", close_and_note)
     model = small_model()
     x, y = batch(10)
     data = tmp_path / "d.npz"
