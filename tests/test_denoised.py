@@ -319,6 +319,24 @@ def test_a_killed_zo_run_resumes_to_exactly_the_uninterrupted_result(
         train_denoiser_zo(DnCNN(1, depth=3, width=4), digits28, classifier, other, config, checkpoint=state)
     fresh, _ = run(classifier, checkpoint=state, resume=False)
     assert fresh.losses == whole.losses
+    # A finished run continued with more steps equals a run planned that long; fewer steps than done is refused.
+    short = DenoisedConfig(sigma=0.5, batch_size=16, epochs=2, max_steps=6, seed=3)
+    torch.manual_seed(1)
+    first = DnCNN(1, depth=3, width=4)
+    encoder, decoder = (copy.deepcopy(m) for m in pretrained_ae)
+    extended_state = Path(str(tmp_path)) / "extend.state"
+    train_denoiser_zo(
+        first, digits28, classifier, estimator, short, encoder=encoder, decoder=decoder, checkpoint=extended_state
+    )
+    extended, extended_weights = run(classifier, checkpoint=extended_state)
+    assert extended.losses == whole.losses and extended.queries_per_step == whole.queries_per_step
+    assert all(torch.equal(a, b) for a, b in zip(extended_weights, whole_weights))
+    shorter = DenoisedConfig(sigma=0.5, batch_size=16, epochs=2, max_steps=4, seed=3)
+    with pytest.raises(ConfigError, match="11 steps done"):
+        train_denoiser_zo(
+            DnCNN(1, depth=3, width=4), digits28, classifier, estimator, shorter,
+            encoder=copy.deepcopy(pretrained_ae[0]), decoder=copy.deepcopy(pretrained_ae[1]), checkpoint=extended_state,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ first order

@@ -373,7 +373,8 @@ def _add_denoise_parser(commands: Any) -> None:
         type=_positive_int,
         default=10,
         help="zeroth-order steps between saves of the training state (OUT.state); a rerun of the same command "
-        "continues from it without paying again for the queries already made",
+        "continues from it without paying again for the queries already made, and a rerun with more --steps or "
+        "--epochs trains on from a finished run",
     )
     denoise.add_argument("--no-resume", action="store_true", help="start over even if OUT.state exists")
     denoise.add_argument("--report", help="write report.json and report.html (loss and queries per step) here")

@@ -43,6 +43,7 @@ Defaults follow the references: Adam with learning rate 1e-3, ``mu = 0.005``, RG
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -419,7 +420,8 @@ def train_denoiser_zo(
         checkpoint: a file for the training state (modules, optimizer, random generators, every example's query
             count, the stability targets, the history), written every ``checkpoint_every`` steps and at the end.
             With ``resume`` (default) an existing state is continued: the run ends exactly as an uninterrupted one,
-            and queries already paid for are not made again. A state from a different run is refused.
+            and queries already paid for are not made again. A finished run continues when asked for more steps
+            (``epochs``/``max_steps``), exactly as if planned that long. A state from a different run is refused.
     """
     config = config or DenoisedConfig()
     config.validate()
@@ -465,6 +467,11 @@ def train_denoiser_zo(
         direction_generator, oracle, targets, result,
     )  # fmt: skip
     done = run.restore() if resume else 0
+    if done > config.total_steps(len(data)):
+        raise ConfigError(
+            f"{state_file} has {done} steps done, more than the {config.total_steps(len(data))} this run plans; "
+            "ask for at least as many steps, or start over (resume=False)"
+        )
     started = time.perf_counter() - result.seconds
     frozen_encoder = encoder if encoder is not None and not config.train_encoder else None
     with _frozen(decoder, frozen_encoder):
@@ -528,10 +535,15 @@ def train_denoiser_zo(
 def _run_identity(
     config: DenoisedConfig, estimator: GradientEstimator, data: ArrayDataset, modules: list[nn.Module]
 ) -> str:
-    """What must match for a saved state to continue this run: options, estimator, data and module shapes."""
+    """What must match for a saved state to continue this run: options, estimator, data and module shapes.
+
+    The length of the run (``epochs``, ``max_steps``) is left out: the batch order of the first epochs does not
+    depend on it, so a finished run continued with more steps equals a run planned that long from the start.
+    """
     shapes = [tuple(p.shape) for m in modules for p in m.parameters()]
     fingerprint = f"{tuple(data.x.shape)} {float(data.x.double().sum()):.10g}"
-    return f"{config!r} | {estimator!r} | {fingerprint} | {shapes}"
+    options = dataclasses.replace(config, epochs=1, max_steps=None)
+    return f"{options!r} | {estimator!r} | {fingerprint} | {shapes}"
 
 
 _STATE_FORMAT = "robustlab-zo-denoiser-state-1"
