@@ -898,8 +898,8 @@ def run_denoise(args: argparse.Namespace) -> int:
     if summary["stopped_early"]:
         print(f"  stopped early: {summary['stopped_early']}")
     token = " --token TOKEN" if args.token else ""
-    print(f"wrote {path}; certify with: robustlab certify --model {args.model}{token} --denoiser {path} "
-          f"--sigma {args.sigma}")  # fmt: skip
+    print(f"wrote {path}; certify with: robustlab certify --model {args.model}{token} --data {args.data} "
+          f"--split test --denoiser {path} --sigma {args.sigma}")  # fmt: skip
     return EXIT_OK
 
 
