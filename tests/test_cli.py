@@ -112,6 +112,30 @@ def test_an_unbounded_input_box_parses_as_the_docs_write_it() -> None:
     assert args.bounds == [-1.0, 1.0]
 
 
+def test_certify_keeps_finished_chunks_and_a_rerun_reuses_them(files, tmp_path: Path, monkeypatch) -> None:
+    import robustlab.cli
+
+    monkeypatch.setattr(robustlab.cli, "CERTIFY_CHUNK", 4)
+    model_path, data_path = files
+    common = ["certify", "--model", str(model_path), "--data", str(data_path), "--n", "100", "--n0", "10", "--quiet"]
+    out = tmp_path / "r.json"
+    assert main([*common, "--limit", "10", "--out", str(out)]) == 0  # chunks 0-3, 4-7 full, 8-9 partial
+    assert json.loads(out.read_text())["images_from_checkpoint"] == 0
+    assert main([*common, "--limit", "20", "--out", str(out)]) == 0
+    resumed = json.loads(out.read_text())
+    assert resumed["images_from_checkpoint"] == 8  # the two full chunks; the partial one is computed whole
+    fresh_out = tmp_path / "fresh.json"
+    assert main([*common, "--limit", "20", "--out", str(fresh_out)]) == 0
+    fresh = json.loads(fresh_out.read_text())
+    assert fresh["images_from_checkpoint"] == 0
+    for key in ("certified_accuracy", "abstain_rate", "mean_radius_correct", "examples"):
+        assert resumed[key] == fresh[key]
+    assert main([*common, "--limit", "20", "--out", str(out), "--no-resume"]) == 0
+    assert json.loads(out.read_text())["images_from_checkpoint"] == 0
+    other_sigma = [*common, "--limit", "20", "--out", str(out), "--sigma", "0.5"]
+    assert main(other_sigma) == 0 and json.loads(out.read_text())["images_from_checkpoint"] == 0
+
+
 def test_argparse_rejects_bad_eps(files) -> None:
     model_path, data_path = files
     with pytest.raises(SystemExit) as exc:
