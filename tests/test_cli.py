@@ -134,6 +134,11 @@ def test_certify_keeps_finished_chunks_and_a_rerun_reuses_them(files, tmp_path: 
     assert json.loads(out.read_text())["images_from_checkpoint"] == 0
     other_sigma = [*common, "--limit", "20", "--out", str(out), "--sigma", "0.5"]
     assert main(other_sigma) == 0 and json.loads(out.read_text())["images_from_checkpoint"] == 0
+    assert main([*common, "--limit", "20", "--out", str(out), "--sigma", "0.5"]) == 0
+    assert json.loads(out.read_text())["images_from_checkpoint"] == 20
+    torch.jit.script(tiny_cnn(seed=1)).save(str(model_path))  # the model file replaced: nothing is reused
+    assert main([*common, "--limit", "20", "--out", str(out), "--sigma", "0.5"]) == 0
+    assert json.loads(out.read_text())["images_from_checkpoint"] == 0
 
 
 def test_argparse_rejects_bad_eps(files) -> None:

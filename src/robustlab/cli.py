@@ -729,6 +729,14 @@ def run_train(args: argparse.Namespace) -> int:
 CERTIFY_CHUNK = 25  # images per checkpointed chunk of randomized-smoothing certification
 
 
+def _file_stamp(spec: str | None) -> str:
+    """``spec``, plus size and modification time when it names a file: a retrained model is another model."""
+    if spec is None or not Path(spec).is_file():
+        return str(spec)
+    stat = Path(spec).stat()
+    return f"{spec}@{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: Any) -> tuple[Any, float, int]:
     """Cohen et al.'s CERTIFY over chunks of images, each with its own seeded noise, finished chunks kept in a
     state file (next to --out or in --report) so that a rerun skips them. A chunk's result does not depend on
@@ -748,9 +756,10 @@ def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: 
         state_path = Path(args.report) / "certify_state.pt"
     else:
         state_path = None
+    model, data, denoiser = (_file_stamp(spec) for spec in (args.model, args.data, args.denoiser))
     identity = (
-        f"{args.model} {args.data} {args.split} {args.denoiser} sigma={args.sigma} n0={args.n0} n={args.n} "
-        f"alpha={args.alpha} seed={args.seed} chunk={CERTIFY_CHUNK}"
+        f"{model} {data} {args.split} {denoiser} sigma={args.sigma} n0={args.n0} n={args.n} alpha={args.alpha} "
+        f"seed={args.seed} chunk={CERTIFY_CHUNK}"
     )
     chunks: dict[int, dict[str, Any]] = {}
     if state_path is not None and state_path.exists() and not args.no_resume:
