@@ -136,6 +136,10 @@ def test_certify_keeps_finished_chunks_and_a_rerun_reuses_them(files, tmp_path: 
     assert main(other_sigma) == 0 and json.loads(out.read_text())["images_from_checkpoint"] == 0
     assert main([*common, "--limit", "20", "--out", str(out), "--sigma", "0.5"]) == 0
     assert json.loads(out.read_text())["images_from_checkpoint"] == 20
+    Path(str(out) + ".state").write_bytes(b"truncated")  # a damaged state is ignored, with a warning
+    with pytest.warns(UserWarning, match="cannot be read"):
+        assert main([*common, "--limit", "20", "--out", str(out), "--sigma", "0.5"]) == 0
+    assert json.loads(out.read_text())["images_from_checkpoint"] == 0
     torch.jit.script(tiny_cnn(seed=1)).save(str(model_path))  # the model file replaced: nothing is reused
     assert main([*common, "--limit", "20", "--out", str(out), "--sigma", "0.5"]) == 0
     assert json.loads(out.read_text())["images_from_checkpoint"] == 0

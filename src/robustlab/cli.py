@@ -729,6 +729,17 @@ def run_train(args: argparse.Namespace) -> int:
 CERTIFY_CHUNK = 25  # images per checkpointed chunk of randomized-smoothing certification
 
 
+def _load_or_none(path: Path) -> Any:
+    """A saved state, or None (with a warning) when the file is damaged: the work is then simply redone."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or not a torch file
+        warnings.warn(f"ignoring {path}, which cannot be read ({type(exc).__name__}); recomputing", stacklevel=2)
+        return None
+
+
 def _file_stamp(spec: str | None) -> str:
     """``spec``, plus size and modification time when it names a file: a retrained model is another model."""
     if spec is None or not Path(spec).is_file():
@@ -763,7 +774,7 @@ def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: 
     )
     chunks: dict[int, dict[str, Any]] = {}
     if state_path is not None and state_path.exists() and not args.no_resume:
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        saved = _load_or_none(state_path)
         if isinstance(saved, dict) and saved.get("identity") == identity:
             chunks = saved["chunks"]
     reused = 0
@@ -926,8 +937,10 @@ def run_denoise(args: argparse.Namespace) -> int:
         ae_file = Path(args.out).with_name(Path(args.out).name + ".autoencoder")
         ae_config = FitConfig(epochs=args.ae_epochs, batch_size=128, lr=1e-3, seed=args.seed)
         ae_key = f"{args.data} {args.split} {args.limit} {tuple(data.x.shape)} {ae_config!r}"
-        saved = torch.load(ae_file, map_location=device, weights_only=True) if ae_file.exists() else {}
-        if saved.get("key") == ae_key and not args.no_resume:  # the stage-1 autoencoder of the run being resumed
+        saved = _load_or_none(ae_file) if ae_file.exists() else None
+        if (
+            isinstance(saved, dict) and saved.get("key") == ae_key and not args.no_resume
+        ):  # the stage-1 autoencoder of the run being resumed
             encoder.load_state_dict(saved["encoder"])
             decoder.load_state_dict(saved["decoder"])
             print(f"autoencoder: loaded from {ae_file}")
