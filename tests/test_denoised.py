@@ -446,18 +446,28 @@ def test_bad_inputs_give_clear_errors(digits28: ArrayDataset, linear28: nn.Modul
         denoised_oracle(linear28, denoiser)  # type: ignore[arg-type]
 
 
+def _small_cnn_checkpoint(path: object, data: ArrayDataset, steps: int) -> object:
+    """A SmallCNN(width 4) fitted to ``data`` and saved as a robustlab checkpoint the CLI can load; its path."""
+    from pathlib import Path
+
+    from robustlab.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = _fit_classifier(build_model("smallcnn", width=4, hidden=16), data, steps=steps)
+    return save_checkpoint(model, Path(str(path)), arch="smallcnn", arch_kwargs={"width": 4, "hidden": 16})
+
+
 def test_cli_certifies_a_model_behind_a_denoiser(tmp_path: object) -> None:
     import json
     from pathlib import Path
 
     from robustlab.cli import main
-    from robustlab.models import build_model, save_checkpoint
+    from robustlab.models import load_model
 
     directory = Path(str(tmp_path))
     data = _digits(limit=400)
-    torch.manual_seed(0)
-    model = _fit_classifier(build_model("smallcnn", width=4, hidden=16), data, steps=60)
-    checkpoint = save_checkpoint(model, directory / "m.pt", arch="smallcnn", arch_kwargs={"width": 4, "hidden": 16})
+    checkpoint = _small_cnn_checkpoint(directory / "m.pt", data, steps=60)
+    model = load_model(str(checkpoint))
     denoiser = DnCNN(1, depth=3, width=4)
     train_denoiser(denoiser, data, model, DenoisedConfig(sigma=0.25, batch_size=64, max_steps=5))
     path = save_denoiser(directory / "denoiser.pt", denoiser)
@@ -477,13 +487,9 @@ def test_cli_trains_a_denoiser_through_scores_then_certifies_with_it(tmp_path: o
     import numpy as np
 
     from robustlab.cli import main
-    from robustlab.models import build_model, save_checkpoint
 
     directory = Path(str(tmp_path))
-    data = _digits(limit=96)
-    torch.manual_seed(0)
-    model = _fit_classifier(build_model("smallcnn", width=4, hidden=16), data, steps=60)
-    checkpoint = save_checkpoint(model, directory / "m.pt", arch="smallcnn", arch_kwargs={"width": 4, "hidden": 16})
+    checkpoint = _small_cnn_checkpoint(directory / "m.pt", _digits(limit=96), steps=60)
     common = ["denoise", "--model", str(checkpoint), "--data", "digits", "--limit", "96", "--quiet"]
     small = ["--depth", "2", "--width", "4", "--batch-size", "32", "--steps", "3"]
     path = directory / "d.pt"
@@ -529,10 +535,7 @@ def test_cli_trains_a_denoiser_through_scores_then_certifies_with_it(tmp_path: o
     digits28 = _digits(size=28, limit=64)
     npz = directory / "d28.npz"
     np.savez(npz, x=digits28.x.numpy(), y=digits28.y.numpy())
-    model28 = _fit_classifier(build_model("smallcnn", width=4, hidden=16), digits28, steps=30)
-    checkpoint28 = save_checkpoint(
-        model28, directory / "m28.pt", arch="smallcnn", arch_kwargs={"width": 4, "hidden": 16}
-    )
+    checkpoint28 = _small_cnn_checkpoint(directory / "m28.pt", digits28, steps=30)
     ae_path = directory / "ae.pt"
     args = ["denoise", "--model", str(checkpoint28), "--data", str(npz), "--quiet", *small, "--ae-epochs", "1"]
     assert main([*args, "--method", "fo-ae-ds", "--out", str(ae_path)]) == 0
