@@ -136,3 +136,34 @@ def test_model_errors() -> None:
     flat = ScoreOracle(lambda x: torch.zeros(7)).bind(1, torch.device("cpu"))
     with pytest.raises(ModelError, match="shape"):
         flat.scores(torch.rand(1, 4))
+
+
+def test_model_data_mismatch_is_named_in_evaluate_smoothing_and_black_box_use() -> None:
+    """A model fed images of the wrong shape fails with one error naming the per-example shape, from every entry
+    point that runs a local module (was torch's own "mat1 and mat2 shapes cannot be multiplied")."""
+    import robustlab
+    from robustlab.certification import RandomizedSmoothing
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()  # made for 1x28x28 inputs
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    threat = robustlab.ThreatModel("linf", 0.1)
+    expected = r"cannot take its inputs \(each of shape \(1, 8, 8\)\): its forward pass failed with: "
+    with pytest.raises(InvalidInputError, match=expected):
+        robustlab.evaluate(model, (x, y), threat, suite="quick", progress=False)
+    with pytest.raises(InvalidInputError, match=expected):
+        RandomizedSmoothing(model, num_classes=10, sigma=0.25).certify(x, n0=10, n=20, alpha=0.01)
+    with pytest.raises(InvalidInputError, match=expected):
+        robustlab.attack(model, x, y, threat, method="square", queries=10)
+    with pytest.raises(InvalidInputError, match=expected):
+        ScoreOracle(module_function(model)).bind(3, x.device).scores(x)
+
+
+def test_out_of_memory_is_not_renamed_a_data_mismatch() -> None:
+    """A caller may catch torch.OutOfMemoryError to retry with a smaller batch: it must pass through unchanged."""
+
+    class OutOfMemory(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        ScoreOracle(module_function(OutOfMemory())).bind(2, torch.device("cpu")).scores(torch.rand(2, 3))

@@ -513,7 +513,13 @@ def _human_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  attack success   {100 * summary['success_rate']:.2f}%")
     if summary.get("mean_distance_successful") is not None:
         lines.append(f"  mean distance    {summary['mean_distance_successful']:.4f} (successful examples)")
-    lines.append(f"  mean queries     {summary['mean_queries']:.1f}")
+    if summary.get("mean_gradients") is not None:  # a white-box attack: its queries are the model's passes
+        lines.append(
+            f"  model passes     {summary['mean_queries']:.1f} per example "
+            f"({summary['mean_gradients']:.1f} with an input gradient)"
+        )
+    else:
+        lines.append(f"  mean queries     {summary['mean_queries']:.1f}")
     lines.append(f"  wall time        {summary['wall_time_s']:.2f} s")
     return "\n".join(lines)
 
@@ -570,31 +576,20 @@ def _open_model(args: argparse.Namespace, device: Any, budget: int | None = None
 
 def _check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, device: Any) -> None:
     """One forward pass on two examples, so a model/data mismatch is named here rather than deep inside torch."""
-    import torch
     from torch import nn
 
     from robustlab.errors import ModelError
+    from robustlab.oracles import check_model_takes
 
     if not isinstance(model, nn.Module):
         return  # a server checks shapes itself and answers with a message
-    sample = data.x[:2].to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = model(sample)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = lines[-1] if lines else type(exc).__name__  # TorchScript puts its own traceback before the error
-        raise ModelError(
-            f"the model {args.model} cannot take the images of {args.data} (each of shape {tuple(data.x.shape[1:])}): "
-            f"its forward pass failed with: {reason}. Check that --data is the data the model was made for"
-        ) from None
-    finally:
-        model.train(was_training)
-    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[0] != sample.shape[0]:
-        shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-        raise ModelError(f"the model {args.model} must return scores of shape (batch, classes), got {shape}")
+    outputs = check_model_takes(
+        model,
+        data.x[:2].to(device),
+        model_name=f"the model {args.model}",
+        data_name=f"the images of {args.data}",
+        hint="Check that --data is the data the model was made for",
+    )
     if outputs.shape[1] < data.num_classes:
         raise ModelError(
             f"the model {args.model} answers {outputs.shape[1]} classes but {args.data} has {data.num_classes}"

@@ -38,6 +38,8 @@ __all__ = [
     "QueryLedger",
     "ScoreOracle",
     "check_logits",
+    "check_model_takes",
+    "forward_failure",
     "model_device",
 ]
 
@@ -101,6 +103,59 @@ def model_device(model: nn.Module) -> torch.device | None:
     for buffer in model.buffers():
         return buffer.device
     return None
+
+
+def forward_failure(
+    exc: BaseException,
+    x: Tensor,
+    *,
+    model_name: str = "the model",
+    data_name: str = "its inputs",
+    hint: str = "Check that the data is what the model was made for",
+) -> InvalidInputError:
+    """An error naming the input shape a local module's forward pass failed on, with torch's reason in one line.
+
+    TorchScript puts its own traceback before the error, so only the last line of the message is kept.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    return InvalidInputError(
+        f"{model_name} cannot take {data_name} (each of shape {tuple(x.shape[1:])}): its forward pass failed with: "
+        f"{reason}. {hint}"
+    )
+
+
+@contextlib.contextmanager
+def naming_forward_failures(x: Tensor, **names: str) -> Iterator[None]:
+    """Turn a local module's shape, dtype or channel mismatch on ``x`` into :func:`forward_failure`'s error.
+
+    Memory exhaustion passes through unchanged (a caller may retry with a smaller batch).
+    """
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if isinstance(exc, (torch.OutOfMemoryError, InvalidInputError)):
+            raise
+        raise forward_failure(exc, x, **names) from exc
+
+
+def check_model_takes(model: nn.Module, sample: Tensor, *, model_name: str = "the model", **names: str) -> Tensor:
+    """One forward pass of ``model`` in eval mode on ``sample``: its scores, or an error naming the mismatch.
+
+    So that a model/data mismatch is reported before an evaluation or a certificate starts, not deep inside torch.
+    ``model_name`` and ``names`` (``data_name``, ``hint``) word the error for the caller's user.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), naming_forward_failures(sample, model_name=model_name, **names):
+            outputs = model(sample)
+    finally:
+        model.train(was_training)
+    if not isinstance(outputs, Tensor) or outputs.dim() != 2 or outputs.shape[0] != sample.shape[0]:
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ModelError(f"{model_name} must return scores of shape (batch, classes), got {shape}")
+    return outputs
 
 
 def check_logits(outputs: Tensor, num_examples: int, num_classes: int | None = None) -> Tensor:
@@ -395,7 +450,7 @@ class GradientOracle(ScoreOracle):
                 module.training = training
 
     def _evaluate(self, x: Tensor) -> Tensor:
-        with self.session(), torch.no_grad():
+        with self.session(), torch.no_grad(), naming_forward_failures(x):
             return self.layout.run(x, self.module)
 
     def logits(self, x: Tensor, index: Tensor | None = None) -> Tensor:

@@ -49,7 +49,7 @@ from robustlab.evaluation.diagnostics import (
 )
 from robustlab.evaluation.suites import FOCUS_MINIMUM, Suite, SuiteStep, get_suite
 from robustlab.evaluation.wrappers import ExpectationOverTransformation, LogOutputs, with_bpda
-from robustlab.oracles import Access, LabelOracle, ScoreOracle
+from robustlab.oracles import Access, LabelOracle, ScoreOracle, check_model_takes
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["EvaluationResult", "StepReport", "evaluate"]
@@ -287,6 +287,8 @@ def evaluate(
         extra_steps: list[SuiteStep] = []
         probe_x = x_all[: min(n, 64)].to(run_device)
         probe_y = y_all[: min(n, 64)].to(run_device)
+        if isinstance(model, nn.Module) and n > 0:
+            check_model_takes(model, probe_x[:2])  # a model/data mismatch named here, not deep inside an attack
         if diagnostics and isinstance(model, nn.Module) and train_mode is not None:
             report.append(train_mode)
             probabilities = check_probabilities(model, probe_x)
