@@ -223,6 +223,22 @@ def test_fast_bat_implicit_gradient_matches_finite_differences() -> None:
         assert (g_naive - finite).abs().max() > 1e-3
 
 
+def test_fast_bat_fused_backward_gives_the_two_pass_gradient(batch) -> None:
+    """The default path takes the weights' gradient at x* in the same backward pass as the implicit term's
+    direction; the two-pass path (kept for autocast and DDP) must give the same total gradient and value."""
+    x, y = batch
+    objective = FastBAT(robustlab.ThreatModel("linf", 0.3))
+    model = plain_model()
+    z = objective.start(model, x, y, torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    outputs = [objective._upper_level(model, x, y, z, fused=fused) for fused in (True, False)]
+    fused_grads, two_pass_grads = (torch.autograd.grad(out.loss, params) for out in outputs)
+    assert float(outputs[0].loss) == pytest.approx(float(outputs[1].loss), rel=1e-6)
+    for a, b in zip(fused_grads, two_pass_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in fused_grads)
+
+
 def test_fast_bat_defaults_and_loss_value(batch) -> None:
     x, y = batch
     objective = FastBAT(robustlab.ThreatModel("linf", 8 / 255))

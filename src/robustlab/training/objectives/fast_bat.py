@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from robustlab.attacks.base import positive
 from robustlab.errors import ConfigError
@@ -123,6 +124,14 @@ class FastBAT(Objective):
 
     def loss_from(self, model: nn.Module, x: Tensor, y: Tensor, z: Tensor) -> StepOutput:
         """The upper-level loss for a given ``z``: value CE(x + delta*), gradient with the implicit term."""
+        # Taking the weights' gradient at x + delta* in the pass that gives the implicit term its direction saves
+        # one backward pass through the model (about 15% of a Fast-BAT step on CPU). Not under autocast, where
+        # only the loop's gradient scaling keeps half-precision gradients from underflowing, nor under DDP, which
+        # all-reduces gradients from hooks of the loop's backward pass.
+        fused = not torch.is_autocast_enabled(x.device.type) and not isinstance(model, DistributedDataParallel)
+        return self._upper_level(model, x, y, z, fused=fused)
+
+    def _upper_level(self, model: nn.Module, x: Tensor, y: Tensor, z: Tensor, *, fused: bool) -> StepOutput:
         cfg = self.config
         x_star, grad_z = lower_level_solution(model, x, y, z, self.threat, self.step_size, create_graph=cfg.implicit)
         point = x_star.requires_grad_(cfg.implicit)
@@ -131,7 +140,19 @@ class FastBAT(Objective):
         loss = total / x.shape[0]
         scalars: dict[str, float] = {}
         if cfg.implicit:
-            (grad_star,) = torch.autograd.grad(total, point, retain_graph=True)
+            if fused:
+                weights = [p for p in model.parameters() if p.requires_grad]
+                grad_star, *weight_grads = torch.autograd.grad(total, [point, *weights], allow_unused=True)
+                carried = (
+                    sum(
+                        ((w * g).sum() for w, g in zip(weights, weight_grads) if g is not None),
+                        torch.zeros((), device=x.device),
+                    )
+                    / x.shape[0]
+                )
+                loss = loss.detach() + (carried - carried.detach())  # the weights' gradient at x*, taken above
+            else:
+                (grad_star,) = torch.autograd.grad(total, point, retain_graph=True)
             low, high = self.threat.linf_bounds(x)
             inside = (x_star > low + INSIDE_TOLERANCE) & (x_star < high - INSIDE_TOLERANCE)
             direction = torch.where(inside, grad_star, torch.zeros_like(grad_star)).detach()
