@@ -340,6 +340,47 @@ def test_a_killed_zo_run_resumes_to_exactly_the_uninterrupted_result(
 
 
 # ------------------------------------------------------------------------------------------------ first order
+def test_a_killed_first_order_run_resumes_to_exactly_the_uninterrupted_result(
+    tmp_path: object, digits28: ArrayDataset, linear28: nn.Module
+) -> None:
+    from pathlib import Path
+
+    config = DenoisedConfig(sigma=0.5, batch_size=16, epochs=2, max_steps=11, seed=3)  # crosses an epoch
+
+    def run(classifier: nn.Module, **options: Any) -> tuple[Any, list[Tensor]]:
+        torch.manual_seed(1)
+        denoiser = DnCNN(1, depth=3, width=4)
+        result = train_denoiser(denoiser, digits28, classifier, config, **options)
+        return result, [p.detach().clone() for p in denoiser.parameters()]
+
+    whole, whole_weights = run(linear28)
+
+    class DiesOnTheNinthCall(nn.Module):  # two classifier calls a step (targets, loss): dies in step 5
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.calls = linear28, 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            if self.calls == 9:
+                raise Killed
+            return self.inner(x)
+
+    state = Path(str(tmp_path)) / "fo.state"
+    with pytest.raises(Killed):
+        run(DiesOnTheNinthCall(), checkpoint=state, checkpoint_every=2)
+    assert state.exists()  # written after steps 2 and 4
+    resumed, resumed_weights = run(linear28, checkpoint=state, checkpoint_every=2)
+    assert resumed.losses == whole.losses
+    assert all(torch.equal(a, b) for a, b in zip(resumed_weights, whole_weights))
+    # The classifier is part of the run: a retrained one (other weights) does not continue this state.
+    retrained = copy.deepcopy(linear28)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(0.01)
+    with pytest.raises(ConfigError, match="different training run"):
+        run(retrained, checkpoint=state)
+
+
 def test_first_order_training_leaves_the_frozen_modules_as_they_were(
     digits28: ArrayDataset, linear28: nn.Module, pretrained_ae: tuple[nn.Module, nn.Module]
 ) -> None:
@@ -542,3 +583,10 @@ def test_cli_trains_a_denoiser_through_scores_then_certifies_with_it(tmp_path: o
     ae_bundle = load_denoiser(ae_path)
     assert ae_bundle.encoder is not None and ae_bundle.decoder is not None
     assert ae_bundle.extra["method"] == "fo-ae-ds" and ae_bundle.extra["summary"]["steps"] == 2
+    # First-order runs keep a training state too: a rerun continues from it (finished: the same denoiser).
+    assert (directory / "ae.pt.state").exists()
+    assert main([*args, "--method", "fo-ae-ds", "--out", str(ae_path)]) == 0
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(load_denoiser(ae_path).denoiser.state_dict().values(), ae_bundle.denoiser.state_dict().values())
+    )

@@ -378,9 +378,9 @@ def _add_denoise_parser(commands: Any) -> None:
         "--checkpoint-every",
         type=_positive_int,
         default=10,
-        help="zeroth-order steps between saves of the training state (OUT.state); a rerun of the same command "
-        "continues from it without paying again for the queries already made, and a rerun with more --steps or "
-        "--epochs trains on from a finished run",
+        help="training steps between saves of the training state (OUT.state); a rerun of the same command "
+        "continues from it (for zeroth-order methods without paying again for the queries already made), and a "
+        "rerun with more --steps or --epochs trains on from a finished run",
     )
     denoise.add_argument("--no-resume", action="store_true", help="start over even if OUT.state exists")
     denoise.add_argument("--report", help="write report.json and report.html (loss and queries per step) here")
@@ -944,16 +944,19 @@ def run_denoise(args: argparse.Namespace) -> int:
             print(f"autoencoder: {pre.steps} steps, reconstruction loss {pre.losses[0]:.4f} -> {pre.losses[-1]:.4f}")
             ae_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"key": ae_key, "encoder": encoder.state_dict(), "decoder": decoder.state_dict()}, ae_file)
-    front = {"encoder": encoder, "decoder": decoder}
+    state = Path(args.out).with_name(Path(args.out).name + ".state")
+    every, resume = args.checkpoint_every, not args.no_resume
     if zeroth_order:
         estimator = CGE(mu=args.mu) if args.estimator == "cge" else RGE(args.q, args.mu, "sphere", "forward")
-        state = Path(args.out).with_name(Path(args.out).name + ".state")
         result = train_denoiser_zo(
-            denoiser, data, model, estimator, config, progress=not args.quiet, checkpoint=state,
-            checkpoint_every=args.checkpoint_every, resume=not args.no_resume, **front,
+            denoiser, data, model, estimator, config, encoder=encoder, decoder=decoder, progress=not args.quiet,
+            checkpoint=state, checkpoint_every=every, resume=resume,
         )  # fmt: skip
     else:
-        result = train_denoiser(denoiser, data, model, config, progress=not args.quiet, **front)
+        result = train_denoiser(
+            denoiser, data, model, config, encoder=encoder, decoder=decoder, progress=not args.quiet,
+            checkpoint=state, checkpoint_every=every, resume=resume,
+        )  # fmt: skip
     summary = result.summary()
     if summary["steps"] == 0:
         raise ConfigError(
@@ -961,7 +964,7 @@ def run_denoise(args: argparse.Namespace) -> int:
             f"image a step, plus 1 once per image): nothing trained, no file written"
         )
     extra = {"method": args.method, "sigma": args.sigma, "model": args.model, "data": args.data, "summary": summary}
-    path = save_denoiser(args.out, denoiser, extra=extra, **front)
+    path = save_denoiser(args.out, denoiser, extra=extra, encoder=encoder, decoder=decoder)
     if args.report:
         from robustlab.certification.report import denoiser_section
         from robustlab.report import Report

@@ -287,6 +287,9 @@ def train_denoiser(
     encoder: nn.Module | None = None,
     decoder: nn.Module | None = None,
     progress: bool = False,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = True,
 ) -> DenoiserTrainResult:
     """First-order denoised smoothing: FO-DS, or FO-AE-DS with ``encoder`` and ``decoder``.
 
@@ -298,6 +301,9 @@ def train_denoiser(
         encoder, decoder: the pre-trained autoencoder placed between denoiser and classifier (FO-AE-DS). The
             encoder is trained with the denoiser unless ``config.train_encoder`` is False; the decoder is frozen.
         progress: show a progress bar.
+        checkpoint, checkpoint_every, resume: as for :func:`train_denoiser_zo` (modules, optimizer, noise generator
+            and history saved every ``checkpoint_every`` steps and at the end; an existing state of the same run,
+            classifier included, is continued exactly).
 
     Returns the per-step losses. Classifier and decoder keep their modes and ``requires_grad`` flags; the trained
     modules are left in eval mode.
@@ -314,6 +320,7 @@ def train_denoiser(
             f"first-order training needs a white-box torch.nn.Module classifier, got {type(classifier).__name__}; "
             "for a black box (a ScoreOracle or a URL) use train_denoiser_zo"
         )
+    _check_checkpoint_every(checkpoint_every)
     device, dtype = module_device(denoiser), module_dtype(denoiser)
     check_training_data(data)
     _input_shape_check(data, denoiser, device)
@@ -322,13 +329,22 @@ def train_denoiser(
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     autoencoded = encoder is not None and decoder is not None
     result = DenoiserTrainResult(method="FO-AE-DS" if autoencoded else "FO-DS")
-    started = time.perf_counter()
+    identity = _run_identity(config, f"first order, classifier {_weights_fingerprint(classifier)}", data, modules)
+    run = _TrainingState(
+        Path(checkpoint).expanduser() if checkpoint is not None else None, identity, modules, optimizer,
+        noise_generator, None, None, None, result,
+    )  # fmt: skip
+    done = run.start(resume, config.total_steps(len(data)))
+    started = time.perf_counter() - result.seconds
     frozen_encoder = encoder if encoder is not None and not config.train_encoder else None
     with _frozen(classifier, decoder, frozen_encoder):
         for module in modules:
             module.train()
         bar = _progress(config.total_steps(len(data)), f"{result.method} ({config.objective})", progress)
-        for index in batches(config, len(data)):
+        bar.update(done)
+        for step, index in enumerate(batches(config, len(data))):
+            if step < done:  # the batch order is seeded: skipping reproduces the interrupted run's sequence
+                continue
             x = data.x[index].to(device, dtype)
             noise = torch.randn(x.shape, generator=noise_generator, device=device, dtype=x.dtype)
             out = denoiser(x + config.sigma * noise)
@@ -350,10 +366,14 @@ def train_denoiser(
             result.queries_per_step.append(0)
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+            if result.steps % checkpoint_every == 0:
+                result.seconds = time.perf_counter() - started
+                run.save()
         bar.close()
     for module in modules:
         module.eval()
     result.seconds = time.perf_counter() - started
+    run.save()
     return result
 
 
@@ -428,8 +448,7 @@ def train_denoiser_zo(
     _check_autoencoder(encoder, decoder)
     if not isinstance(denoiser, nn.Module):
         raise ConfigError(f"the denoiser must be a torch.nn.Module, got {type(denoiser).__name__}")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    _check_checkpoint_every(checkpoint_every)
     if config.objective != "stability":
         raise ConfigError(
             f"zeroth-order training optimizes the stability objective through the black box; the "
@@ -463,15 +482,10 @@ def train_denoiser_zo(
     decode: Callable[[Tensor], Tensor] | None = decoder if autoencoded else None
     state_file = Path(checkpoint).expanduser() if checkpoint is not None else None
     run = _TrainingState(
-        state_file, _run_identity(config, estimator, data, modules), modules, optimizer, noise_generator,
+        state_file, _run_identity(config, repr(estimator), data, modules), modules, optimizer, noise_generator,
         direction_generator, oracle, targets, result,
     )  # fmt: skip
-    done = run.restore() if resume else 0
-    if done > config.total_steps(len(data)):
-        raise ConfigError(
-            f"{state_file} has {done} steps done, more than the {config.total_steps(len(data))} this run plans; "
-            "ask for at least as many steps, or start over (resume=False)"
-        )
+    done = run.start(resume, config.total_steps(len(data)))
     started = time.perf_counter() - result.seconds
     frozen_encoder = encoder if encoder is not None and not config.train_encoder else None
     with _frozen(decoder, frozen_encoder):
@@ -532,10 +546,22 @@ def train_denoiser_zo(
     return result
 
 
-def _run_identity(
-    config: DenoisedConfig, estimator: GradientEstimator, data: ArrayDataset, modules: list[nn.Module]
-) -> str:
-    """What must match for a saved state to continue this run: options, estimator, data and module shapes.
+def _check_checkpoint_every(checkpoint_every: object) -> None:
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+
+
+def _weights_fingerprint(module: nn.Module | None) -> str:
+    """Shapes and sums of a module's parameters and buffers: a retrained classifier gives another string."""
+    if module is None:
+        return "none"
+    values = list(module.state_dict().values())
+    return f"{[tuple(v.shape) for v in values]} {sum(float(v.double().sum()) for v in values):.12g}"
+
+
+def _run_identity(config: DenoisedConfig, method: str, data: ArrayDataset, modules: list[nn.Module]) -> str:
+    """What must match for a saved state to continue this run: options, method (estimator or first-order
+    classifier), data and module shapes.
 
     The length of the run (``epochs``, ``max_steps``) is left out: the batch order of the first epochs does not
     depend on it, so a finished run continued with more steps equals a run planned that long from the start.
@@ -543,25 +569,35 @@ def _run_identity(
     shapes = [tuple(p.shape) for m in modules for p in m.parameters()]
     fingerprint = f"{tuple(data.x.shape)} {float(data.x.double().sum()):.10g}"
     options = dataclasses.replace(config, epochs=1, max_steps=None)
-    return f"{options!r} | {estimator!r} | {fingerprint} | {shapes}"
+    return f"{options!r} | {method} | {fingerprint} | {shapes}"
 
 
-_STATE_FORMAT = "robustlab-zo-denoiser-state-1"
+_STATE_FORMAT = "robustlab-zo-denoiser-state-1"  # first-order states too (their zeroth-order fields are None)
 
 
 @dataclass
 class _TrainingState:
-    """Everything an interrupted zeroth-order denoiser training needs to continue exactly (see ``checkpoint``)."""
+    """Everything an interrupted denoiser training needs to continue exactly (see ``checkpoint``)."""
 
     path: Path | None
     identity: str
     modules: list[nn.Module]
     optimizer: torch.optim.Optimizer
     noise_generator: torch.Generator
-    direction_generator: torch.Generator
-    oracle: ScoreOracle
-    targets: Tensor
+    direction_generator: torch.Generator | None  # zeroth order only, like the oracle and the stability targets
+    oracle: ScoreOracle | None
+    targets: Tensor | None
     result: DenoiserTrainResult
+
+    def start(self, resume: bool, planned_steps: int) -> int:
+        """Steps already done: those of a saved state of this run (with ``resume``), else 0."""
+        done = self.restore() if resume else 0
+        if done > planned_steps:
+            raise ConfigError(
+                f"{self.path} has {done} steps done, more than the {planned_steps} this run plans; "
+                "ask for at least as many steps, or start over (resume=False)"
+            )
+        return done
 
     def save(self) -> None:
         if self.path is None:
@@ -573,9 +609,9 @@ class _TrainingState:
             "modules": [m.state_dict() for m in self.modules],
             "optimizer": self.optimizer.state_dict(),
             "noise_generator": self.noise_generator.get_state(),
-            "direction_generator": self.direction_generator.get_state(),
-            "queries": self.oracle.queries.cpu(),
-            "targets": self.targets.cpu(),
+            "direction_generator": None if self.direction_generator is None else self.direction_generator.get_state(),
+            "queries": None if self.oracle is None else self.oracle.queries.cpu(),
+            "targets": None if self.targets is None else self.targets.cpu(),
             "result": {
                 "losses": r.losses, "queries_per_step": r.queries_per_step, "target_queries": r.target_queries,
                 "dimension": r.dimension, "queries_per_example": r.queries_per_example, "seconds": r.seconds,
@@ -598,19 +634,22 @@ class _TrainingState:
                 f"{self.path} cannot be read as a training state ({exc}); delete it to start over"
             ) from exc
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ConfigError(f"{self.path} is not a zeroth-order denoiser training state; delete it or pass another")
+            raise ConfigError(f"{self.path} is not a denoiser training state; delete it or pass another")
         if state["identity"] != self.identity:
             raise ConfigError(
-                f"{self.path} holds the state of a different training run (other options, estimator, data or "
-                "modules); delete it, pass resume=False (CLI: --no-resume) or another checkpoint file"
+                f"{self.path} holds the state of a different training run (other options, estimator or classifier, "
+                "data or modules); delete it, pass resume=False (CLI: --no-resume) or another checkpoint file"
             )
         for module, saved in zip(self.modules, state["modules"]):
             module.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.noise_generator.set_state(state["noise_generator"])
-        self.direction_generator.set_state(state["direction_generator"])
-        self.oracle.queries.copy_(state["queries"])
-        self.targets.copy_(state["targets"])
+        if self.direction_generator is not None:
+            self.direction_generator.set_state(state["direction_generator"])
+        if self.oracle is not None:
+            self.oracle.queries.copy_(state["queries"])
+        if self.targets is not None:
+            self.targets.copy_(state["targets"])
         for name, value in state["result"].items():
             setattr(self.result, name, value)
         return len(self.result.losses)
