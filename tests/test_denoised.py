@@ -308,12 +308,19 @@ def test_a_killed_zo_run_resumes_to_exactly_the_uninterrupted_result(
     assert resumed.queries_per_step == whole.queries_per_step
     assert resumed.target_queries == whole.target_queries
     assert all(torch.equal(a, b) for a, b in zip(resumed_weights, whole_weights))
-    # The resumed process only paid for steps 5-11: the first four steps' queries were not made again.
-    assert sum(counting.calls) == sum(whole.queries_per_step[4:])
-    # A finished state resumes to the same result without a query; a different run's state is refused.
+    # The resumed process only paid for steps 5-11, plus one query re-asking a saved training image to check that
+    # the black box is the same: the first four steps' queries were not made again.
+    assert sum(counting.calls) == sum(whole.queries_per_step[4:]) + 1
+    # A finished state resumes to the same result with that one query; a different run's state is refused.
     again = CountingModel(classifier)
     finished, _ = run(ScoreOracle(module_function(again)), checkpoint=state)
-    assert finished.losses == whole.losses and again.calls == []
+    assert finished.losses == whole.losses and again.calls == [1]
+    # So is a black box that now answers differently (the model behind the API was retrained).
+    changed = copy.deepcopy(classifier)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    with pytest.raises(ConfigError, match="answered training image .* differently"):
+        run(changed, checkpoint=state)
     other = RGE(q=5, mu=0.005, directions="sphere", difference="forward")
     with pytest.raises(ConfigError, match="different training run"):
         train_denoiser_zo(DnCNN(1, depth=3, width=4), digits28, classifier, other, config, checkpoint=state)

@@ -441,7 +441,8 @@ def train_denoiser_zo(
             count, the stability targets, the history), written every ``checkpoint_every`` steps and at the end.
             With ``resume`` (default) an existing state is continued: the run ends exactly as an uninterrupted one,
             and queries already paid for are not made again. A finished run continues when asked for more steps
-            (``epochs``/``max_steps``), exactly as if planned that long. A state from a different run is refused.
+            (``epochs``/``max_steps``), exactly as if planned that long. A state from a different run is refused,
+            and so is a black box that now answers a saved training image differently (one query on resume).
     """
     config = config or DenoisedConfig()
     config.validate()
@@ -486,6 +487,8 @@ def train_denoiser_zo(
         direction_generator, oracle, targets, result,
     )  # fmt: skip
     done = run.start(resume, config.total_steps(len(data)))
+    if done:
+        _check_same_black_box(run, oracle, data, device, dtype)
     started = time.perf_counter() - result.seconds
     frozen_encoder = encoder if encoder is not None and not config.train_encoder else None
     with _frozen(decoder, frozen_encoder):
@@ -519,6 +522,8 @@ def train_denoiser_zo(
                 if fresh.numel():
                     scores = oracle.scores(data.x[fresh.cpu()].to(device, dtype), fresh)
                     targets[fresh] = scores.argmax(dim=1).to(device)
+                    if run.reference is None:  # kept to recognize the black box when the run is resumed
+                        run.reference = (int(fresh[0]), scores[0].detach().cpu())
                     result.target_queries += int(fresh.numel())
                 estimate = estimate_with_oracle(
                     oracle, z.detach(), estimator, loss, index=index, generator=direction_generator, center=True,
@@ -544,6 +549,28 @@ def train_denoiser_zo(
     result.seconds = time.perf_counter() - started
     run.save()
     return result
+
+
+def _check_same_black_box(
+    run: _TrainingState, oracle: ScoreOracle, data: ArrayDataset, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Refuse to continue a zeroth-order run against a black box that answers differently than when it started.
+
+    A served model has no file to fingerprint, so one clean training image whose scores the run saved is asked
+    again (one query, counted with the audits outside the budget): a changed model would make the saved stability
+    targets and the half-trained denoiser those of another classifier.
+    """
+    if run.reference is None:
+        return
+    example, saved = run.reference
+    now = oracle.probe(data.x[example : example + 1].to(device, dtype))[0].detach().cpu().to(saved.dtype)
+    if now.shape != saved.shape or not torch.allclose(now, saved, rtol=1e-4, atol=1e-5):
+        difference = float((now - saved).abs().max()) if now.shape == saved.shape else float("inf")
+        raise ConfigError(
+            f"{run.path} was trained against a black box that answered training image {example} differently "
+            f"(largest score difference {difference:.3g}): the model behind it changed; start over (resume=False, "
+            "CLI: --no-resume) or point to the original model"
+        )
 
 
 def _check_checkpoint_every(checkpoint_every: object) -> None:
@@ -588,6 +615,7 @@ class _TrainingState:
     oracle: ScoreOracle | None
     targets: Tensor | None
     result: DenoiserTrainResult
+    reference: tuple[int, Tensor] | None = None  # (training image, its black-box scores): zeroth order only
 
     def start(self, resume: bool, planned_steps: int) -> int:
         """Steps already done: those of a saved state of this run (with ``resume``), else 0."""
@@ -612,6 +640,7 @@ class _TrainingState:
             "direction_generator": None if self.direction_generator is None else self.direction_generator.get_state(),
             "queries": None if self.oracle is None else self.oracle.queries.cpu(),
             "targets": None if self.targets is None else self.targets.cpu(),
+            "reference": self.reference,
             "result": {
                 "losses": r.losses, "queries_per_step": r.queries_per_step, "target_queries": r.target_queries,
                 "dimension": r.dimension, "queries_per_example": r.queries_per_example, "seconds": r.seconds,
@@ -650,6 +679,7 @@ class _TrainingState:
             self.oracle.queries.copy_(state["queries"])
         if self.targets is not None:
             self.targets.copy_(state["targets"])
+        self.reference = state.get("reference")
         for name, value in state["result"].items():
             setattr(self.result, name, value)
         return len(self.result.losses)
