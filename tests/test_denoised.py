@@ -319,7 +319,7 @@ def test_a_killed_zo_run_resumes_to_exactly_the_uninterrupted_result(
     changed = copy.deepcopy(classifier)
     with torch.no_grad():
         next(changed.parameters()).add_(0.01)
-    with pytest.raises(ConfigError, match="answered training image .* differently"):
+    with pytest.raises(ConfigError, match=r"answered training image .* differently"):
         run(changed, checkpoint=state)
     other = RGE(q=5, mu=0.005, directions="sphere", difference="forward")
     with pytest.raises(ConfigError, match="different training run"):
