@@ -167,3 +167,14 @@ def test_out_of_memory_is_not_renamed_a_data_mismatch() -> None:
 
     with pytest.raises(torch.OutOfMemoryError):
         ScoreOracle(module_function(OutOfMemory())).bind(2, torch.device("cpu")).scores(torch.rand(2, 3))
+
+
+def test_a_plain_score_function_failing_on_the_inputs_is_named_the_same_way() -> None:
+    import robustlab
+
+    def scores(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ torch.ones(784, 10)  # made for 1x28x28 inputs
+
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(InvalidInputError, match=r"cannot take its inputs \(each of shape \(1, 8, 8\)\)"):
+        robustlab.attack(ScoreOracle(scores), x, y, robustlab.ThreatModel("linf", 0.1), method="square", queries=10)

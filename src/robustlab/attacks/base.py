@@ -23,13 +23,14 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
-from robustlab.errors import ConfigError, InvalidInputError, ModelError, QueryBudgetExceeded
+from robustlab.errors import ConfigError, ModelError, QueryBudgetExceeded
 from robustlab.goals import Goal
 from robustlab.oracles import (
     Access,
     GradientOracle,
     LabelOracle,
     ScoreOracle,
+    forward_failure,
     module_function,
     warn_if_probabilities,
 )
@@ -359,10 +360,8 @@ class Attack(ABC, Generic[OracleT]):
             return oracle.num_classes
         try:
             scores = oracle.probe(x[:1])
-        except (RuntimeError, TypeError) as exc:
-            raise InvalidInputError(
-                f"the model failed on an input of shape {tuple(x.shape[1:])} (per example): {exc}"
-            ) from exc
+        except (RuntimeError, TypeError) as exc:  # a plain function's failure; local modules are named inside
+            raise forward_failure(exc, x) from exc
         warn_if_probabilities(scores)
         return oracle.num_classes
 
