@@ -18,6 +18,7 @@ from robustlab.errors import (
     ModelError,
     QueryBudgetExceeded,
     RobustlabError,
+    StateFileError,
 )
 from robustlab.evaluation import Suite, evaluate
 from robustlab.goals import Goal, least_likely_targets, random_targets
@@ -45,6 +46,7 @@ __all__ = [
     "QueryBudgetExceeded",
     "RobustlabError",
     "ScoreOracle",
+    "StateFileError",
     "Suite",
     "ThreatModel",
     "attack",

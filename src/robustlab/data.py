@@ -476,12 +476,12 @@ def load_npz(
             raise InvalidInputError(
                 f"{file} must hold arrays named 'x' (images) and 'y' (labels); it holds {sorted(keys)}{hint}"
             )
-        x, y = archive[x_key], archive[y_key]
+        x, y = _npz_array(archive, x_key, file), _npz_array(archive, y_key, file)
         if shape is None and "shape" in keys:
-            shape = [int(s) for s in archive["shape"].reshape(-1)]
+            shape = [int(s) for s in _npz_array(archive, "shape", file).reshape(-1)]
         if num_classes is None and "num_classes" in keys:
-            num_classes = int(archive["num_classes"])
-        classes = [str(c) for c in archive["classes"].reshape(-1)] if "classes" in keys else None
+            num_classes = int(_npz_array(archive, "num_classes", file))
+        classes = [str(c) for c in _npz_array(archive, "classes", file).reshape(-1)] if "classes" in keys else None
     if classes is not None and num_classes is not None and len(classes) != num_classes:
         classes = None
     return from_arrays(
@@ -495,6 +495,21 @@ def load_npz(
         limit=limit,
         source=str(file),
     )
+
+
+def _npz_array(archive: Any, key: str, file: Path) -> np.ndarray:
+    """One array of an open ``.npz``; arrays of pickled Python objects are refused, never unpickled."""
+    try:
+        return np.asarray(archive[key])
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise InvalidInputError(f"{file}: array {key!r} cannot be read: {exc}") from exc
+        raise InvalidInputError(
+            f"{file}: array {key!r} holds pickled Python objects, which robustlab never loads because loading them "
+            "can run arbitrary code; save plain numeric arrays (images as float or uint8, labels as integers)"
+        ) from exc
+    except Exception as exc:  # a damaged member of the zip archive
+        raise InvalidInputError(f"{file}: array {key!r} is damaged ({type(exc).__name__}: {exc})") from exc
 
 
 def save_npz(dataset: ArrayDataset, path: PathLike) -> Path:

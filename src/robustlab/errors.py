@@ -29,3 +29,8 @@ class DataNotFoundError(RobustlabError, FileNotFoundError):
 
 class QueryBudgetExceeded(RobustlabError):
     """A black-box oracle was asked for more queries than its budget allows for some example."""
+
+
+class StateFileError(RobustlabError):
+    """A saved state, checkpoint or result file that cannot be read safely: damaged, truncated, empty, written by
+    another program, or holding pickled Python objects (which robustlab never loads, since that can run code)."""

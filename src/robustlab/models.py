@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.errors import ConfigError, DataNotFoundError, InvalidInputError, ModelError
+from robustlab.state_io import describe_load_failure
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -751,21 +752,18 @@ def _torch_load(file: Path, device: torch.device, *, allow_pickle: bool) -> Any:
         if "weights only" not in str(exc).lower():
             raise ModelError(
                 f"{file} is not a model file robustlab can read (TorchScript, a robustlab checkpoint or a "
-                f"state dict saved with torch.save): {exc}"
+                f"state dict saved with torch.save): {describe_load_failure(exc)}"
             ) from exc
         if not allow_pickle:
-            detail = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln), "")
             raise ModelError(
-                f"{file} contains pickled Python objects (for example a whole model saved with "
-                "torch.save(model)), which robustlab does not unpickle by default because that can run "
-                "arbitrary code. Save model.state_dict() and pass arch (--arch), export TorchScript with "
-                "torch.jit.script(model).save(path), or, if you trust the file, load it with "
-                f"allow_pickle=True. {detail}".rstrip()
+                f"{file} cannot be loaded as a model: {describe_load_failure(exc)} (for example a whole model "
+                "saved with torch.save(model)). Save model.state_dict() instead and give its architecture "
+                "(--arch), or export TorchScript with torch.jit.script(model).save(path)"
             ) from exc
     except Exception as exc:
         raise ModelError(
             f"{file} is not a model file robustlab can read (TorchScript, a robustlab checkpoint or a state "
-            f"dict saved with torch.save): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"dict saved with torch.save): {describe_load_failure(exc)}"
         ) from exc
     try:
         return torch.load(file, map_location=device, weights_only=False)

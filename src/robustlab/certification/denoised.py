@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ from robustlab.certification.denoisers import (
 from robustlab.data import ArrayDataset
 from robustlab.errors import ConfigError, InvalidInputError
 from robustlab.oracles import LabelOracle, ScoreOracle, looks_like_probabilities, module_function
+from robustlab.state_io import load_state_file, save_atomic
 from robustlab.zeroth_order import GradientEstimator, estimate_with_oracle, log_probabilities
 
 __all__ = [
@@ -647,22 +647,18 @@ class _TrainingState:
                 "stopped_early": r.stopped_early,
             },
         }  # fmt: skip
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)  # a kill while writing leaves the previous state intact
+        save_atomic(payload, self.path)  # a kill while writing leaves the previous state intact
 
     def restore(self) -> int:
         """Load the saved state if there is one; the number of steps already done."""
         if self.path is None or not self.path.exists():
             return 0
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ConfigError(
-                f"{self.path} cannot be read as a training state ({exc}); delete it to start over"
-            ) from exc
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        state = load_state_file(
+            self.path,
+            what="a denoiser training state",
+            fix="Delete it, or start over with resume=False (CLI: --no-resume)",
+        )
+        if state.get("format") != _STATE_FORMAT:
             raise ConfigError(f"{self.path} is not a denoiser training state; delete it or pass another")
         if state["identity"] != self.identity:
             raise ConfigError(

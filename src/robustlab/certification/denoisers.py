@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from robustlab.data import ArrayDataset
 from robustlab.errors import ConfigError, InvalidInputError, ModelError
+from robustlab.state_io import describe_load_failure
 
 __all__ = [
     "DENOISER_FORMAT",
@@ -476,7 +477,7 @@ def load_denoiser(path: str | Path, *, device: str | torch.device = "cpu") -> De
     try:
         payload = torch.load(file, map_location=device, weights_only=True)
     except Exception as exc:  # a truncated file, or not a torch file at all
-        raise ModelError(f"{file} cannot be read as a robustlab denoiser file: {exc}") from exc
+        raise ModelError(f"{file} cannot be read as a robustlab denoiser file: {describe_load_failure(exc)}") from exc
     if not isinstance(payload, dict) or payload.get("format") != DENOISER_FORMAT:
         raise ModelError(f"{file} is not a robustlab denoiser file (no format tag {DENOISER_FORMAT!r})")
     if int(payload.get("version", 0)) > DENOISER_VERSION:

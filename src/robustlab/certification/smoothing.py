@@ -90,24 +90,37 @@ class RandomizedSmoothing:
     Args:
         model: the base classifier: a ``torch.nn.Module`` (used as a label-only black box) or a
             :class:`LabelOracle` (e.g. a remote model). Only labels are ever requested.
-        num_classes: number of classes.
+        num_classes: number of classes, or None to take the model's output width (a label-only black box must
+            then declare it, as remote oracles do). A given number must equal the model's width.
         sigma: noise standard deviation, in input units.
         batch_size: noisy inputs per model call.
     """
 
     def __init__(
-        self, model: nn.Module | LabelOracle, num_classes: int, sigma: float, *, batch_size: int = 1000
+        self, model: nn.Module | LabelOracle, num_classes: int | None, sigma: float, *, batch_size: int = 1000
     ) -> None:
         if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
             raise ConfigError(f"sigma must be a positive number, got {sigma!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
             raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.oracle = model if isinstance(model, LabelOracle) else LabelOracle(module_function(model))
-        self.num_classes = num_classes
+        if isinstance(model, LabelOracle):
+            if None not in (num_classes, model.num_classes) and num_classes != model.num_classes:
+                raise ConfigError(f"num_classes is {num_classes}, but the model answers {model.num_classes} classes")
+            self.oracle = model
+        else:  # the oracle checks every answer's width against num_classes
+            self.oracle = LabelOracle(module_function(model), num_classes=num_classes)
+        self._num_classes = num_classes
         self.sigma = float(sigma)
         self.batch_size = batch_size
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes: given, or the model's output width once it has answered."""
+        return self._num_classes if self._num_classes is not None else self.oracle.num_classes
 
     # ------------------------------------------------------------------ sampling
     def sample_counts(self, x: Tensor, num: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -121,7 +134,7 @@ class RandomizedSmoothing:
             raise InvalidInputError("x contains NaN or Inf values")
         images = x.shape[0]
         oracle = self.oracle.bind(images, x.device)
-        counts = torch.zeros(images, self.num_classes, dtype=torch.long, device=x.device)
+        counts: Tensor | None = None  # sized by the model's first answer when the class count is not known yet
         # Each model call holds `per_image` noisy copies of every image of a group of `group` images.
         group = max(1, min(images, self.batch_size // min(num, self.batch_size)))
         per_image = max(1, self.batch_size // group)
@@ -135,11 +148,22 @@ class RandomizedSmoothing:
                 noise = torch.randn((copies, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
                 noisy = (chunk.unsqueeze(1) + self.sigma * noise.unsqueeze(0)).reshape(-1, *x.shape[1:])
                 labels = oracle.labels(noisy, index.repeat_interleave(copies))
-                if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-                    raise InvalidInputError(f"the base model returned labels outside 0..{self.num_classes - 1}")
+                classes = self._num_classes if self._num_classes is not None else oracle.num_classes
+                if classes is None:
+                    raise ConfigError(
+                        "the base model answers labels only and does not declare its number of classes: "
+                        "pass num_classes"
+                    )
+                if counts is None:
+                    counts = torch.zeros(images, classes, dtype=torch.long, device=x.device)
+                    self._num_classes = classes  # learnt by the bound copy; later calls check against it
+                if bool(((labels < 0) | (labels >= classes)).any()):
+                    raise InvalidInputError(f"the base model returned labels outside 0..{classes - 1}")
                 rows = torch.arange(members, device=x.device).repeat_interleave(copies)
                 counts.index_put_((start + rows, labels), torch.ones_like(labels), accumulate=True)
                 remaining -= copies
+        if counts is None:  # no images
+            counts = torch.zeros(images, self.num_classes or 0, dtype=torch.long, device=x.device)
         return counts, oracle.queries.clone()
 
     # -------------------------------------------------------------- procedures

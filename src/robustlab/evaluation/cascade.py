@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from robustlab.api import attack as run_attack
 from robustlab.attacks.registry import get_attack
 from robustlab.data import ArrayDataset
-from robustlab.errors import ConfigError, InvalidInputError
+from robustlab.errors import ConfigError, InvalidInputError, StateFileError
 from robustlab.evaluation.diagnostics import (
     Diagnostic,
     check_gradients,
@@ -50,6 +49,7 @@ from robustlab.evaluation.diagnostics import (
 from robustlab.evaluation.suites import FOCUS_MINIMUM, Suite, SuiteStep, get_suite
 from robustlab.evaluation.wrappers import ExpectationOverTransformation, LogOutputs, with_bpda
 from robustlab.oracles import Access, LabelOracle, ScoreOracle, check_model_takes
+from robustlab.state_io import load_state_file, save_atomic
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["EvaluationResult", "StepReport", "evaluate"]
@@ -682,20 +682,27 @@ def _adbd(
 def _save_state(path: Path | None, state: dict[str, Any]) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(state)
     payload["steps"] = [dataclasses.asdict(s) for s in state["steps"]]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_atomic(payload, path)
 
 
 def _load_state(path: Path, identity: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state_file(
+        path,
+        what="an evaluation state",
+        fix="Delete it, or start over with resume=False (CLI: --no-resume)",
+    )
     if state.get("format") != STATE_FORMAT or state.get("identity") != identity:
         warnings.warn(f"{path} holds the state of another evaluation; starting over", stacklevel=3)
         return None
-    state["steps"] = [StepReport(**s) for s in state["steps"]]
+    try:
+        state["steps"] = [StepReport(**s) for s in state["steps"]]
+    except (KeyError, TypeError) as exc:
+        raise StateFileError(
+            f"{path} is an evaluation state with damaged step records ({exc}); delete it, or start over with "
+            "resume=False (CLI: --no-resume)"
+        ) from exc
     return state

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.data import ArrayDataset, train_val_split
-from robustlab.errors import ConfigError, InvalidInputError
+from robustlab.errors import ConfigError, InvalidInputError, RobustlabError, StateFileError
+from robustlab.state_io import load_state_file, save_atomic
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives.base import Objective, StepContext, StepOutput, build_objective
 from robustlab.training.perturb import model_mode
@@ -243,12 +244,6 @@ def _set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gene
         torch.cuda.set_rng_state_all(state["cuda"])
     for name, generator in generators.items():
         generator.set_state(state[name])
-
-
-def _atomic_save(payload: Mapping[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(dict(payload), tmp)
-    os.replace(tmp, path)
 
 
 def _validation_attack(
@@ -490,28 +485,36 @@ def train(
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
     if state_path is not None and resume and state_path.exists():
-        saved = torch.load(state_path, map_location=device, weights_only=False)
+        fix = "Delete it, or start over with resume=False (CLI: --no-resume)"
+        saved = load_state_file(state_path, what="a training state", fix=fix, map_location=device)
         if saved.get("format") != STATE_FORMAT:
             raise ConfigError(f"{state_path} is not a robustlab training state; use another checkpoint directory")
-        mismatch = _state_matches(saved["identity"], identity)
+        mismatch = _state_matches(saved.get("identity", {}), identity)
         if mismatch is not None:
             raise ConfigError(
                 f"cannot resume from {state_path}: {mismatch}; use another checkpoint directory or resume=False"
             )
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved.get("scaler") is not None:
-            scaler.load_state_dict(saved["scaler"])
-        if saved["method"] != objective.name:  # the "switch" policy changed method before the checkpoint
-            objective = build_objective(saved["method"], threat, **saved.get("method_options", {}))
-            objective.setup(model, n, tuple(data.x.shape[1:]), device)
-        objective.load_state_dict(saved["objective"])
-        history, events, methods, best = saved["history"], saved["events"], saved["methods"], saved["best"]
-        running = saved["running"]
-        start_epoch, start_batch = saved["epoch"], saved["batch"]
-        epoch_data_state = saved["epoch_data_state"]
-        _set_rng_state(saved["rng"][rank], generators)
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if scaler is not None and saved.get("scaler") is not None:
+                scaler.load_state_dict(saved["scaler"])
+            if saved["method"] != objective.name:  # the "switch" policy changed method before the checkpoint
+                objective = build_objective(saved["method"], threat, **saved.get("method_options", {}))
+                objective.setup(model, n, tuple(data.x.shape[1:]), device)
+            objective.load_state_dict(saved["objective"])
+            history, events, methods, best = saved["history"], saved["events"], saved["methods"], saved["best"]
+            running = saved["running"]
+            start_epoch, start_batch = saved["epoch"], saved["batch"]
+            epoch_data_state = saved["epoch_data_state"]
+            _set_rng_state(saved["rng"][rank], generators)
+        except RobustlabError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise StateFileError(
+                f"{state_path} is a damaged training state ({type(exc).__name__}: {exc}). {fix}"
+            ) from exc
     elif state_path is not None and not resume and state_path.exists() and lead:
         state_path.unlink()
     if world > 1:
@@ -551,7 +554,7 @@ def train(
             "epoch_data_state": epoch_data_state,
             "rng": rng,
         }
-        _atomic_save(payload, state_path)
+        save_atomic(payload, state_path)
         if world > 1:
             torch.distributed.barrier()
 
