@@ -410,6 +410,40 @@ def _device(name: str) -> Any:
     return device
 
 
+def _output_file(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output file that names a folder or lies under a file."""
+    from robustlab.errors import ConfigError
+
+    if path is None:
+        return
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give the name of a file to write")
+    _no_file_above(file, flag)
+
+
+def _output_folder(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output folder that names an existing file or lies under a file."""
+    from robustlab.errors import ConfigError
+
+    if path is None:
+        return
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a folder (the command writes several files into it)")
+    _no_file_above(folder, flag)
+
+
+def _no_file_above(path: Path, flag: str) -> None:
+    from robustlab.errors import ConfigError
+
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path} cannot be written: {parent} is a file, not a folder")
+            return
+
+
 def _attack_options(args: argparse.Namespace) -> dict[str, Any]:
     from robustlab import get_attack
     from robustlab.errors import ConfigError
@@ -438,12 +472,14 @@ def run_attack(args: argparse.Namespace) -> int:
     from robustlab.data import load_dataset
     from robustlab.errors import ConfigError
 
+    _output_file(args.out, "--out")
+    _output_file(args.save_adv, "--save-adv")
     threat = ThreatModel(args.norm, args.eps, *args.bounds)
     options = _attack_options(args)
     device = _device(args.device)
     model, predict = _open_model(args, device, budget=options.get("queries"))
     data = load_dataset(args.data, split=args.split, limit=args.limit)
-    _check_model_fits_data(model, data, args, device)
+    model_classes = _check_model_fits_data(model, data, args, device)
     x, y = data.x, data.y
     threat.check_inputs(x, name=f"data set {args.data!r}")
 
@@ -452,7 +488,10 @@ def run_attack(args: argparse.Namespace) -> int:
             [predict(x[i : i + args.batch_size].to(device)).cpu() for i in range(0, len(x), args.batch_size)]
         )
     clean_labels = clean_out if clean_out.dim() == 1 else clean_out.argmax(1)
-    num_classes = data.num_classes if clean_out.dim() == 1 else int(clean_out.shape[1])
+    if clean_out.dim() == 2:
+        num_classes = int(clean_out.shape[1])
+    else:  # labels only: the server's declared classes, else the data's
+        num_classes = model_classes if model_classes is not None else data.num_classes
     clean_correct = clean_labels == y
     targets = None
     if args.targeted == "random":
@@ -497,7 +536,9 @@ def run_attack(args: argparse.Namespace) -> int:
     if args.save_adv:
         import numpy as np
 
-        np.savez_compressed(args.save_adv, x=result.x_adv.numpy(), y=y.numpy(), success=result.success.numpy())
+        Path(args.save_adv).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.save_adv, "wb") as stream:  # a file object: numpy would append ".npz" to a bare name
+            np.savez_compressed(stream, x=result.x_adv.numpy(), y=y.numpy(), success=result.success.numpy())
     print(_human_summary(summary))
     return EXIT_OK
 
@@ -574,15 +615,20 @@ def _open_model(args: argparse.Namespace, device: Any, budget: int | None = None
     return model, model
 
 
-def _check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, device: Any) -> None:
-    """One forward pass on two examples, so a model/data mismatch is named here rather than deep inside torch."""
+def _check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, device: Any) -> int | None:
+    """One forward pass on two examples, so a model/data mismatch is named here rather than deep inside torch.
+
+    Returns the number of classes the model answers (its output width; a server's declared count), which is what
+    every class count must come from: the labels of a subset need not cover every class."""
     from torch import nn
 
     from robustlab.errors import ModelError
     from robustlab.oracles import check_model_takes
 
     if not isinstance(model, nn.Module):
-        return  # a server checks shapes itself and answers with a message
+        # a server checks shapes itself and answers with a message; it declares its classes in /v1/info
+        classes = getattr(model, "num_classes", None)
+        return int(classes) if classes is not None else None
     outputs = check_model_takes(
         model,
         data.x[:2].to(device),
@@ -594,6 +640,7 @@ def _check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, devi
         raise ModelError(
             f"the model {args.model} answers {outputs.shape[1]} classes but {args.data} has {data.num_classes}"
         )
+    return int(outputs.shape[1])
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -602,6 +649,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from robustlab.evaluation import Suite, evaluate, evaluation_section
     from robustlab.report import Report
 
+    _output_folder(args.out, "--out")
     threat = ThreatModel(args.norm, args.eps, *args.bounds)
     device = _device(args.device)
     model, _ = _open_model(args, device)
@@ -646,12 +694,14 @@ def run_train(args: argparse.Namespace) -> int:
     from robustlab.report import Report
     from robustlab.training import TrainConfig, train
 
+    _output_folder(args.out, "--out")
     device = _device(args.device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     lead = int(os.environ.get("RANK", "0")) == 0
     data = load_dataset(args.data, split="train", limit=args.limit)
     threat = ThreatModel(args.norm, args.eps, *data.bounds)
+    torch.manual_seed(args.seed)  # before the model is built: --seed fixes the initial weights too
     if args.model:
         model = load_model(args.model, device=device)
         _check_model_fits_data(model, data, args, device)
@@ -676,7 +726,6 @@ def run_train(args: argparse.Namespace) -> int:
         warmup=args.warmup,
     )
     out = Path(args.out)
-    torch.manual_seed(args.seed)
     result = train(
         model,
         data,
@@ -726,12 +775,13 @@ CERTIFY_CHUNK = 25  # images per checkpointed chunk of randomized-smoothing cert
 
 def _load_or_none(path: Path) -> Any:
     """A saved state, or None (with a warning) when the file is damaged: the work is then simply redone."""
-    import torch
+    from robustlab.errors import StateFileError
+    from robustlab.state_io import load_state_file
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or not a torch file
-        warnings.warn(f"ignoring {path}, which cannot be read ({type(exc).__name__}); recomputing", stacklevel=2)
+        return load_state_file(path, what="a saved state", fix="Recomputing what it held")
+    except StateFileError as exc:  # damaged, or someone else's pickle: never loaded, the work is redone
+        warnings.warn(f"ignoring {exc}", stacklevel=2)
         return None
 
 
@@ -753,6 +803,7 @@ def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: 
     from tqdm.auto import tqdm
 
     from robustlab.certification import Certificate
+    from robustlab.state_io import save_atomic
 
     if args.checkpoint:
         state_path: Path | None = Path(args.checkpoint)
@@ -793,10 +844,7 @@ def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: 
         fields = {f.name: getattr(part, f.name).cpu() for f in dc.fields(part)}
         chunks[start] = {"fields": fields, "seconds": spent}
         if state_path is not None:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_name(state_path.name + ".tmp")
-            torch.save({"identity": identity, "chunks": chunks}, tmp)
-            os.replace(tmp, state_path)
+            save_atomic({"identity": identity, "chunks": chunks}, state_path)
     merged = Certificate(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dc.fields(Certificate)})
     return merged, seconds, reused
 
@@ -811,6 +859,9 @@ def run_certify(args: argparse.Namespace) -> int:
     from robustlab.oracles import LabelOracle
     from robustlab.report import Report
 
+    _output_file(args.out, "--out")
+    _output_file(args.checkpoint, "--checkpoint")
+    _output_folder(args.report, "--report")
     device = _device(args.device)
     if args.denoiser is not None and args.method != "smoothing":
         raise ConfigError(f"--denoiser goes with --method smoothing (denoised smoothing), not {args.method}")
@@ -819,7 +870,7 @@ def run_certify(args: argparse.Namespace) -> int:
     else:
         model = load_model(args.model, arch=args.arch, device=device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
-    _check_model_fits_data(model, data, args, device)
+    model_classes = _check_model_fits_data(model, data, args, device)
     x, y = data.x.to(device), data.y.to(device)
     out: dict[str, Any] = {"model": args.model, "data": args.data, "split": args.split, "examples": len(y)}
     report = Report(f"robustlab certify: {args.method}")
@@ -835,7 +886,8 @@ def run_certify(args: argparse.Namespace) -> int:
                 model = DenoisedClassifier(bundle.denoiser, model, **front).to(device).eval()
             out["denoiser"] = args.denoiser
             out["autoencoder"] = bundle.encoder is not None
-        smoothed = RandomizedSmoothing(model, data.num_classes, args.sigma, batch_size=max(args.batch_size, 1000))
+        # the model's classes, not the labels': a subset may hold one class, or miss the model's top class
+        smoothed = RandomizedSmoothing(model, model_classes, args.sigma, batch_size=max(args.batch_size, 1000))
         cert, seconds, reused = _certify_in_chunks(smoothed, x, args, device)
         out["images_from_checkpoint"] = reused
         notes = (
@@ -899,8 +951,11 @@ def run_denoise(args: argparse.Namespace) -> int:
     from robustlab.data import load_dataset
     from robustlab.errors import ConfigError
     from robustlab.oracles import ScoreOracle, module_function
+    from robustlab.state_io import save_atomic
     from robustlab.zeroth_order import CGE, RGE
 
+    _output_file(args.out, "--out")
+    _output_folder(args.report, "--report")
     zeroth_order, with_ae = args.method.startswith("zo-"), "-ae-" in args.method
     if args.objective == "mse" and args.method != "fo-ds":
         raise ConfigError(
@@ -942,8 +997,7 @@ def run_denoise(args: argparse.Namespace) -> int:
         else:
             pre = train_autoencoder(encoder, decoder, data, ae_config, progress=not args.quiet)
             print(f"autoencoder: {pre.steps} steps, reconstruction loss {pre.losses[0]:.4f} -> {pre.losses[-1]:.4f}")
-            ae_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": ae_key, "encoder": encoder.state_dict(), "decoder": decoder.state_dict()}, ae_file)
+            save_atomic({"key": ae_key, "encoder": encoder.state_dict(), "decoder": decoder.state_dict()}, ae_file)
     state = Path(args.out).with_name(Path(args.out).name + ".state")
     every, resume = args.checkpoint_every, not args.no_resume
     if zeroth_order:
