@@ -333,3 +333,20 @@ def test_save_adv_writes_exactly_the_file_named(files, tmp_path: Path) -> None:
 def test_a_config_error_is_still_a_config_error() -> None:
     with pytest.raises(ConfigError):
         RandomizedSmoothing(tiny_cnn(), 1, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--data", "digits", "--limit", "16", "--epochs", "1", "--weight-decay", "-1"],
+         "weight_decay must be a non-negative number"),
+        (["certify", "--model", "advertorch-lenet5-clean", "--data", "mnist", "--limit", "1", "--radii", "-1"],
+         "a radius is a non-negative finite number"),
+    ],
+)  # fmt: skip
+def test_more_option_mistakes_are_one_line(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    try:  # argparse's own checks exit with its usage line and the message, as every CLI does
+        code, err = _run([*argv, "--quiet"] + (["--out", str(tmp_path / "o")] if argv[0] == "train" else []), capsys)
+    except SystemExit as exit_:
+        code, err = int(str(exit_.code)), capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

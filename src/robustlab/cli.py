@@ -69,6 +69,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _radius(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a radius is a non-negative finite number, got {text}")
+    return value
+
+
 def _parse_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"options look like KEY=VALUE, got {text!r}")
@@ -231,7 +241,11 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--token", action="append", help="accepted bearer token; repeat for several clients")
-    serve.add_argument("--budget", type=_positive_int, help="queries per client")
+    serve.add_argument("--budget", type=_positive_int, help="queries per client (per --token)")
+    serve.add_argument(
+        "--budget-per-client-id", action="store_true",
+        help="allow --budget without --token, counted per X-Client-Id header: advisory, any client can change its id",
+    )  # fmt: skip
     serve.add_argument("--max-batch", type=_positive_int, default=4096, help="rows per request")
     serve.add_argument("--state-file", help="persist usage counts here so budgets survive restarts")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
@@ -312,7 +326,7 @@ def _add_certify_parser(commands: Any) -> None:
     smoothing.add_argument("--n", type=_positive_int, default=10_000, help="samples to estimate its probability")
     smoothing.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
     smoothing.add_argument(
-        "--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="radii for the accuracy curve"
+        "--radii", type=_radius, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="radii for the accuracy curve"
     )
     smoothing.add_argument(
         "--denoiser",
@@ -566,15 +580,14 @@ def _human_summary(summary: dict[str, Any]) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import torch
-
     from robustlab.errors import ConfigError
     from robustlab.models import load_model
 
     try:
-        from robustlab.serve import ServerConfig, create_app, run_server
+        from robustlab.serve import ServerConfig, check_port, create_app, run_server
     except ImportError as exc:
         raise ConfigError(f"serving needs FastAPI and uvicorn: pip install 'robustlab[serve]' ({exc})") from None
+    check_port(args.port)
     device = _device(args.device)
     model = load_model(args.model, arch=args.arch, device=device)
     shape, classes = args.input_shape, args.num_classes
@@ -585,15 +598,14 @@ def run_serve(args: argparse.Namespace) -> int:
         shape, classes = shape or list(sample.image_shape), classes or sample.num_classes
     if not shape:
         raise ConfigError("give --input-shape (e.g. 1 28 28) or --data so the server can validate inputs")
-    if classes is None:
-        with torch.no_grad():
-            classes = int(model(torch.zeros(1, *shape, device=device)).shape[1])
     config = ServerConfig(
         mode=args.mode, input_shape=tuple(shape), num_classes=classes, bounds=tuple(args.bounds), token=args.token,
         budget=args.budget, max_batch=args.max_batch, state_file=args.state_file,
+        trust_client_id=args.budget_per_client_id,
     )  # fmt: skip
+    app = create_app(model, config)  # runs the model once on the declared shape; refuses a mismatch
     print(f"serving {args.model} ({args.mode}) on http://{args.host}:{args.port}; schema at /openapi.json")
-    run_server(create_app(model, config), host=args.host, port=args.port, log_level="info")
+    run_server(app, host=args.host, port=args.port, log_level="info")
     return EXIT_OK
 
 

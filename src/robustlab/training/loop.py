@@ -117,6 +117,10 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose sgd, adam or lamb")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("weight_decay", "momentum"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.val_attack not in ("quick", "pgd"):
