@@ -30,6 +30,7 @@ from robustlab.errors import InvalidInputError, ModelError, QueryBudgetExceeded
 from robustlab.goals import Goal
 from robustlab.layout import ChannelsLastWeights
 from robustlab.losses import AttackLoss
+from robustlab.utils import model_device
 
 __all__ = [
     "Access",
@@ -94,15 +95,6 @@ class QueryLedger:
                 f"(first: index {int(over[0])}, {int(self.counts[over[0]])} used, {int(added[over[0]])} asked)"
             )
         self.counts = new
-
-
-def model_device(model: nn.Module) -> torch.device | None:
-    """Device of the module's first parameter or buffer (None for a module without any)."""
-    for parameter in model.parameters():
-        return parameter.device
-    for buffer in model.buffers():
-        return buffer.device
-    return None
 
 
 def forward_failure(

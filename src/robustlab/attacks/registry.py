@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from robustlab.attacks.base import Attack
-from robustlab.errors import ConfigError
 from robustlab.oracles import Access
+from robustlab.registry import Registry
 from robustlab.threat import Norm
 
-__all__ = ["AttackInfo", "get_attack", "list_attacks", "register_attack"]
+__all__ = ["ATTACKS", "AttackInfo", "get_attack", "list_attacks", "register_attack"]
 
 
 @dataclass(frozen=True)
@@ -28,41 +28,34 @@ class AttackInfo:
     summary: str
 
 
-_REGISTRY: dict[str, AttackInfo] = {}
+ATTACKS: Registry[AttackInfo] = Registry("attack method", hint="see robustlab.list_attacks()")
 
 
-def register_attack(cls: type[Attack]) -> type[Attack]:
-    """Class decorator adding an attack to the registry under ``cls.name``."""
-    name = cls.name
-    if name in _REGISTRY and _REGISTRY[name].cls is not cls:
-        raise ValueError(f"an attack named {name!r} is already registered ({_REGISTRY[name].cls.__name__})")
+def _describe(cls: type[Attack]) -> AttackInfo:
     doc = (cls.__doc__ or "").strip().splitlines()
-    _REGISTRY[name] = AttackInfo(
-        name=name,
+    return AttackInfo(
+        name=cls.name,
         cls=cls,
         access=cls.access,
         norms=cls.norms,
         supports_targeted=cls.supports_targeted,
         summary=cls.summary_line or (doc[0] if doc else ""),
     )
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    """Class decorator adding an attack to the registry under ``cls.name``."""
+    ATTACKS.add(_describe(cls))
     return cls
 
 
 def get_attack(name: str) -> AttackInfo:
-    """The registered attack called ``name`` (case-insensitive), with a clear error listing the choices."""
-    key = name.strip().lower()
-    if key not in _REGISTRY:
-        raise ConfigError(f"unknown attack method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[key]
+    """The registered attack called ``name`` (case, ``-`` and ``_`` do not matter), with the choices on error."""
+    return ATTACKS.get(name)
 
 
 def list_attacks(access: str | Access | None = None, norm: str | Norm | None = None) -> list[AttackInfo]:
     """Registered attacks, optionally only those needing exactly ``access`` and supporting ``norm``."""
-    wanted_access = None if access is None else Access(access)
-    wanted_norm = None if norm is None else Norm.parse(norm)
-    return [
-        info
-        for name, info in sorted(_REGISTRY.items())
-        if (wanted_access is None or info.access is wanted_access)
-        and (wanted_norm is None or wanted_norm in info.norms)
-    ]
+    return ATTACKS.list(
+        access=None if access is None else Access(access), norms=None if norm is None else Norm.parse(norm)
+    )

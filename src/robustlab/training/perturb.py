@@ -9,31 +9,19 @@ same threat model as evaluation attacks.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from robustlab.threat import ThreatModel
+from robustlab.utils import model_mode
 
 __all__ = ["input_gradient", "model_mode", "pgd_perturb"]
 
 LossOfInput = Callable[[Tensor], Tensor]
-BatchNormMode = Literal["train", "eval"]
-
-
-@contextlib.contextmanager
-def model_mode(model: nn.Module, mode: BatchNormMode) -> Iterator[None]:
-    """Run a block with ``model`` in train or eval mode, restoring every submodule's mode afterwards."""
-    saved = [(m, m.training) for m in model.modules()]
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
+BatchNormMode = Literal["train", "eval"]  # the modes model_mode (robustlab.utils) takes
 
 
 def input_gradient(loss_of_input: LossOfInput, x: Tensor, *, create_graph: bool = False) -> tuple[Tensor, Tensor]:
