@@ -179,8 +179,8 @@ def test_repeated_request_ids_are_not_counted_twice() -> None:
 def test_an_attack_stopped_by_the_server_budget_returns_its_best_so_far() -> None:
     model = small_model()
     x, y = batch(6)
-    with live_server(model, mode="scores", budget=900) as url:
-        oracle = connect(url)
+    with live_server(model, mode="scores", budget=900, token="t") as url:
+        oracle = connect(url, token="t")
         result = robustlab.attack(oracle, x, y, robustlab.ThreatModel("linf", 0.15), "square", queries=5000, seed=0)
     assert "interrupted" in result.extras
     assert bool(result.success.any())  # what it had found before the server said no is kept

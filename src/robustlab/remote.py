@@ -7,11 +7,13 @@ schema at ``/openapi.json``):
 - ``GET /v1/info`` — mode (``scores`` or ``labels``), input shape, number of classes, input bounds, batch limit.
 - ``POST /v1/predict`` — body ``{"data": <base64 of little-endian float32>, "shape": [n, ...], "request_id": ...}``
   (or ``{"inputs": nested lists}``); answer ``{"scores": ...}`` or ``{"labels": [...]}`` plus the client's query
-  counts. A repeated ``request_id`` is answered from a cache and not counted again, so retries are safe.
+  counts. A repeated ``request_id`` with the same inputs is answered from a cache and not counted again, so retries
+  are safe (the same id with other inputs is refused with 409).
 - ``GET /v1/usage`` — the calling client's queries used and remaining.
 
 Authentication is a bearer token (``Authorization: Bearer <token>``). Errors are JSON ``{"detail": message}``
-with 400/401/413/422/429 for the client's mistakes and 5xx for the server's.
+with 400/401/409/413/415/422/429 for the client's mistakes and 5xx for the server's. A request is authenticated
+before its body is read, and the body is cut off at the server's byte limit.
 
 :func:`connect` returns a :class:`~robustlab.oracles.ScoreOracle` or :class:`~robustlab.oracles.LabelOracle`
 depending on the server's mode, so every black-box attack, the evaluation and zeroth-order training run against a
@@ -116,7 +118,7 @@ class RemoteModel:
             raise ModelError(f"the model server refused the credentials: {detail}")
         if response.status_code == 429:
             raise QueryBudgetExceeded(f"the model server's query budget is exhausted: {detail}")
-        if response.status_code in (400, 413, 422):
+        if response.status_code in (400, 409, 413, 415, 422):
             hint = ""
             if "must lie in" in str(detail):  # the server's input-box check
                 hint = (
