@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.checks import check_positive_int
 from robustlab.errors import ConfigError, InvalidInputError
 from robustlab.threat import Norm, ThreatModel
 
@@ -381,8 +382,7 @@ def verify(
     """
     if batch_size is None:
         batch_size = 16 if method == "crown" and intermediate == "crown" else 256
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     out = []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):

@@ -64,6 +64,7 @@ from robustlab.certification.denoisers import (
     module_device,
     module_dtype,
 )
+from robustlab.checks import check_positive_int
 from robustlab.data import ArrayDataset
 from robustlab.errors import ConfigError, InvalidInputError
 from robustlab.oracles import LabelOracle, ScoreOracle, looks_like_probabilities, module_function
@@ -308,11 +309,7 @@ def train_denoiser(
     Returns the per-step losses. Classifier and decoder keep their modes and ``requires_grad`` flags; the trained
     modules are left in eval mode.
     """
-    config = config or DenoisedConfig()
-    config.validate()
-    _check_autoencoder(encoder, decoder)
-    if not isinstance(denoiser, nn.Module):
-        raise ConfigError(f"the denoiser must be a torch.nn.Module, got {type(denoiser).__name__}")
+    config = _checked_config(config, denoiser, encoder, decoder, checkpoint_every)
     if config.objective == "stability" and classifier is None:
         raise ConfigError("the stability objective needs the classifier the denoiser is trained for")
     if classifier is not None and not isinstance(classifier, nn.Module):
@@ -320,61 +317,119 @@ def train_denoiser(
             f"first-order training needs a white-box torch.nn.Module classifier, got {type(classifier).__name__}; "
             "for a black box (a ScoreOracle or a URL) use train_denoiser_zo"
         )
-    _check_checkpoint_every(checkpoint_every)
-    device, dtype = module_device(denoiser), module_dtype(denoiser)
-    check_training_data(data)
-    _input_shape_check(data, denoiser, device)
-    modules, parameters = _trainable(denoiser, encoder, config)
-    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    setup = _Setup.make(denoiser, encoder, data, config)
     autoencoded = encoder is not None and decoder is not None
     result = DenoiserTrainResult(method="FO-AE-DS" if autoencoded else "FO-DS")
-    identity = _run_identity(config, f"first order, classifier {_weights_fingerprint(classifier)}", data, modules)
+    identity = _run_identity(config, f"first order, classifier {_weights_fingerprint(classifier)}", data, setup.modules)
     run = _TrainingState(
-        Path(checkpoint).expanduser() if checkpoint is not None else None, identity, modules, optimizer,
-        noise_generator, None, None, None, result,
+        Path(checkpoint).expanduser() if checkpoint is not None else None, identity, setup.modules, setup.optimizer,
+        setup.noise_generator, None, None, None, result,
     )  # fmt: skip
     done = run.start(resume, config.total_steps(len(data)))
+
+    def step(index: Tensor) -> tuple[float, int]:
+        x = data.x[index].to(setup.device, setup.dtype)
+        noise = torch.randn(x.shape, generator=setup.noise_generator, device=setup.device, dtype=x.dtype)
+        out = denoiser(x + config.sigma * noise)
+        if encoder is not None and decoder is not None:
+            out = decoder(encoder(out))
+        if config.objective == "mse":
+            loss = F.mse_loss(out, x)
+        else:
+            assert classifier is not None
+            with torch.no_grad():
+                targets = classifier(x).argmax(dim=1)
+            loss = F.cross_entropy(classifier(out), targets)
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"the loss became {float(loss)} at step {result.steps + 1}; lower lr")
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        setup.optimizer.step()
+        return float(loss.detach()), 0
+
+    frozen = (classifier, decoder, encoder if encoder is not None and not config.train_encoder else None)
+    _run_steps(run, data, config, step, frozen=frozen, done=done, every=checkpoint_every,
+               desc=f"{result.method} ({config.objective})", progress=progress)  # fmt: skip
+    return result
+
+
+@dataclass
+class _Setup:
+    """What both training loops build the same way: device and dtype, trained modules, Adam, the noise stream."""
+
+    device: torch.device
+    dtype: torch.dtype
+    modules: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    noise_generator: torch.Generator
+
+    @classmethod
+    def make(cls, denoiser: nn.Module, encoder: nn.Module | None, data: ArrayDataset, config: DenoisedConfig) -> _Setup:
+        device, dtype = module_device(denoiser), module_dtype(denoiser)
+        check_training_data(data)
+        _input_shape_check(data, denoiser, device)
+        modules, parameters = _trainable(denoiser, encoder, config)
+        optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+        return cls(device, dtype, modules, optimizer, noise_generator)
+
+
+def _checked_config(
+    config: DenoisedConfig | None,
+    denoiser: nn.Module,
+    encoder: nn.Module | None,
+    decoder: nn.Module | None,
+    checkpoint_every: int,
+) -> DenoisedConfig:
+    config = config or DenoisedConfig()
+    config.validate()
+    _check_autoencoder(encoder, decoder)
+    if not isinstance(denoiser, nn.Module):
+        raise ConfigError(f"the denoiser must be a torch.nn.Module, got {type(denoiser).__name__}")
+    check_positive_int("checkpoint_every", checkpoint_every)
+    return config
+
+
+def _run_steps(
+    run: _TrainingState,
+    data: ArrayDataset,
+    config: DenoisedConfig,
+    step: Callable[[Tensor], tuple[float, int] | None],
+    *,
+    frozen: tuple[nn.Module | None, ...],
+    done: int,
+    every: int,
+    desc: str,
+    progress: bool,
+) -> None:
+    """The loop both methods share: the seeded batch order from step ``done`` on, ``step(index)`` giving (loss,
+    queries) or None to stop, the progress bar, and a checkpoint every ``every`` steps and at the end."""
+    result = run.result
     started = time.perf_counter() - result.seconds
-    frozen_encoder = encoder if encoder is not None and not config.train_encoder else None
-    with _frozen(classifier, decoder, frozen_encoder):
-        for module in modules:
+    with _frozen(*frozen):
+        for module in run.modules:
             module.train()
-        bar = _progress(config.total_steps(len(data)), f"{result.method} ({config.objective})", progress)
+        bar = _progress(config.total_steps(len(data)), desc, progress)
         bar.update(done)
-        for step, index in enumerate(batches(config, len(data))):
-            if step < done:  # the batch order is seeded: skipping reproduces the interrupted run's sequence
+        for number, index in enumerate(batches(config, len(data))):
+            if number < done:  # the batch order is seeded: skipping reproduces the interrupted run's sequence
                 continue
-            x = data.x[index].to(device, dtype)
-            noise = torch.randn(x.shape, generator=noise_generator, device=device, dtype=x.dtype)
-            out = denoiser(x + config.sigma * noise)
-            if encoder is not None and decoder is not None:
-                out = decoder(encoder(out))
-            if config.objective == "mse":
-                loss = F.mse_loss(out, x)
-            else:
-                assert classifier is not None
-                with torch.no_grad():
-                    targets = classifier(x).argmax(dim=1)
-                loss = F.cross_entropy(classifier(out), targets)
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"the loss became {float(loss)} at step {result.steps + 1}; lower lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            result.losses.append(float(loss.detach()))
-            result.queries_per_step.append(0)
+            outcome = step(index)
+            if outcome is None:
+                break
+            loss, queries = outcome
+            result.losses.append(loss)
+            result.queries_per_step.append(queries)
             bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
-            if result.steps % checkpoint_every == 0:
+            bar.set_postfix(loss=f"{loss:.4f}", **({"queries": queries} if run.oracle is not None else {}))
+            if result.steps % every == 0:
                 result.seconds = time.perf_counter() - started
                 run.save()
         bar.close()
-    for module in modules:
+    for module in run.modules:
         module.eval()
     result.seconds = time.perf_counter() - started
     run.save()
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ zeroth order
@@ -444,12 +499,7 @@ def train_denoiser_zo(
             (``epochs``/``max_steps``), exactly as if planned that long. A state from a different run is refused,
             and so is a black box that now answers a saved training image differently (one query on resume).
     """
-    config = config or DenoisedConfig()
-    config.validate()
-    _check_autoencoder(encoder, decoder)
-    if not isinstance(denoiser, nn.Module):
-        raise ConfigError(f"the denoiser must be a torch.nn.Module, got {type(denoiser).__name__}")
-    _check_checkpoint_every(checkpoint_every)
+    config = _checked_config(config, denoiser, encoder, decoder, checkpoint_every)
     if config.objective != "stability":
         raise ConfigError(
             f"zeroth-order training optimizes the stability objective through the black box; the "
@@ -460,95 +510,113 @@ def train_denoiser_zo(
             f"estimator must be a robustlab.zeroth_order RGE or CGE, got {type(estimator).__name__}; e.g. "
             "RGE(q=20, mu=0.005, difference='forward') or CGE(mu=0.005)"
         )
+    setup = _Setup.make(denoiser, encoder, data, config)
+    direction_generator = torch.Generator(device=setup.device).manual_seed(config.seed + 2)
+    oracle = _score_oracle(black_box).bind(len(data), setup.device)
+    targets = torch.full((len(data),), -1, dtype=torch.long, device=setup.device)
+    autoencoded = encoder is not None and decoder is not None
+    result = DenoiserTrainResult(method="ZO-AE-DS" if autoencoded else "ZO-DS", estimator=repr(estimator))
+    state_file = Path(checkpoint).expanduser() if checkpoint is not None else None
+    run = _TrainingState(
+        state_file, _run_identity(config, repr(estimator), data, setup.modules), setup.modules, setup.optimizer,
+        setup.noise_generator, direction_generator, oracle, targets, result,
+    )  # fmt: skip
+    done = run.start(resume, config.total_steps(len(data)))
+    if done:
+        _check_same_black_box(run, oracle, data, setup.device, setup.dtype)
+    step = _ZerothOrderStep(
+        run, setup, data, config, estimator, denoiser, encoder, decoder if autoencoded else None
+    )  # fmt: skip
+    frozen = (decoder, encoder if encoder is not None and not config.train_encoder else None)
+    _run_steps(run, data, config, step, frozen=frozen, done=done, every=checkpoint_every,
+               desc=f"{result.method} {type(estimator).__name__}", progress=progress)  # fmt: skip
+    return result
+
+
+def _score_oracle(black_box: ScoreOracle | nn.Module) -> ScoreOracle:
+    """The black box as a score oracle: a local module is wrapped (and used only through it); labels are refused."""
     if isinstance(black_box, nn.Module):
-        black_box = ScoreOracle(module_function(black_box))
-    elif not isinstance(black_box, ScoreOracle):
+        return ScoreOracle(module_function(black_box))
+    if not isinstance(black_box, ScoreOracle):
         kind = "a label-only oracle" if isinstance(black_box, LabelOracle) else type(black_box).__name__
         raise ConfigError(
             f"zeroth-order training needs scores from the black box (a ScoreOracle), got {kind}; serve the model "
             "with --mode scores"
         )
-    device, dtype = module_device(denoiser), module_dtype(denoiser)
-    check_training_data(data)
-    _input_shape_check(data, denoiser, device)
-    modules, parameters = _trainable(denoiser, encoder, config)
-    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
-    direction_generator = torch.Generator(device=device).manual_seed(config.seed + 2)
-    oracle = black_box.bind(len(data), device)
-    targets = torch.full((len(data),), -1, dtype=torch.long, device=device)
-    loss = _StabilityLoss(targets)
-    autoencoded = encoder is not None and decoder is not None
-    result = DenoiserTrainResult(method="ZO-AE-DS" if autoencoded else "ZO-DS", estimator=repr(estimator))
-    decode: Callable[[Tensor], Tensor] | None = decoder if autoencoded else None
-    state_file = Path(checkpoint).expanduser() if checkpoint is not None else None
-    run = _TrainingState(
-        state_file, _run_identity(config, repr(estimator), data, modules), modules, optimizer, noise_generator,
-        direction_generator, oracle, targets, result,
-    )  # fmt: skip
-    done = run.start(resume, config.total_steps(len(data)))
-    if done:
-        _check_same_black_box(run, oracle, data, device, dtype)
-    started = time.perf_counter() - result.seconds
-    frozen_encoder = encoder if encoder is not None and not config.train_encoder else None
-    with _frozen(decoder, frozen_encoder):
-        for module in modules:
-            module.train()
-        bar = _progress(config.total_steps(len(data)), f"{result.method} {type(estimator).__name__}", progress)
-        bar.update(done)
-        for step, index in enumerate(batches(config, len(data))):
-            if step < done:  # the batch order is seeded: skipping reproduces the interrupted run's sequence
-                continue
-            index = index.to(device)
-            x = data.x[index.cpu()].to(device, dtype)
-            fresh = index[targets[index] < 0]
-            noise = torch.randn(x.shape, generator=noise_generator, device=device, dtype=x.dtype)
-            z = denoiser(x + config.sigma * noise)
-            if encoder is not None:
-                z = encoder(z)
-            dimension = z[0].numel()
-            per_example = estimator.queries_per_example(dimension, center=True)
-            need = torch.full_like(index, per_example)
-            need[targets[index] < 0] += 1
-            short = oracle.remaining(index) < need
-            if bool(short.any()):
-                result.stopped_early = (
-                    f"query budget: {int(short.sum())} example(s) of step {result.steps + 1} cannot afford "
-                    f"{per_example} more queries"
-                )
-                break
-            used_before = int(oracle.queries.sum())
-            with torch.no_grad():
-                if fresh.numel():
-                    scores = oracle.scores(data.x[fresh.cpu()].to(device, dtype), fresh)
-                    targets[fresh] = scores.argmax(dim=1).to(device)
-                    if run.reference is None:  # kept to recognize the black box when the run is resumed
-                        run.reference = (int(fresh[0]), scores[0].detach().cpu())
-                    result.target_queries += int(fresh.numel())
-                estimate = estimate_with_oracle(
-                    oracle, z.detach(), estimator, loss, index=index, generator=direction_generator, center=True,
-                    decode=decode,
-                )  # fmt: skip
-            assert estimate.value is not None
-            surrogate = (z.flatten(1) * estimate.grad.flatten(1).to(z.dtype)).sum(dim=1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            surrogate.backward()
-            optimizer.step()
-            result.losses.append(float(estimate.value.mean()))
-            result.queries_per_step.append(int(oracle.queries.sum()) - used_before)
-            result.dimension = dimension
-            result.queries_per_example = per_example
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", queries=result.queries_per_step[-1])
-            if result.steps % checkpoint_every == 0:
-                result.seconds = time.perf_counter() - started
-                run.save()
-        bar.close()
-    for module in modules:
-        module.eval()
-    result.seconds = time.perf_counter() - started
-    run.save()
-    return result
+    return black_box
+
+
+@dataclass
+class _ZerothOrderStep:
+    """One ZO-(AE-)DS step: denoise (and encode) noisy images, estimate the stability loss's gradient at the result
+    through the black box in one oracle call, back-propagate the surrogate ``mean_i <z_i, g_i>``, update."""
+
+    run: _TrainingState
+    setup: _Setup
+    data: ArrayDataset
+    config: DenoisedConfig
+    estimator: GradientEstimator
+    denoiser: nn.Module
+    encoder: nn.Module | None
+    decode: Callable[[Tensor], Tensor] | None
+
+    def __post_init__(self) -> None:
+        assert self.run.targets is not None and self.run.oracle is not None
+        self.targets: Tensor = self.run.targets
+        self.oracle: ScoreOracle = self.run.oracle
+        self.loss = _StabilityLoss(self.targets)
+
+    def __call__(self, index: Tensor) -> tuple[float, int] | None:
+        setup, result = self.setup, self.run.result
+        index = index.to(setup.device)
+        x = self.data.x[index.cpu()].to(setup.device, setup.dtype)
+        noise = torch.randn(x.shape, generator=setup.noise_generator, device=setup.device, dtype=x.dtype)
+        z = self.denoiser(x + self.config.sigma * noise)
+        if self.encoder is not None:
+            z = self.encoder(z)
+        dimension = z[0].numel()
+        per_example = self.estimator.queries_per_example(dimension, center=True)
+        if not self._affordable(index, per_example):
+            return None
+        used_before = int(self.oracle.queries.sum())
+        with torch.no_grad():
+            self._stability_targets(index)
+            estimate = estimate_with_oracle(
+                self.oracle, z.detach(), self.estimator, self.loss, index=index, generator=self.run.direction_generator,
+                center=True, decode=self.decode,
+            )  # fmt: skip
+        assert estimate.value is not None
+        surrogate = (z.flatten(1) * estimate.grad.flatten(1).to(z.dtype)).sum(dim=1).mean()
+        setup.optimizer.zero_grad(set_to_none=True)
+        surrogate.backward()
+        setup.optimizer.step()
+        result.dimension = dimension
+        result.queries_per_example = per_example
+        return float(estimate.value.mean()), int(self.oracle.queries.sum()) - used_before
+
+    def _affordable(self, index: Tensor, per_example: int) -> bool:
+        """Whether every example of the batch can pay for this step (its estimate, and its target if new)."""
+        need = torch.full_like(index, per_example)
+        need[self.targets[index] < 0] += 1
+        short = self.oracle.remaining(index) < need
+        if bool(short.any()):
+            self.run.result.stopped_early = (
+                f"query budget: {int(short.sum())} example(s) of step {self.run.result.steps + 1} cannot afford "
+                f"{per_example} more queries"
+            )
+            return False
+        return True
+
+    def _stability_targets(self, index: Tensor) -> None:
+        """The black box's labels of the clean images seen for the first time (one query each, once per run)."""
+        fresh = index[self.targets[index] < 0]
+        if not fresh.numel():
+            return
+        scores = self.oracle.scores(self.data.x[fresh.cpu()].to(self.setup.device, self.setup.dtype), fresh)
+        self.targets[fresh] = scores.argmax(dim=1).to(self.setup.device)
+        if self.run.reference is None:  # kept to recognize the black box when the run is resumed
+            self.run.reference = (int(fresh[0]), scores[0].detach().cpu())
+        self.run.result.target_queries += int(fresh.numel())
 
 
 def _check_same_black_box(
@@ -571,11 +639,6 @@ def _check_same_black_box(
             f"(largest score difference {difference:.3g}): the model behind it changed; start over (resume=False, "
             "CLI: --no-resume) or point to the original model"
         )
-
-
-def _check_checkpoint_every(checkpoint_every: object) -> None:
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
 
 
 def _weights_fingerprint(module: nn.Module | None) -> str:

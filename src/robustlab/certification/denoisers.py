@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.checks import check_integer, check_number, check_positive_int
 from robustlab.data import ArrayDataset
 from robustlab.errors import ConfigError, InvalidInputError, ModelError
 from robustlab.state_io import describe_load_failure
@@ -61,16 +62,6 @@ DENOISER_VERSION = 1
 LATENT_CHANNELS_28 = 12  # 12 x 4 x 4 = 192, as the reference's MNIST encoder
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 # ------------------------------------------------------------------------------------------------ architectures
 class DnCNN(nn.Module):
     """DnCNN residual denoiser: ``D(x) = x - body(x)``, the identity before training.
@@ -86,10 +77,9 @@ class DnCNN(nn.Module):
 
     def __init__(self, channels: int = 1, depth: int = 17, width: int = 64, *, batch_norm: bool = True) -> None:
         super().__init__()
-        _positive_int("channels", channels)
-        _positive_int("width", width)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
-            raise ConfigError(f"depth must be an integer >= 2 (first and last convolution), got {depth!r}")
+        check_positive_int("channels", channels)
+        check_positive_int("width", width)
+        check_positive_int("depth (a first and a last convolution at least)", depth, minimum=2)
         self.config: dict[str, Any] = {"channels": channels, "depth": depth, "width": width, "batch_norm": batch_norm}
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
         for _ in range(depth - 2):
@@ -109,6 +99,15 @@ class DnCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x - self.body(x)
+
+
+def _coder_layout(input_shape: tuple[int, int, int], width: int | None) -> tuple[str, int, int, dict[str, Any]]:
+    """Shared by encoder and decoder: (layout "28"/"32", channels, first width, the config saved with them)."""
+    shape = tuple(int(v) for v in input_shape)
+    layout = _layout(shape)  # type: ignore[arg-type]
+    channels = check_positive_int("input channels", shape[0])
+    w = check_positive_int("width", width if width is not None else (8 if layout == "28" else 24))
+    return layout, channels, w, {"input_shape": list(shape), "width": w}
 
 
 def _layout(input_shape: tuple[int, int, int]) -> str:
@@ -136,11 +135,7 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, input_shape: tuple[int, int, int] = (1, 28, 28), width: int | None = None) -> None:
         super().__init__()
-        input_shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]
-        layout = _layout(input_shape)
-        channels = _positive_int("input channels", input_shape[0])
-        w = _positive_int("width", width if width is not None else (8 if layout == "28" else 24))
-        self.config: dict[str, Any] = {"input_shape": list(input_shape), "width": w}
+        layout, channels, w, self.config = _coder_layout(input_shape, width)
         if layout == "28":
             self.net = nn.Sequential(
                 nn.Conv2d(channels, w, 4, stride=2, padding=1),
@@ -180,11 +175,7 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, input_shape: tuple[int, int, int] = (1, 28, 28), width: int | None = None) -> None:
         super().__init__()
-        input_shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]
-        layout = _layout(input_shape)
-        channels = _positive_int("input channels", input_shape[0])
-        w = _positive_int("width", width if width is not None else (8 if layout == "28" else 24))
-        self.config: dict[str, Any] = {"input_shape": list(input_shape), "width": w}
+        layout, channels, w, self.config = _coder_layout(input_shape, width)
         if layout == "28":
             self.latent_shape: tuple[int, int, int] = (LATENT_CHANNELS_28, 4, 4)
             self.net = nn.Sequential(
@@ -239,16 +230,12 @@ class FitConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _positive_int("epochs", self.epochs)
-        _positive_int("batch_size", self.batch_size)
-        if self.max_steps is not None:
-            _positive_int("max_steps", self.max_steps)
-        if not (_is_number(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        check_positive_int("epochs", self.epochs)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("max_steps", self.max_steps, allow_none=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_integer("seed", self.seed)
 
     def total_steps(self, examples: int) -> int:
         steps = self.epochs * math.ceil(examples / self.batch_size)
@@ -346,11 +333,7 @@ def _fit(
 
 
 def check_sigma(sigma: float, *, allow_zero: bool = False) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma):
-        raise ConfigError(f"sigma must be a finite number, got {sigma!r}")
-    if sigma < 0 or (sigma == 0 and not allow_zero):
-        raise ConfigError(f"sigma must be {'non-negative' if allow_zero else 'positive'}, got {sigma!r}")
-    return float(sigma)
+    return check_number("sigma", sigma, low=0, low_open=not allow_zero)
 
 
 def train_denoiser_mse(

@@ -22,12 +22,12 @@ a batch (each image's samples stay independent of each other, which is all the p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from robustlab.checks import check_number, check_positive_int
 from robustlab.errors import ConfigError, InvalidInputError
 from robustlab.oracles import LabelOracle, module_function
 
@@ -99,14 +99,10 @@ class RandomizedSmoothing:
     def __init__(
         self, model: nn.Module | LabelOracle, num_classes: int | None, sigma: float, *, batch_size: int = 1000
     ) -> None:
-        if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
-            raise ConfigError(f"sigma must be a positive number, got {sigma!r}")
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
-        ):
-            raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        sigma = check_number("sigma", sigma, low=0, low_open=True)
+        if num_classes is not None:
+            check_positive_int("num_classes", num_classes, minimum=2)
+        check_positive_int("batch_size", batch_size)
         if isinstance(model, LabelOracle):
             if None not in (num_classes, model.num_classes) and num_classes != model.num_classes:
                 raise ConfigError(f"num_classes is {num_classes}, but the model answers {model.num_classes} classes")
@@ -126,8 +122,7 @@ class RandomizedSmoothing:
     def sample_counts(self, x: Tensor, num: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Class counts ``(len(x), num_classes)`` of the base model over ``num`` noisy copies of each input, and
         the queries spent per example."""
-        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-            raise ConfigError(f"the number of noise samples must be a positive integer, got {num!r}")
+        check_positive_int("the number of noise samples", num)
         if not x.is_floating_point() or x.dim() < 2:
             raise InvalidInputError(f"x must be a floating batch (n, ...), got {x.dtype} {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
