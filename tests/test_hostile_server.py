@@ -138,26 +138,28 @@ def test_health_answers_while_a_client_sends_a_huge_body() -> None:
     body = b'{"inputs": [' + b"0.5," * 4_000_000 + b"0]}"  # 16 MB: under the 64 MiB body limit
     headers = {**bearer("secret"), "content-type": "application/json"}
     answers: list[int] = []
-    with live_server(small_model(), token="secret", max_batch=16) as url:
+    with live_server(small_model(), token="secret", max_batch=16) as url, httpx.Client(timeout=10) as poll:
 
         def hostile() -> None:
-            try:
-                response = httpx.post(url + "/v1/predict", content=body, headers=headers, timeout=30)
-                answers.append(response.status_code)
-            except httpx.TransportError:
-                answers.append(-1)
+            for _ in range(3):
+                try:
+                    response = httpx.post(url + "/v1/predict", content=body, headers=headers, timeout=30)
+                    answers.append(response.status_code)
+                except httpx.TransportError:
+                    answers.append(-1)
 
         thread = threading.Thread(target=hostile)
         thread.start()
         latencies: list[float] = []
         while thread.is_alive() or len(latencies) < 3:
             started = time.perf_counter()
-            assert httpx.get(url + "/health", timeout=10).status_code == 200
+            assert poll.get(url + "/health").status_code == 200  # one connection: only the server's time counts
             latencies.append(time.perf_counter() - started)
             time.sleep(0.01)
         thread.join()
-    assert answers in ([413], [-1])
-    assert max(latencies) < 0.3, latencies  # it was ~1 s when the body was parsed on the event loop
+    assert set(answers) <= {413, -1}
+    # Parsed on the event loop, each such body held /health for 1-2 s (on 2 busy cores); now it takes milliseconds.
+    assert max(latencies) < 0.5, latencies
 
 
 def test_bodies_are_bounded_before_they_become_tensors() -> None:
