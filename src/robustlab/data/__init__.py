@@ -1,0 +1,190 @@
+"""Data sets as plain tensors: images in ``[0, 1]`` shaped ``(N, C, H, W)``, integer labels, a declared box.
+
+Everything robustlab evaluates or trains on is an :class:`ArrayDataset`. It comes from one of
+
+- a built-in name (:func:`list_datasets`): ``digits``, ``mnist``, ``mnist-5k``, ``fashion-mnist``,
+  ``cifar10`` and the 20-image samples ``mnist-sample``, ``fashion-mnist-sample``, ``cifar10-sample``,
+  ``cifar100-sample``;
+- an ``.npz`` file with arrays ``x`` and ``y`` (:func:`load_npz`);
+- a directory holding MNIST-style IDX or CSV files, or CIFAR-10's python batches (torchvision's layout);
+- any ``torch.utils.data.Dataset`` that yields ``(x, y)`` pairs (:func:`from_torch_dataset`);
+- arrays or tensors in memory (:func:`from_arrays`).
+
+The conversion rules are the same for every source (:mod:`robustlab.data.convert`): integer images are 0..255
+and are divided by 255; floating images must already be in ``[0, 1]`` (normalization belongs inside the model,
+see :class:`robustlab.models.Normalize`); flat rows need an explicit ``shape=(C, H, W)``.
+
+Built-in data sets are looked for in this order (:mod:`robustlab.data.sources`): an explicit ``root`` the user
+gave, the cache directory (``cache_dir``, else ``$ROBUSTLAB_CACHE``, else ``$XDG_CACHE_HOME/robustlab`` or
+``~/.cache/robustlab``), an installed data package, and only then a download from the canonical source (checked
+against its published MD5). When everything fails, :class:`~robustlab.errors.DataNotFoundError` says where to
+put the files.
+
+Splits are fixed and documented per data set, so the same name and split always give the same examples. A
+validation split for model selection comes from the training split with :func:`train_val_split`, never from
+the test split.
+
+The package's parts: :mod:`~robustlab.data.dataset` (the data type, splits, batches),
+:mod:`~robustlab.data.convert` (arrays and torch data sets), :mod:`~robustlab.data.formats` (file readers),
+:mod:`~robustlab.data.sources` (cache, downloads, lookup order), :mod:`~robustlab.data.builtin` (the registry of
+built-in sets).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from robustlab.checks import check_positive_int
+from robustlab.data.builtin import CIFAR10_CLASSES, DATASETS, MNIST_MD5, DatasetInfo, list_datasets
+from robustlab.data.convert import from_arrays, from_torch_dataset
+from robustlab.data.dataset import ArrayDataset, batches, train_val_split
+from robustlab.data.formats import cifar_folder, load_npz, read_cifar_folder, read_idx, read_mnist_style_dir, save_npz
+from robustlab.data.sources import SPLITS, DataRequest, default_cache_dir
+from robustlab.errors import ConfigError, DataNotFoundError
+from robustlab.registry import normalize_name
+
+__all__ = [
+    "DATASETS",
+    "ArrayDataset",
+    "DatasetInfo",
+    "batches",
+    "default_cache_dir",
+    "from_arrays",
+    "from_torch_dataset",
+    "list_datasets",
+    "load_dataset",
+    "load_npz",
+    "read_idx",
+    "save_npz",
+    "train_val_split",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike[str],
+    split: str = "test",
+    *,
+    limit: int | None = None,
+    cache_dir: PathLike | None = None,
+    seed: int = 0,
+    root: PathLike | None = None,
+    download: bool = True,
+    shape: Sequence[int] | None = None,
+) -> ArrayDataset:
+    """Load a split of a built-in data set, an ``.npz`` file or a data folder as an :class:`ArrayDataset`.
+
+    Args:
+        name_or_path: a name from :func:`list_datasets`, a path to an ``.npz`` file (:func:`load_npz`), or a
+            folder with MNIST-style IDX files / ``mnist_{split}.csv`` or CIFAR-10's python batches.
+        split: ``"train"`` or ``"test"`` (the samples have only ``"test"``). For validation use
+            :func:`train_val_split` on the training split.
+        limit: keep the first ``limit`` examples of the split (deterministic).
+        cache_dir: where converted and downloaded files go (default :func:`default_cache_dir`).
+        seed: the shuffle of ``mnist-5k`` (sorted by class in its source); the other data sets have fixed
+            splits.
+        root: for ``mnist``, ``fashion-mnist`` and ``cifar10``: the folder to read first and only. A folder
+            that does not hold the files is an error rather than a silent fallback.
+        download: allow a download from the canonical source as the last resort.
+        shape: ``(C, H, W)`` for ``.npz`` files holding flat rows.
+
+    Example:
+        >>> test = load_dataset("mnist", "test", limit=1000)
+        >>> test.x.shape, test.num_classes
+        (torch.Size([1000, 1, 28, 28]), 10)
+    """
+    if limit is not None:
+        limit = check_positive_int("limit", limit)
+    if not isinstance(split, str):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    text = os.fspath(name_or_path)
+    key = DATASETS.key(text)
+    if key is not None and not isinstance(name_or_path, os.PathLike):
+        info = DATASETS.get(key)
+        split = _check_split(split, info.splits, info.name)
+        if root is not None and not info.takes_root:
+            raise ConfigError(f"{info.name} is built in and takes no root; root is for mnist, fashion-mnist, cifar10")
+        if shape is not None:
+            raise ConfigError("shape is only for .npz files holding flat rows")
+        request = DataRequest(
+            name=info.name,
+            split=split,
+            root=Path(root).expanduser() if root is not None else None,
+            cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
+            download=download,
+            seed=int(seed),
+        )
+        return _load_builtin(info, request, limit)
+    if root is not None:
+        raise ConfigError("root is for the built-in names mnist, fashion-mnist and cifar10; give the path directly")
+    return _load_path(text, split, limit=limit, shape=shape)
+
+
+def _check_split(split: str, allowed: Sequence[str], name: str) -> str:
+    if split in allowed:
+        return split
+    if split in ("val", "valid", "validation"):
+        raise ConfigError(
+            f"{name} has no validation split; hold one out of the training split with "
+            "robustlab.data.train_val_split(load_dataset(name, 'train'), val_fraction) (never select on test)"
+        )
+    raise ConfigError(f"{name} has no split {split!r}; choose one of: {', '.join(allowed)}")
+
+
+def _load_builtin(info: DatasetInfo, request: DataRequest, limit: int | None) -> ArrayDataset:
+    """Run the built-in loader and convert its arrays."""
+    if request.root is not None and not request.root.is_dir():
+        raise DataNotFoundError(f"root {request.root} is not a folder")
+    x, y, source = info.loader(request)
+    return from_arrays(
+        x,
+        y,
+        name=info.name,
+        split=request.split,
+        num_classes=info.num_classes,
+        classes=info.classes,
+        limit=limit,
+        source=source,
+    )
+
+
+def _load_path(text: str, split: str, *, limit: int | None, shape: Sequence[int] | None) -> ArrayDataset:
+    """An ``.npz`` file or a data folder; anything else is a missing path or an unknown name."""
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".npz" or path.is_file():
+        if path.suffix.lower() != ".npz" and path.is_file():
+            raise ConfigError(f"{path} is not an .npz file; robustlab reads data files as .npz with arrays x and y")
+        return load_npz(path, split=split, shape=shape, limit=limit)
+    if path.is_dir():
+        return _load_folder(path, split, limit)
+    if os.sep in text or "/" in text or path.suffix:
+        raise DataNotFoundError(f"no such file or folder: {path}")
+    known = [spelling for info in DATASETS for spelling in (info.name, *info.aliases)]
+    close = difflib.get_close_matches(normalize_name(text), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"unknown data set {text!r}{hint}; choose one of: {', '.join(DATASETS.names())}, or give a path to an "
+        ".npz file or a data folder"
+    )
+
+
+def _load_folder(path: Path, split: str, limit: int | None) -> ArrayDataset:
+    """A folder of MNIST-style IDX or CSV files, or of CIFAR-10's python batches."""
+    split = _check_split(split, SPLITS, str(path))
+    found = read_mnist_style_dir(path, split)
+    classes: tuple[str, ...] | None = None
+    if found is None:
+        folder = cifar_folder(path)
+        if folder is None:
+            raise DataNotFoundError(
+                f"{path} holds no data robustlab recognizes for the {split} split: expected "
+                f"MNIST-style IDX files ({', '.join(sorted(MNIST_MD5))}, any compression), "
+                f"mnist_{split}.csv, or CIFAR-10's cifar-10-batches-py"
+            )
+        found, classes = read_cifar_folder(folder, split), CIFAR10_CLASSES
+    x, y, source = found
+    return from_arrays(x, y, name=path.name, split=split, classes=classes, limit=limit, source=source)
