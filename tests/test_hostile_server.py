@@ -180,6 +180,8 @@ def test_bodies_are_bounded_before_they_become_tensors() -> None:
     assert client.post("/v1/predict", json={"inputs": rows(5).tolist()}).status_code == 413
     assert client.post("/v1/predict", json={"data": "", "shape": [5, *SHAPE]}).status_code == 413
     assert client.post("/v1/predict", json=data_body(rows(2))).status_code == 200
+    text = json.dumps(data_body(rows(2)))
+    assert client.post("/v1/predict", content=text, headers={"content-type": "text/plain"}).status_code == 415
 
 
 def test_the_request_body_is_documented_in_the_schema() -> None:
