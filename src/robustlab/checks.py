@@ -14,7 +14,7 @@ import numpy as np
 
 from robustlab.errors import ConfigError
 
-__all__ = ["check_choice", "check_fraction", "check_integer", "check_number", "check_positive_int"]
+__all__ = ["check_choice", "check_flag", "check_fraction", "check_integer", "check_number", "check_positive_int"]
 
 
 def _is_integer(value: Any) -> bool:
@@ -80,6 +80,13 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) ->
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return str(value)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``True`` or ``False`` exactly (not 0, 1 or a string)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _describe(low: float, high: float, low_open: bool, high_open: bool) -> str:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
+from robustlab.checks import check_number, check_positive_int
 from robustlab.errors import ConfigError, ModelError, QueryBudgetExceeded
 from robustlab.goals import Goal
 from robustlab.oracles import (
@@ -35,8 +36,9 @@ from robustlab.oracles import (
     warn_if_probabilities,
 )
 from robustlab.threat import Norm, ThreatModel
+from robustlab.utils import rows_like
 
-__all__ = ["Attack", "AttackConfig", "AttackResult", "BestTracker", "make_generator"]
+__all__ = ["Attack", "AttackConfig", "AttackResult", "BestTracker", "budget_left", "make_generator", "positive"]
 
 OracleT = TypeVar("OracleT", bound=LabelOracle)
 
@@ -193,8 +195,8 @@ class BestTracker:
         """Offer candidates for the examples ``index`` (all when None)."""
         if index is None:
             better = (success & ~self.success) | ((success == self.success) & (loss > self.loss))
-            mask = better.reshape((-1,) + (1,) * (x_new.dim() - 1))
-            torch.where(mask, x_new, self.x, out=self.x)  # in place: no new batch-sized buffer per step
+            # In place: no new batch-sized buffer per step.
+            torch.where(rows_like(better, x_new), x_new, self.x, out=self.x)
             self.success = self.success | success
             self.loss = torch.where(better, loss.to(self.loss.dtype), self.loss)
             return
@@ -286,7 +288,7 @@ class Attack(ABC, Generic[OracleT]):
                 # adversarial points the attack's queries revealed so far.
                 if watch is None:
                     raise
-                output = (torch.where(_rows(watch.found, x), watch.best, x), {"interrupted": str(exc)})
+                output = (torch.where(rows_like(watch.found, x), watch.best, x), {"interrupted": str(exc)})
             candidate, extras = output if isinstance(output, tuple) else (output, {})
             try:
                 x_adv, success = self._finalize(oracle, candidate, x, goal, threat)
@@ -294,7 +296,7 @@ class Attack(ABC, Generic[OracleT]):
                 if watch is None:
                     raise
                 # No query left even to re-check: report what the model itself answered during the attack.
-                x_adv = torch.where(_rows(watch.found, x), watch.best, x)
+                x_adv = torch.where(rows_like(watch.found, x), watch.best, x)
                 success = watch.found.clone()
                 extras = {**extras, "interrupted": str(exc), "verified": False}
 
@@ -376,10 +378,6 @@ class Attack(ABC, Generic[OracleT]):
         return x_adv, goal.is_success(predicted)
 
 
-def _rows(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 def build_config(config_type: type[AttackConfig], options: Mapping[str, Any], name: str) -> AttackConfig:
     """Build ``config_type(**options)`` with a clear error for an unknown option."""
     fields = {f.name for f in dataclasses.fields(config_type)}
@@ -395,10 +393,17 @@ def build_config(config_type: type[AttackConfig], options: Mapping[str, Any], na
 
 
 def positive(name: str, value: float | int | None, *, integer: bool = False, allow_none: bool = False) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is a positive (integer) number."""
+    """Raise :class:`ConfigError` unless ``value`` is a positive (integer) number: :mod:`robustlab.checks`."""
     if value is None and allow_none:
         return
-    valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not valid_type or value is None or not math.isfinite(float(value)) or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    if integer:
+        check_positive_int(name, value)
+    else:
+        check_number(name, value, low=0.0, low_open=True)
+
+
+def budget_left(oracle: LabelOracle, queries: int, index: Tensor | None = None) -> Tensor:
+    """Queries each example (of ``index``, else of the whole batch) may still make: what is left of the attack's
+    own per-example ``queries``, or of the oracle's budget if that is smaller."""
+    made = oracle.queries if index is None else oracle.queries[index]
+    return torch.minimum(oracle.remaining(index), queries - made)

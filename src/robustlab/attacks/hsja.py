@@ -31,24 +31,22 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from robustlab.attacks._decision import Program, Track, check_mode, finish, make_tracks, run_programs
-from robustlab.attacks.base import Attack, AttackConfig, positive
+from robustlab.attacks._decision import DecisionConfig, Program, Track, Walk, WalkAttack
+from robustlab.attacks.base import positive
 from robustlab.attacks.registry import register_attack
 from robustlab.errors import ConfigError
-from robustlab.goals import Goal
-from robustlab.oracles import Access, LabelOracle
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["HopSkipJump", "HopSkipJumpConfig"]
 
 
 @dataclass(frozen=True)
-class HopSkipJumpConfig(AttackConfig):
+class HopSkipJumpConfig(DecisionConfig):
     """Options of :class:`HopSkipJump` (defaults from the reference code).
 
     Attributes:
@@ -61,8 +59,8 @@ class HopSkipJumpConfig(AttackConfig):
         init_trials: random-noise draws to find a starting point (the reference allows 10,000).
     """
 
-    queries: int = 10000
-    mode: str = "eps"
+    title: ClassVar[str] = "HopSkipJump"
+
     iterations: int = 40
     gamma: float = 1.0
     init_evals: int = 100
@@ -70,8 +68,7 @@ class HopSkipJumpConfig(AttackConfig):
     init_trials: int = 100
 
     def validate(self) -> None:
-        positive("queries", self.queries, integer=True)
-        check_mode(self.mode, "HopSkipJump")
+        super().validate()
         positive("iterations", self.iterations, integer=True)
         positive("gamma", self.gamma)
         positive("init_evals", self.init_evals, integer=True)
@@ -81,136 +78,116 @@ class HopSkipJumpConfig(AttackConfig):
             raise ConfigError(f"init_evals ({self.init_evals}) must not exceed max_evals ({self.max_evals})")
 
 
-@register_attack
-class HopSkipJump(Attack[LabelOracle]):
-    """HopSkipJump (Chen, Jordan & Wainwright, S&P 2020): hard-label boundary walk, Linf / L2."""
+class _HopSkipJumpWalk(Walk):
+    """One example's HopSkipJump run (the steps of the module docstring)."""
 
-    name = "hsja"
-    access = Access.LABELS
-    norms = frozenset({Norm.LINF, Norm.L2})
-    Config = HopSkipJumpConfig
     config: HopSkipJumpConfig
 
-    def _perturb(
-        self, oracle: LabelOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, Any]]:
-        if not (math.isfinite(threat.lower) and math.isfinite(threat.upper)):
-            raise ConfigError("HopSkipJump starts from uniform noise in the box: it needs a bounded box")
-        n = int(x.shape[0])
-        tracks = make_tracks(x, threat)
-        programs = [self._program(tracks[i], threat, generator) for i in range(n)]
-        run_programs(
-            oracle,
-            goal,
-            tracks,
-            programs,
-            shape=tuple(x.shape[1:]),
-            budget=self.config.queries,
-            stop_at_eps=self.config.mode == "eps",
-        )
-        return finish(x, tracks, threat, threat.eps)
+    def __init__(
+        self, config: HopSkipJumpConfig, track: Track, threat: ThreatModel, generator: torch.Generator
+    ) -> None:
+        super().__init__(config, track, threat, generator)
+        self.dim = int(self.x0.numel())
+        self.linf = threat.norm is Norm.LINF
+        self.theta = config.gamma / self.dim**2 if self.linf else config.gamma / (math.sqrt(self.dim) * self.dim)
 
-    def _program(self, track: Track, threat: ThreatModel, generator: torch.Generator) -> Program:
-        cfg = self.config
-        x0 = track.x
-        dim = int(x0.numel())
-        linf = threat.norm is Norm.LINF
-        theta = cfg.gamma / dim**2 if linf else cfg.gamma / (math.sqrt(dim) * dim)
-        lower, upper = threat.lower, threat.upper
-
-        def clip(points: Tensor) -> Tensor:
-            return points.clamp(lower, upper)
-
-        def ask(points: Tensor) -> Generator[Tensor, Tensor, Tensor]:
-            """Yield ``points`` (``(k, n)``), record adversarial ones, return the mask (a sub-generator)."""
-            answer = yield points
-            track.offer(points, answer)
-            return answer
-
-        def project(point: Tensor, alpha: float) -> Tensor:
-            if linf:
-                return torch.min(torch.max(point, x0 - alpha), x0 + alpha)
-            return (1 - alpha) * x0 + alpha * point
-
-        def binary_search(point: Tensor) -> Generator[Tensor, Tensor, tuple[Tensor, float]]:
-            """Back to the boundary between x0 and ``point``; returns (boundary point, distance of ``point``)."""
-            dist_post = float(track.distance(point[None])[0])
-            if linf:
-                high, threshold = dist_post, min(dist_post * theta, theta)
-            else:
-                high, threshold = 1.0, theta
-            low = 0.0
-            while (high - low) / threshold > 1:
-                mid = (high + low) / 2.0
-                answer = yield from ask(project(point, mid)[None])
-                if bool(answer[0]):
-                    high = mid
-                else:
-                    low = mid
-            return project(point, high), dist_post
-
-        # Clean check: a misclassified input is its own adversarial example.
-        answer = yield from ask(x0[None])
-        if bool(answer[0]):
-            track.clean_correct = False
+    def run(self) -> Program:
+        perturbed = yield from self.initial_point()
+        if perturbed is None:
             return
+        perturbed, dist_post = yield from self.to_boundary(perturbed)
+        dist = float(self.track.distance(perturbed[None])[0])
+        lower, upper = self.threat.lower, self.threat.upper
+        for step in range(1, self.config.iterations + 1):
+            # The probe scale: a tenth of the box at first, then proportional to the last distance.
+            scale = self.dim if self.linf else math.sqrt(self.dim)
+            delta = 0.1 * (upper - lower) if step == 1 else scale * self.theta * dist_post
+            evals = min(int(self.config.init_evals * math.sqrt(step)), self.config.max_evals, self.track.remaining)
+            if evals < 1:
+                return
+            grad = yield from self.boundary_normal(perturbed, delta, evals)
+            update = grad.sign() if self.linf else grad
+            perturbed = yield from self.geometric_step(perturbed, update, dist / math.sqrt(step))
+            perturbed, dist_post = yield from self.to_boundary(perturbed)
+            dist = float(self.track.distance(perturbed[None])[0])
 
-        # Initialization (the reference's BlendedUniformNoise): noise meeting the goal, blended toward x0.
+    def initial_point(self) -> Generator[Tensor, Tensor, Tensor | None]:
+        """The reference's BlendedUniformNoise: uniform noise in the box that meets the goal (at most
+        ``init_trials`` draws), blended toward ``x0`` by a binary search (tolerance 1e-3). None: no noise did."""
+        x0, lower, upper = self.x0, self.threat.lower, self.threat.upper
         noise = None
-        for _ in range(cfg.init_trials):
-            draw = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        for _ in range(self.config.init_trials):
+            draw = torch.rand(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
             draw = lower + (upper - lower) * draw
-            answer = yield from ask(draw[None])
-            if bool(answer[0]):
+            if (yield from self.ask_one(draw)):
                 noise = draw
                 break
         if noise is None:
-            return
-        low, high = 0.0, 1.0
-        while high - low > 0.001:
-            mid = (high + low) / 2.0
-            answer = yield from ask(((1 - mid) * x0 + mid * noise)[None])
-            if bool(answer[0]):
-                high = mid
-            else:
-                low = mid
-        perturbed = (1 - high) * x0 + high * noise
+            return None
+        blend = yield from self.bisect(lambda t: (1 - t) * x0 + t * noise, 0.0, 1.0, 0.001)
+        return (1 - blend) * x0 + blend * noise
 
-        perturbed, dist_post = yield from binary_search(perturbed)
-        dist = float(track.distance(perturbed[None])[0])
-        for step in range(1, cfg.iterations + 1):
-            # The probe scale: a tenth of the box at first, then proportional to the last distance.
-            delta = 0.1 * (upper - lower) if step == 1 else (dim if linf else math.sqrt(dim)) * theta * dist_post
-            evals = min(int(cfg.init_evals * math.sqrt(step)), cfg.max_evals, track.remaining)
-            if evals < 1:
-                return
-            if linf:
-                rv = torch.rand((evals, dim), generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1
-            else:
-                rv = torch.randn((evals, dim), generator=generator, device=x0.device, dtype=x0.dtype)
-            rv = rv / rv.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            probes = clip(perturbed + delta * rv)
-            rv = (probes - perturbed) / delta
-            decisions = yield from ask(probes)
-            fval = 2.0 * decisions.to(x0.dtype) - 1.0
-            mean = float(fval.mean())
-            if mean == 1.0:
-                grad = rv.mean(dim=0)
-            elif mean == -1.0:
-                grad = -rv.mean(dim=0)
-            else:
-                grad = ((fval - mean)[:, None] * rv).mean(dim=0)
-            grad = grad / grad.norm().clamp_min(1e-30)
-            update = grad.sign() if linf else grad
+    def project(self, point: Tensor, alpha: float) -> Tensor:
+        """Linf: ``point`` clipped to the ball of radius ``alpha`` around ``x0``; L2: the blend at ``alpha``."""
+        x0 = self.x0
+        if self.linf:
+            return torch.min(torch.max(point, x0 - alpha), x0 + alpha)
+        return (1 - alpha) * x0 + alpha * point
 
-            # Geometric progression: halve the step until it lands on the adversarial side.
-            size = dist / math.sqrt(step)
-            for _ in range(64):
-                candidate = clip(perturbed + size * update)
-                answer = yield from ask(candidate[None])
-                if bool(answer[0]):
-                    perturbed = candidate
-                    break
-                size /= 2.0
-            perturbed, dist_post = yield from binary_search(perturbed)
-            dist = float(track.distance(perturbed[None])[0])
+    def to_boundary(self, point: Tensor) -> Generator[Tensor, Tensor, tuple[Tensor, float]]:
+        """Back to the boundary between ``x0`` and ``point``; returns (boundary point, distance of ``point``)."""
+        dist_post = float(self.track.distance(point[None])[0])
+        if self.linf:
+            high, threshold = dist_post, min(dist_post * self.theta, self.theta)
+        else:
+            high, threshold = 1.0, self.theta
+        high = yield from self.bisect(lambda alpha: self.project(point, alpha), 0.0, high, threshold)
+        return self.project(point, high), dist_post
+
+    def boundary_normal(self, point: Tensor, delta: float, evals: int) -> Generator[Tensor, Tensor, Tensor]:
+        """Unit estimate of the boundary's normal at ``point`` from ``evals`` random probes at scale ``delta``,
+        with the reference's baseline subtraction."""
+        x0 = self.x0
+        shape = (evals, self.dim)
+        if self.linf:
+            rv = torch.rand(shape, generator=self.generator, device=x0.device, dtype=x0.dtype) * 2 - 1
+        else:
+            rv = torch.randn(shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
+        rv = rv / rv.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        probes = self.threat.clip_to_box(point + delta * rv)
+        rv = (probes - point) / delta
+        decisions = yield from self.ask(probes)
+        fval = 2.0 * decisions.to(x0.dtype) - 1.0
+        mean = float(fval.mean())
+        if mean == 1.0:
+            grad = rv.mean(dim=0)
+        elif mean == -1.0:
+            grad = -rv.mean(dim=0)
+        else:
+            grad = ((fval - mean)[:, None] * rv).mean(dim=0)
+        return grad / grad.norm().clamp_min(1e-30)
+
+    def geometric_step(self, point: Tensor, update: Tensor, size: float) -> Generator[Tensor, Tensor, Tensor]:
+        """Step from ``point`` along ``update``, halving ``size`` until the step lands on the adversarial side
+        (at most 64 tries; ``point`` itself if none does)."""
+        for _ in range(64):
+            candidate = self.threat.clip_to_box(point + size * update)
+            if (yield from self.ask_one(candidate)):
+                return candidate
+            size /= 2.0
+        return point
+
+
+@register_attack
+class HopSkipJump(WalkAttack):
+    """HopSkipJump (Chen, Jordan & Wainwright, S&P 2020): hard-label boundary walk, Linf / L2."""
+
+    name = "hsja"
+    norms = frozenset({Norm.LINF, Norm.L2})
+    Config = HopSkipJumpConfig
+    config: HopSkipJumpConfig
+    walk = _HopSkipJumpWalk
+
+    def _check_threat(self, threat: ThreatModel) -> None:
+        if not (math.isfinite(threat.lower) and math.isfinite(threat.upper)):
+            raise ConfigError("HopSkipJump starts from uniform noise in the box: it needs a bounded box")

@@ -67,29 +67,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import Attack, AttackConfig, AttackResult, positive
+from robustlab.attacks._decision import BoundaryRecord, DecisionAttack, DecisionConfig
+from robustlab.attacks.base import AttackResult, budget_left, positive
 from robustlab.attacks.registry import register_attack
+from robustlab.checks import check_flag
 from robustlab.errors import ConfigError
 from robustlab.goals import Goal
-from robustlab.oracles import Access, LabelOracle
+from robustlab.oracles import LabelOracle
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["RayS", "RaySConfig", "average_boundary_distance"]
 
-MODES = ("eps", "adbd")
 STARTS = ("box", "ones")
 
-# Phases of the per-example state machine.
-_CLEAN, _CHECK, _PROBE, _SEARCH, _DONE = 0, 1, 2, 3, 4
+# Phases of the per-example state machine (the clean check comes before, in DecisionAttack).
+_CHECK, _PROBE, _SEARCH, _DONE = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
-class RaySConfig(AttackConfig):
+class RaySConfig(DecisionConfig):
     """Options of :class:`RayS`.
 
     Attributes:
@@ -108,223 +109,240 @@ class RaySConfig(AttackConfig):
             reference's start.
     """
 
-    queries: int = 10000
-    mode: str = "eps"
+    title: ClassVar[str] = "RayS"
+
     tol: float | None = None
     eps_probe: bool = True
     max_radius: float | None = None
     start: str = "box"
 
     def validate(self) -> None:
-        positive("queries", self.queries, integer=True)
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown RayS mode {self.mode!r}: choose 'eps' (robust accuracy) or 'adbd'")
+        super().validate()
         positive("tol", self.tol, allow_none=True)
         if self.start not in STARTS:
             raise ConfigError(
                 f"unknown RayS start {self.start!r}: choose 'box' (toward the farther box face) or 'ones'"
             )
         positive("max_radius", self.max_radius, allow_none=True)
-        if not isinstance(self.eps_probe, bool):
-            raise ConfigError(f"eps_probe must be True or False, got {self.eps_probe!r}")
+        check_flag("eps_probe", self.eps_probe)
 
 
 @register_attack
-class RayS(Attack[LabelOracle]):
+class RayS(DecisionAttack):
     """RayS (Chen & Gu, KDD 2020): hard-label Linf ray search over sign directions, batched, eps or ADBD mode."""
 
     name = "rays"
-    access = Access.LABELS
     norms = frozenset({Norm.LINF})
     Config = RaySConfig
     config: RaySConfig
     supports_targeted = False
 
-    def _perturb(
-        self, oracle: LabelOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, Any]]:
-        cfg = self.config
-        n = int(x.shape[0])
-        dim = int(x[0].numel())
-        device = x.device
-        width = cfg.max_radius if cfg.max_radius is not None else threat.upper - threat.lower
-        if not math.isfinite(width):
+    def _check_threat(self, threat: ThreatModel) -> None:
+        if not math.isfinite(_search_width(self.config, threat)):
             raise ConfigError(
                 "RayS starts its search at the box corner; with an unbounded box give max_radius (the Linf radius "
                 "of the first search point)"
             )
-        root = math.sqrt(dim)
-        r_max = root * width
-        r_eps = root * threat.eps
-        stop_at_eps = cfg.mode == "eps"
-        probe = stop_at_eps and cfg.eps_probe
-        tol = cfg.tol if cfg.tol is not None else (r_eps / 100 if stop_at_eps else 1e-3)
-        max_level = (dim - 1).bit_length()  # from this stage on every block is one coordinate
+
+    def _search(
+        self,
+        oracle: LabelOracle,
+        x: Tensor,
+        goal: Goal,
+        threat: ThreatModel,
+        generator: torch.Generator,
+        record: BoundaryRecord,
+        rows: Tensor,
+    ) -> None:
+        _RaySSearch(self.config, oracle, x, goal, threat, record).run(rows)
+
+
+def _search_width(config: RaySConfig, threat: ThreatModel) -> float:
+    """Linf radius of the first search point while no boundary is known."""
+    return config.max_radius if config.max_radius is not None else threat.upper - threat.lower
+
+
+class _RaySSearch:
+    """RayS's per-example state machine (module docstring), one row per example, all rows advanced together.
+
+    Per row: the best sign direction ``sign_best`` and its boundary radius ``r_best``; the candidate
+    ``direction`` (stage ``level``, block ``block``; stage -1 is the box start); the bracket ``[lo, hi]`` of its
+    binary search; and the ``phase`` (fast check, eps probe, binary search, done). Radii are ray lengths along the
+    L2-normalized direction, so a Linf distance is ``r / sqrt(n)``.
+    """
+
+    def __init__(
+        self,
+        config: RaySConfig,
+        oracle: LabelOracle,
+        x: Tensor,
+        goal: Goal,
+        threat: ThreatModel,
+        record: BoundaryRecord,
+    ) -> None:
+        self.config, self.oracle, self.goal, self.threat, self.record = config, oracle, goal, threat, record
+        n = int(x.shape[0])
+        dim = int(x[0].numel())
+        device = x.device
+        self.shape = tuple(x.shape[1:])
+        self.dim = dim
+        self.root = math.sqrt(dim)
+        self.r_max = self.root * _search_width(config, threat)
+        self.r_eps = self.root * threat.eps
+        self.stop_at_eps = config.mode == "eps"
+        self.probe = self.stop_at_eps and config.eps_probe
+        self.tol = config.tol if config.tol is not None else (self.r_eps / 100 if self.stop_at_eps else 1e-3)
+        self.max_level = (dim - 1).bit_length()  # from this stage on every block is one coordinate
         low_ball, high_ball = threat.linf_bounds(x)
-        flat_x = x.reshape(n, dim)
-
-        def ray_point(rows: Tensor, direction: Tensor, radius: Tensor) -> Tensor:
-            """``x + radius / sqrt(n) * direction`` in the box; rows with radius <= r_eps also in the ball."""
-            step = (radius / root).to(x.dtype)[:, None]
-            point = (flat_x[rows] + step * direction).clamp(threat.lower, threat.upper)
-            inside = (radius <= r_eps)[:, None]
-            ball = point.clamp(low_ball.reshape(n, dim)[rows], high_ball.reshape(n, dim)[rows])
-            return torch.where(inside, ball, point)
-
-        coordinate = torch.arange(dim, device=device)
-
-        def candidate(rows: Tensor) -> Tensor:
-            """``d_best`` of ``rows`` with the signs of their current block flipped (stage -1: the box start)."""
-            lvl, blk = level[rows], block[rows]
-            stage = lvl.clamp(min=0)
-            size = (dim + (1 << stage) - 1) >> stage  # ceil(dim / 2^stage)
-            start = blk * size
-            end = torch.clamp(start + size, max=dim)
-            inside = (coordinate >= start[:, None]) & (coordinate < end[:, None])
-            best = sign_best[rows]
-            flipped = torch.where(inside, -best, best)
-            if box_start is None:
-                return flipped
-            return torch.where((lvl < 0)[:, None], box_start[rows], flipped)
-
-        def advance(rows: Tensor) -> None:
-            """Move ``rows`` to the next block (and stage) and start its fast check."""
-            lvl, blk = level[rows], block[rows]
-            stage = lvl.clamp(min=0)
-            size = (dim + (1 << stage) - 1) >> stage
-            wrap = ((blk + 1) * size >= dim) | (lvl < 0)
-            level[rows] = torch.where(wrap, torch.clamp(lvl + 1, max=max_level), lvl)
-            block[rows] = torch.where(wrap, torch.zeros_like(blk), blk + 1)
-            direction[rows] = candidate(rows)
-            phase[rows] = _CHECK
-
-        def accept(rows: Tensor) -> None:
-            """Keep the candidates of ``rows`` whose adversarial end ``hi`` improves ``r_best``."""
-            better = rows[hi[rows] < r_best[rows]]
-            if better.numel() == 0:
-                return
-            r_best[better] = hi[better]
-            sign_best[better] = direction[better]
-            best_point[better] = ray_point(better, direction[better], hi[better])
-            # Within eps by construction (clamped to the ball), or because clipping to the box pulled it inside.
-            near = threat.distance(best_point[better], flat_x[better]) <= threat.eps
-            within[better] = (hi[better] <= r_eps) | near
-            fresh = better[within[better] & (success_queries[better] < 0)]
-            success_queries[fresh] = oracle.queries[fresh]
-
-        def finalize(rows: Tensor) -> None:
-            """End the DBR search of ``rows``: keep an improving candidate, then stop or move on."""
-            if rows.numel() == 0:
-                return
-            accept(rows)
-            if stop_at_eps:
-                finished = within[rows]
-                phase[rows[finished]] = _DONE
-                rows = rows[~finished]
-            if rows.numel():
-                advance(rows)
-
-        def start_search(rows: Tensor) -> None:
-            """Binary search where it is still wider than the tolerance; finalize the rest at once."""
-            phase[rows] = _SEARCH
-            finalize(rows[hi[rows] - lo[rows] <= tol])
+        self.flat_x = x.reshape(n, dim)
+        self.low_ball, self.high_ball = low_ball.reshape(n, dim), high_ball.reshape(n, dim)
+        self.coordinate = torch.arange(dim, device=device)
 
         float64 = torch.float64
-        sign_best = torch.ones((n, dim), dtype=x.dtype, device=device)
-        box_start: Tensor | None = None
-        if cfg.start == "box" and math.isfinite(threat.lower) and math.isfinite(threat.upper):
+        self.sign_best = torch.ones((n, dim), dtype=x.dtype, device=device)
+        self.box_start: Tensor | None = None
+        if config.start == "box" and math.isfinite(threat.lower) and math.isfinite(threat.upper):
             middle = (threat.lower + threat.upper) / 2
-            box_start = torch.where(flat_x > middle, -sign_best, sign_best)
-        direction = torch.zeros_like(sign_best)
-        level = torch.full((n,), 0 if box_start is None else -1, dtype=torch.long, device=device)
-        block = torch.zeros(n, dtype=torch.long, device=device)
-        r_best = torch.full((n,), math.inf, dtype=float64, device=device)
-        lo = torch.zeros(n, dtype=float64, device=device)
-        hi = torch.zeros(n, dtype=float64, device=device)
-        phase = torch.full((n,), _CLEAN, dtype=torch.long, device=device)
-        best_point = flat_x.clone()
-        clean_correct = torch.ones(n, dtype=torch.bool, device=device)
-        success_queries = torch.full((n,), -1, dtype=torch.long, device=device)
-        within = torch.zeros(n, dtype=torch.bool, device=device)  # the best point is within eps
+            self.box_start = torch.where(self.flat_x > middle, -self.sign_best, self.sign_best)
+        self.direction = torch.zeros_like(self.sign_best)
+        self.level = torch.full((n,), 0 if self.box_start is None else -1, dtype=torch.long, device=device)
+        self.block = torch.zeros(n, dtype=torch.long, device=device)
+        self.r_best = torch.full((n,), math.inf, dtype=float64, device=device)
+        self.lo = torch.zeros(n, dtype=float64, device=device)
+        self.hi = torch.zeros(n, dtype=float64, device=device)
+        self.phase = torch.full((n,), _DONE, dtype=torch.long, device=device)
 
+    def run(self, rows: Tensor) -> None:
+        """Search the examples ``rows`` (clean inputs classified correctly) until done or out of budget."""
+        self.direction[rows] = self.candidate(rows)
+        self.phase[rows] = _CHECK
         while True:
-            remaining = torch.minimum(oracle.remaining(), cfg.queries - oracle.queries)
-            live = (phase != _DONE) & (remaining > 0)
-            rows = live.nonzero().flatten()
+            remaining = budget_left(self.oracle, self.config.queries)
+            rows = ((self.phase != _DONE) & (remaining > 0)).nonzero().flatten()
             if rows.numel() == 0:
                 break
-            stage = phase[rows]
-            radius = torch.where(
-                stage == _CHECK,
-                torch.clamp(r_best[rows], max=r_max),
-                torch.where(stage == _PROBE, torch.full_like(lo[rows], r_eps), (lo[rows] + hi[rows]) / 2),
-            )
-            points = torch.where((stage == _CLEAN)[:, None], flat_x[rows], ray_point(rows, direction[rows], radius))
-            adversarial = goal.subset(rows).is_success(oracle.labels(points.reshape((-1, *x.shape[1:])), rows))
-
-            # Clean check: a misclassified example is done at distance 0.
-            first = stage == _CLEAN
-            wrong = rows[first & adversarial]
-            clean_correct[wrong] = False
-            r_best[wrong] = 0.0
-            within[wrong] = True
-            phase[wrong] = _DONE
-            success_queries[wrong] = oracle.queries[wrong]
-            right = rows[first & ~adversarial]
-            if right.numel():
-                direction[right] = candidate(right)
-                phase[right] = _CHECK
-
-            # Fast check at r_best: reject for one query, or search below min(r_best, r_max).
-            checked = stage == _CHECK
-            rejected = rows[checked & ~adversarial]
-            if rejected.numel():
-                advance(rejected)
-            passed = rows[checked & adversarial]
-            if passed.numel():
-                lo[passed] = 0.0
-                hi[passed] = radius[checked & adversarial]
-                if probe:
-                    # A passing check within eps (eps at least the box width) is itself the answer; the others
-                    # get the eps probe.
-                    phase[passed[hi[passed] > r_eps]] = _PROBE
-                    finalize(passed[hi[passed] <= r_eps])
-                else:
-                    start_search(passed)
-
-            # Probe at eps: adversarial means broken; otherwise the boundary is beyond eps on this ray.
-            probed = stage == _PROBE
-            hit = rows[probed & adversarial]
-            hi[hit] = r_eps
-            finalize(hit)
-            missed = rows[probed & ~adversarial]
-            lo[missed] = r_eps
-            if missed.numel():
-                start_search(missed)
-
-            # Binary search step.
-            searching = stage == _SEARCH
-            step_rows = rows[searching]
-            mid = radius[searching]
-            step_adv = adversarial[searching]
-            hi[step_rows[step_adv]] = mid[step_adv]
-            lo[step_rows[~step_adv]] = mid[~step_adv]
-            finalize(step_rows[hi[step_rows] - lo[step_rows] <= tol])
-
+            stage = self.phase[rows]
+            radius = self.query_radius(rows, stage)
+            points = self.ray_point(rows, self.direction[rows], radius)
+            labels = self.oracle.labels(points.reshape((-1, *self.shape)), rows)
+            adversarial = self.goal.subset(rows).is_success(labels)
+            checked, probed, searching = stage == _CHECK, stage == _PROBE, stage == _SEARCH
+            self.after_check(rows[checked], radius[checked], adversarial[checked])
+            self.after_probe(rows[probed], adversarial[probed])
+            self.after_search_step(rows[searching], radius[searching], adversarial[searching])
         # Budget spent in the middle of a search: its adversarial end was queried, keep it if it is better.
-        accept(((phase == _SEARCH) | (phase == _PROBE)).nonzero().flatten())
+        self.accept(((self.phase == _SEARCH) | (self.phase == _PROBE)).nonzero().flatten())
 
-        best = best_point.reshape(x.shape)
-        found = torch.isfinite(r_best)
-        distance = torch.where(found, threat.distance(best, x).to(float64), torch.full_like(r_best, math.inf))
-        distance = torch.where(clean_correct, distance, torch.zeros_like(distance))
-        x_adv = torch.where(within.reshape((-1,) + (1,) * (x.dim() - 1)), best, x)
-        extras: dict[str, Any] = {
-            "boundary_distance": distance,
-            "clean_correct": clean_correct,
-            "success_queries": success_queries,
-        }
-        return x_adv, extras
+    # ------------------------------------------------------------ geometry
+    def query_radius(self, rows: Tensor, stage: Tensor) -> Tensor:
+        """This round's radius per row: ``min(r_best, r_max)`` to check, eps to probe, else the bracket's middle."""
+        lo, hi = self.lo[rows], self.hi[rows]
+        return torch.where(
+            stage == _CHECK,
+            torch.clamp(self.r_best[rows], max=self.r_max),
+            torch.where(stage == _PROBE, torch.full_like(lo, self.r_eps), (lo + hi) / 2),
+        )
+
+    def ray_point(self, rows: Tensor, direction: Tensor, radius: Tensor) -> Tensor:
+        """``x + radius / sqrt(n) * direction`` in the box; rows with radius <= r_eps also in the ball."""
+        step = (radius / self.root).to(self.flat_x.dtype)[:, None]
+        point = (self.flat_x[rows] + step * direction).clamp(self.threat.lower, self.threat.upper)
+        inside = (radius <= self.r_eps)[:, None]
+        ball = point.clamp(self.low_ball[rows], self.high_ball[rows])
+        return torch.where(inside, ball, point)
+
+    def block_size(self, rows: Tensor) -> Tensor:
+        """Coordinates per block at the rows' stage: ``ceil(dim / 2^stage)`` (the box start counts as stage 0)."""
+        stage = self.level[rows].clamp(min=0)
+        return (self.dim + (1 << stage) - 1) >> stage
+
+    def candidate(self, rows: Tensor) -> Tensor:
+        """``d_best`` of ``rows`` with the signs of their current block flipped (stage -1: the box start)."""
+        size = self.block_size(rows)
+        start = self.block[rows] * size
+        end = torch.clamp(start + size, max=self.dim)
+        inside = (self.coordinate >= start[:, None]) & (self.coordinate < end[:, None])
+        best = self.sign_best[rows]
+        flipped = torch.where(inside, -best, best)
+        if self.box_start is None:
+            return flipped
+        return torch.where((self.level[rows] < 0)[:, None], self.box_start[rows], flipped)
+
+    # ------------------------------------------------------------ transitions
+    def advance(self, rows: Tensor) -> None:
+        """Move ``rows`` to the next block (and stage) and start its fast check."""
+        lvl, blk = self.level[rows], self.block[rows]
+        wrap = ((blk + 1) * self.block_size(rows) >= self.dim) | (lvl < 0)
+        self.level[rows] = torch.where(wrap, torch.clamp(lvl + 1, max=self.max_level), lvl)
+        self.block[rows] = torch.where(wrap, torch.zeros_like(blk), blk + 1)
+        self.direction[rows] = self.candidate(rows)
+        self.phase[rows] = _CHECK
+
+    def accept(self, rows: Tensor) -> None:
+        """Keep the candidates of ``rows`` whose adversarial end ``hi`` improves ``r_best``."""
+        better = rows[self.hi[rows] < self.r_best[rows]]
+        if better.numel() == 0:
+            return
+        hi = self.hi[better]
+        self.r_best[better] = hi
+        self.sign_best[better] = self.direction[better]
+        points = self.ray_point(better, self.direction[better], hi)
+        distance = self.threat.distance(points, self.flat_x[better])
+        # Within eps by construction (clamped to the ball), or because clipping to the box pulled it inside.
+        within = (hi <= self.r_eps) | (distance <= self.threat.eps)
+        self.record.improve(better, points, distance, within, self.oracle.queries[better])
+
+    def finalize(self, rows: Tensor) -> None:
+        """End the DBR search of ``rows``: keep an improving candidate, then stop or move on."""
+        if rows.numel() == 0:
+            return
+        self.accept(rows)
+        if self.stop_at_eps:
+            finished = self.record.within[rows]
+            self.phase[rows[finished]] = _DONE
+            rows = rows[~finished]
+        if rows.numel():
+            self.advance(rows)
+
+    def start_search(self, rows: Tensor) -> None:
+        """Binary search where it is still wider than the tolerance; finalize the rest at once."""
+        self.phase[rows] = _SEARCH
+        self.finalize(rows[self.hi[rows] - self.lo[rows] <= self.tol])
+
+    # ------------------------------------------------------------ answers of one round
+    def after_check(self, rows: Tensor, radius: Tensor, adversarial: Tensor) -> None:
+        """Fast check at r_best: reject for one query, or search below min(r_best, r_max)."""
+        rejected = rows[~adversarial]
+        if rejected.numel():
+            self.advance(rejected)
+        passed = rows[adversarial]
+        if passed.numel() == 0:
+            return
+        self.lo[passed] = 0.0
+        self.hi[passed] = radius[adversarial]
+        if self.probe:
+            # A passing check within eps (eps at least the box width) is itself the answer; the others get the
+            # eps probe.
+            self.phase[passed[self.hi[passed] > self.r_eps]] = _PROBE
+            self.finalize(passed[self.hi[passed] <= self.r_eps])
+        else:
+            self.start_search(passed)
+
+    def after_probe(self, rows: Tensor, adversarial: Tensor) -> None:
+        """Probe at eps: adversarial means broken; otherwise the boundary is beyond eps on this ray."""
+        hit = rows[adversarial]
+        self.hi[hit] = self.r_eps
+        self.finalize(hit)
+        missed = rows[~adversarial]
+        self.lo[missed] = self.r_eps
+        if missed.numel():
+            self.start_search(missed)
+
+    def after_search_step(self, rows: Tensor, mid: Tensor, adversarial: Tensor) -> None:
+        """One binary-search step: the middle becomes the bracket's adversarial or benign end."""
+        self.hi[rows[adversarial]] = mid[adversarial]
+        self.lo[rows[~adversarial]] = mid[~adversarial]
+        self.finalize(rows[self.hi[rows] - self.lo[rows] <= self.tol])
 
 
 def average_boundary_distance(result: AttackResult) -> float:

@@ -30,25 +30,21 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from robustlab.attacks._decision import Program, Track, check_mode, finish, make_tracks, run_programs
-from robustlab.attacks.base import Attack, AttackConfig, positive
+from robustlab.attacks._decision import DecisionConfig, Program, Search, Track, Walk, WalkAttack
+from robustlab.attacks.base import positive
 from robustlab.attacks.registry import register_attack
-from robustlab.goals import Goal
-from robustlab.oracles import Access, LabelOracle
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["SignOPT", "SignOPTConfig"]
 
-Search = Generator[Tensor, Tensor, float]
-
 
 @dataclass(frozen=True)
-class SignOPTConfig(AttackConfig):
+class SignOPTConfig(DecisionConfig):
     """Options of :class:`SignOPT` (defaults from the reference code).
 
     Attributes:
@@ -61,8 +57,8 @@ class SignOPTConfig(AttackConfig):
         max_lambda: the local search gives up on a direction whose boundary lies beyond this distance.
     """
 
-    queries: int = 10000
-    mode: str = "eps"
+    title: ClassVar[str] = "Sign-OPT"
+
     k: int = 200
     alpha: float = 0.2
     beta: float = 0.001
@@ -70,8 +66,7 @@ class SignOPTConfig(AttackConfig):
     max_lambda: float = 20.0
 
     def validate(self) -> None:
-        positive("queries", self.queries, integer=True)
-        check_mode(self.mode, "Sign-OPT")
+        super().validate()
         positive("k", self.k, integer=True)
         positive("alpha", self.alpha)
         positive("beta", self.beta)
@@ -79,148 +74,136 @@ class SignOPTConfig(AttackConfig):
         positive("max_lambda", self.max_lambda)
 
 
-@register_attack
-class SignOPT(Attack[LabelOracle]):
-    """Sign-OPT (Cheng et al., ICLR 2020): hard-label sign-SGD on the boundary distance, Linf / L2."""
+class _SignOPTWalk(Walk):
+    """One example's Sign-OPT run (the steps of the module docstring): ``g(theta)`` is the distance along the
+    unit direction ``theta`` at which ``x0 + g * theta`` meets the goal."""
 
-    name = "sign-opt"
-    access = Access.LABELS
-    norms = frozenset({Norm.LINF, Norm.L2})
-    Config = SignOPTConfig
     config: SignOPTConfig
-    supports_targeted = False
 
-    def _perturb(
-        self, oracle: LabelOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, Any]]:
-        n = int(x.shape[0])
-        tracks = make_tracks(x, threat)
-        programs = [self._program(tracks[i], threat, generator) for i in range(n)]
-        run_programs(
-            oracle,
-            goal,
-            tracks,
-            programs,
-            shape=tuple(x.shape[1:]),
-            budget=self.config.queries,
-            stop_at_eps=self.config.mode == "eps",
-        )
-        return finish(x, tracks, threat, threat.eps)
-
-    def _program(self, track: Track, threat: ThreatModel, generator: torch.Generator) -> Program:
-        cfg = self.config
-        x0 = track.x
+    def __init__(self, config: SignOPTConfig, track: Track, threat: ThreatModel, generator: torch.Generator) -> None:
+        super().__init__(config, track, threat, generator)
         linf = threat.norm is Norm.LINF
-        order = math.inf if linf else 2.0
-        init_tol = 1e-5 if linf else 1e-3
-        min_alpha = 1e-6 if linf else 1e-4
+        self.linf = linf
+        self.order = math.inf if linf else 2.0
+        self.init_tol = 1e-5 if linf else 1e-3
+        self.min_alpha = 1e-6 if linf else 1e-4
 
-        def normalize(v: Tensor) -> Tensor:
-            return v / torch.linalg.vector_norm(v, ord=order, dim=-1, keepdim=True).clamp_min(1e-30)
-
-        def point(theta: Tensor, lbd: float) -> Tensor:
-            return (x0 + lbd * theta).clamp(threat.lower, threat.upper)
-
-        def adversarial(points: Tensor) -> Generator[Tensor, Tensor, Tensor]:
-            answer = yield points
-            track.offer(points, answer)
-            return answer
-
-        def is_adv(theta: Tensor, lbd: float) -> Generator[Tensor, Tensor, bool]:
-            answer = yield from adversarial(point(theta, lbd)[None])
-            return bool(answer[0])
-
-        def bisect(theta: Tensor, lo: float, hi: float, tol: float) -> Search:
-            while hi - lo > tol:
-                mid = (lo + hi) / 2.0
-                if (yield from is_adv(theta, mid)):
-                    hi = mid
-                else:
-                    lo = mid
-            return hi
-
-        def initial_search(theta: Tensor, initial_lbd: float, current_best: float) -> Search:
-            """The reference's fine_grained_binary_search."""
-            if initial_lbd > current_best:
-                if not (yield from is_adv(theta, current_best)):
-                    return math.inf
-                lbd = current_best
-            else:
-                lbd = initial_lbd
-            return (yield from bisect(theta, 0.0, lbd, init_tol))
-
-        def local_search(theta: Tensor, initial_lbd: float, tol: float) -> Search:
-            """The reference's fine_grained_binary_search_local: 1% steps to bracket, then bisection."""
-            tol = max(tol, 2e-9) if linf else tol
-            if not (yield from is_adv(theta, initial_lbd)):
-                lo, hi = initial_lbd, initial_lbd * 1.01
-                while not (yield from is_adv(theta, hi)):
-                    hi *= 1.01
-                    if hi > cfg.max_lambda:
-                        return math.inf
-            else:
-                hi, lo = initial_lbd, initial_lbd * 0.99
-                while (yield from is_adv(theta, lo)):
-                    lo *= 0.99
-            return (yield from bisect(theta, lo, hi, tol))
-
-        # Clean check.
-        answer = yield from adversarial(x0[None])
-        if bool(answer[0]):
-            track.clean_correct = False
+    def run(self) -> Program:
+        start = yield from self.initial_direction()
+        if start is None:
             return
-
-        # Initial direction: the best of init_directions Gaussian draws (their first queries are independent).
-        count = min(cfg.init_directions, track.remaining)
-        if count < 1:
-            return
-        draws = torch.randn((count, x0.numel()), generator=generator, device=x0.device, dtype=x0.dtype)
-        hits = yield from adversarial((x0 + draws).clamp(threat.lower, threat.upper))
-        best_theta: Tensor | None = None
-        g_theta = math.inf
-        for i in hits.nonzero().flatten().tolist():
-            initial_lbd = float(torch.linalg.vector_norm(draws[i], ord=order))
-            theta = draws[i] / initial_lbd
-            lbd = yield from initial_search(theta, initial_lbd, g_theta)
-            if lbd < g_theta:
-                best_theta, g_theta = theta, lbd
-        if best_theta is None:
-            return
-
-        xg, gg = best_theta, g_theta
-        alpha, beta = cfg.alpha, cfg.beta
+        theta, g = start
+        alpha, beta = self.config.alpha, self.config.beta
         while True:
-            # Sign of the directional derivatives along k random directions.
-            k = min(cfg.k, track.remaining)
+            k = min(self.config.k, self.track.remaining)
             if k < 1:
                 return
-            u = normalize(torch.randn((k, x0.numel()), generator=generator, device=x0.device, dtype=x0.dtype))
-            probes = normalize(xg[None] + beta * u)
-            decreased = yield from adversarial((x0 + gg * probes).clamp(threat.lower, threat.upper))
-            signs = 1.0 - 2.0 * decreased.to(x0.dtype)
-            sign_grad = (signs[:, None] * u).mean(dim=0)
-
-            # Line search on the step: grow while it improves, else shrink until it does.
-            min_theta, min_g = xg, gg
-            for _ in range(15):
-                new_theta = normalize(xg - alpha * sign_grad)
-                new_g = yield from local_search(new_theta, min_g, beta / 500)
-                alpha *= 2
-                if new_g < min_g:
-                    min_theta, min_g = new_theta, new_g
-                else:
-                    break
-            if min_g >= gg:
-                for _ in range(15):
-                    alpha *= 0.25
-                    new_theta = normalize(xg - alpha * sign_grad)
-                    new_g = yield from local_search(new_theta, min_g, beta / 500)
-                    if new_g < gg:
-                        min_theta, min_g = new_theta, new_g
-                        break
-            if alpha < min_alpha:
+            sign_grad = yield from self.sign_gradient(theta, g, beta, k)
+            theta, g, alpha = yield from self.line_search(theta, g, sign_grad, alpha, beta)
+            if alpha < self.min_alpha:
                 alpha = 1.0
                 beta *= 0.1
                 if beta < 1e-8:
                     return
-            xg, gg = min_theta, min_g
+
+    # ------------------------------------------------------------ geometry
+    def normalize(self, v: Tensor) -> Tensor:
+        return v / torch.linalg.vector_norm(v, ord=self.order, dim=-1, keepdim=True).clamp_min(1e-30)
+
+    def point(self, theta: Tensor, lbd: float) -> Tensor:
+        return self.threat.clip_to_box(self.x0 + lbd * theta)
+
+    def gaussian(self, count: int) -> Tensor:
+        x0 = self.x0
+        return torch.randn((count, x0.numel()), generator=self.generator, device=x0.device, dtype=x0.dtype)
+
+    # ------------------------------------------------------------ steps
+    def initial_direction(self) -> Generator[Tensor, Tensor, tuple[Tensor, float] | None]:
+        """The best of ``init_directions`` Gaussian directions (their first queries are independent, so they go
+        together), each adversarial one measured in turn. None: none was adversarial."""
+        count = min(self.config.init_directions, self.track.remaining)
+        if count < 1:
+            return None
+        draws = self.gaussian(count)
+        hits = yield from self.ask(self.threat.clip_to_box(self.x0 + draws))
+        best_theta: Tensor | None = None
+        g_theta = math.inf
+        for i in hits.nonzero().flatten().tolist():
+            initial_lbd = float(torch.linalg.vector_norm(draws[i], ord=self.order))
+            theta = draws[i] / initial_lbd
+            lbd = yield from self.initial_search(theta, initial_lbd, g_theta)
+            if lbd < g_theta:
+                best_theta, g_theta = theta, lbd
+        if best_theta is None:
+            return None
+        return best_theta, g_theta
+
+    def sign_gradient(self, theta: Tensor, g: float, beta: float, k: int) -> Generator[Tensor, Tensor, Tensor]:
+        """Sign-OPT's estimate: the mean of ``-+u`` over ``k`` random unit directions ``u``, the sign read from
+        one query each at ``x0 + g * normalize(theta + beta * u)`` (adversarial means g decreased)."""
+        u = self.normalize(self.gaussian(k))
+        probes = self.normalize(theta[None] + beta * u)
+        decreased = yield from self.ask(self.threat.clip_to_box(self.x0 + g * probes))
+        signs = 1.0 - 2.0 * decreased.to(self.x0.dtype)
+        return (signs[:, None] * u).mean(dim=0)
+
+    def line_search(
+        self, theta: Tensor, g: float, sign_grad: Tensor, alpha: float, beta: float
+    ) -> Generator[Tensor, Tensor, tuple[Tensor, float, float]]:
+        """Grow the step while it improves, else shrink it until it does (15 tries each); returns the new
+        direction, its g and the step size."""
+        min_theta, min_g = theta, g
+        for _ in range(15):
+            new_theta = self.normalize(theta - alpha * sign_grad)
+            new_g = yield from self.local_search(new_theta, min_g, beta / 500)
+            alpha *= 2
+            if new_g < min_g:
+                min_theta, min_g = new_theta, new_g
+            else:
+                break
+        if min_g >= g:
+            for _ in range(15):
+                alpha *= 0.25
+                new_theta = self.normalize(theta - alpha * sign_grad)
+                new_g = yield from self.local_search(new_theta, min_g, beta / 500)
+                if new_g < g:
+                    min_theta, min_g = new_theta, new_g
+                    break
+        return min_theta, min_g, alpha
+
+    def initial_search(self, theta: Tensor, initial_lbd: float, current_best: float) -> Search:
+        """The reference's fine_grained_binary_search."""
+        if initial_lbd > current_best:
+            if not (yield from self.ask_one(self.point(theta, current_best))):
+                return math.inf
+            lbd = current_best
+        else:
+            lbd = initial_lbd
+        return (yield from self.bisect(lambda t: self.point(theta, t), 0.0, lbd, self.init_tol))
+
+    def local_search(self, theta: Tensor, initial_lbd: float, tol: float) -> Search:
+        """The reference's fine_grained_binary_search_local: 1% steps to bracket, then bisection."""
+        tol = max(tol, 2e-9) if self.linf else tol
+        if not (yield from self.ask_one(self.point(theta, initial_lbd))):
+            lo, hi = initial_lbd, initial_lbd * 1.01
+            while not (yield from self.ask_one(self.point(theta, hi))):
+                hi *= 1.01
+                if hi > self.config.max_lambda:
+                    return math.inf
+        else:
+            hi, lo = initial_lbd, initial_lbd * 0.99
+            while (yield from self.ask_one(self.point(theta, lo))):
+                lo *= 0.99
+        return (yield from self.bisect(lambda t: self.point(theta, t), lo, hi, tol))
+
+
+@register_attack
+class SignOPT(WalkAttack):
+    """Sign-OPT (Cheng et al., ICLR 2020): hard-label sign-SGD on the boundary distance, Linf / L2."""
+
+    name = "sign-opt"
+    norms = frozenset({Norm.LINF, Norm.L2})
+    Config = SignOPTConfig
+    config: SignOPTConfig
+    supports_targeted = False
+    walk = _SignOPTWalk
