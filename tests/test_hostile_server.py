@@ -20,7 +20,7 @@ with warnings.catch_warnings():  # starlette's note that a later TestClient pref
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from robustlab.errors import ConfigError, RobustlabError
+from robustlab.errors import ConfigError, RobustlabError, StateFileError
 from robustlab.remote import encode_array
 from robustlab.serve import ServerConfig, create_app
 from tests.test_serve import live_server, small_model
@@ -290,7 +290,7 @@ def test_a_pickled_state_file_is_never_unpickled(tmp_path: Path) -> None:
 
     state = tmp_path / "usage.json"
     state.write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(ConfigError, match="pickle"):
+    with pytest.raises(StateFileError, match="pickle"):
         make_app(token="t", state_file=state)
     assert not marker.exists()
 

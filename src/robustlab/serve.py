@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from torch import Tensor, nn
 
-from robustlab.errors import ConfigError, ModelError, RobustlabError
+from robustlab.errors import ConfigError, ModelError, RobustlabError, StateFileError
 from robustlab.oracles import check_model_takes, module_function, naming_forward_failures
 from robustlab.remote import encode_array
 
@@ -235,9 +235,9 @@ def _read_usage(path: Path, tokens: Sequence[str]) -> dict[str, int]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read the state file {path}: {exc.strerror or exc}") from None
+        raise StateFileError(f"cannot read the state file {path}: {exc.strerror or exc}") from None
     if raw[:1] == b"\x80":
-        raise ConfigError(
+        raise StateFileError(
             f"the state file {path} looks like a pickle, not robustlab's JSON usage counts; robustlab never unpickles "
             "it: remove it or give another --state-file"
         )
@@ -245,13 +245,13 @@ def _read_usage(path: Path, tokens: Sequence[str]) -> dict[str, int]:
         usage = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
-        raise ConfigError(
+        raise StateFileError(
             f"the state file {path} is not valid JSON ({reason}): fix it, or remove it to reset the usage counts"
         ) from None
     if not isinstance(usage, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in usage.values()
     ):
-        raise ConfigError(
+        raise StateFileError(
             f"the state file {path} must map client names to non-negative query counts (as robustlab serve writes "
             "it): fix it, or remove it to reset the usage counts"
         )
@@ -330,7 +330,9 @@ def create_app(model: nn.Module | Callable[[Tensor], Tensor], config: ServerConf
 
     Raises:
         ModelError: the model fails on an input of the declared shape, or answers another number of classes.
-        ConfigError: the state file cannot be read or written, or is not robustlab's JSON usage counts.
+        StateFileError: the state file cannot be read, or is not robustlab's JSON usage counts (a pickle is never
+            unpickled).
+        ConfigError: the state file cannot be written.
     """
     evaluate = module_function(model) if isinstance(model, nn.Module) else model
     num_classes = _check_model(model, config)
