@@ -325,6 +325,78 @@ def _check_model(model: nn.Module | Callable[[Tensor], Tensor], config: ServerCo
     return width
 
 
+class _Predictor:
+    """Answers one parsed-and-checked request: idempotency by request id, budget, model call, the answer."""
+
+    def __init__(self, config: ServerConfig, ledger: _Ledger, evaluate: Callable[[Tensor], Tensor]) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.evaluate = evaluate
+        self.model_lock = threading.Lock()
+
+    def answer(self, client: str, body: bytearray) -> dict[str, Any]:
+        """Parse, check, count and evaluate one request (in a worker thread)."""
+        payload = _parse_json(body, self.config)
+        body.clear()  # the parsed payload is all that is needed from here on
+        request_id = payload.get("request_id")
+        if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID):
+            raise HTTPException(422, f"request_id must be a string of at most {MAX_REQUEST_ID} characters")
+        batch = _parse_batch(payload, self.config)
+        del payload
+        digest = hashlib.sha256(repr(batch.shape).encode() + batch.tobytes()).hexdigest()
+        key = (client, request_id) if request_id is not None else None
+        cached = self._charge(client, key, digest, int(batch.shape[0]))
+        if cached is not None:
+            return cached
+        result, size = self._run_model(client, batch)
+        with self.ledger.lock:
+            result["used"] = self.ledger.used[client]
+            result["remaining"] = self.ledger.remaining(client)
+            if key is not None:
+                self.ledger.remember(key, _Cached(digest, result, size + 256))
+            self.ledger.persist()
+        return result
+
+    def _charge(self, client: str, key: tuple[str, str] | None, digest: str, rows: int) -> dict[str, Any] | None:
+        """The cached answer of a repeated request (409 if its inputs differ), else count the rows (429 if the
+        budget cannot pay for them) and return None."""
+        ledger = self.ledger
+        with ledger.lock:
+            if key is not None and key in ledger.answers:
+                cached = ledger.answers[key]
+                if cached.digest != digest:
+                    message = f"request_id {key[1]!r} was already used with other inputs; use a new id for them"
+                    raise HTTPException(409, message)
+                return cached.answer
+            remaining = ledger.remaining(client)
+            if remaining is not None and rows > remaining:
+                raise HTTPException(
+                    429, f"query budget exhausted: {rows} asked, {max(remaining, 0)} of {self.config.budget} left"
+                )
+            ledger.used[client] = ledger.used.get(client, 0) + rows
+        return None
+
+    def _run_model(self, client: str, batch: np.ndarray) -> tuple[dict[str, Any], int]:
+        """The model's answer in the server's mode (labels only, or base64 scores) and its size in bytes."""
+        rows = int(batch.shape[0])
+        try:
+            with self.model_lock, torch.no_grad():
+                outputs = self.evaluate(torch.from_numpy(batch))
+        except Exception as exc:
+            with self.ledger.lock:
+                self.ledger.used[client] -= rows  # a failed evaluation is not a query
+            raise HTTPException(500, f"the model failed on the batch: {type(exc).__name__}") from exc
+        result: dict[str, Any] = {"queries": rows}
+        if self.config.mode == "labels":
+            labels = outputs if outputs.dim() == 1 else outputs.argmax(dim=1)
+            result["labels"] = [int(v) for v in labels.tolist()]
+            return result, 16 * rows
+        scores = outputs.detach().float().cpu().numpy()
+        result["scores"] = encode_array(scores)
+        result["scores_shape"] = list(scores.shape)
+        return result, len(result["scores"])
+
+
 def create_app(model: nn.Module | Callable[[Tensor], Tensor], config: ServerConfig) -> Any:
     """The FastAPI application serving ``model`` under ``config``.
 
@@ -341,7 +413,7 @@ def create_app(model: nn.Module | Callable[[Tensor], Tensor], config: ServerConf
         ledger.persist()  # a state file that cannot be written fails now, not on every request
     except OSError as exc:
         raise ConfigError(f"cannot write the state file {config.state_file}: {exc.strerror or exc}") from None
-    model_lock = threading.Lock()
+    predictor = _Predictor(config, ledger, evaluate)
     token_keys = [(t.encode("utf-8"), client_key(t)) for t in config.tokens]
 
     app = FastAPI(
@@ -375,56 +447,6 @@ def create_app(model: nn.Module | Callable[[Tensor], Tensor], config: ServerConf
         with ledger.lock:
             return {"used": ledger.used.get(client, 0), "remaining": ledger.remaining(client)}
 
-    def answer(client: str, body: bytearray) -> dict[str, Any]:
-        """Parse, check, count and evaluate one request (in a worker thread)."""
-        payload = _parse_json(body, config)
-        body.clear()  # the parsed payload is all that is needed from here on
-        request_id = payload.get("request_id")
-        if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID):
-            raise HTTPException(422, f"request_id must be a string of at most {MAX_REQUEST_ID} characters")
-        batch = _parse_batch(payload, config)
-        del payload
-        rows = int(batch.shape[0])
-        digest = hashlib.sha256(repr(batch.shape).encode() + batch.tobytes()).hexdigest()
-        key = (client, request_id) if request_id is not None else None
-        with ledger.lock:
-            if key is not None and key in ledger.answers:
-                cached = ledger.answers[key]
-                if cached.digest != digest:
-                    message = f"request_id {request_id!r} was already used with other inputs; use a new id for them"
-                    raise HTTPException(409, message)
-                return cached.answer
-            remaining = ledger.remaining(client)
-            if remaining is not None and rows > remaining:
-                raise HTTPException(
-                    429, f"query budget exhausted: {rows} asked, {max(remaining, 0)} of {config.budget} left"
-                )
-            ledger.used[client] = ledger.used.get(client, 0) + rows
-        try:
-            with model_lock, torch.no_grad():
-                outputs = evaluate(torch.from_numpy(batch))
-        except Exception as exc:
-            with ledger.lock:
-                ledger.used[client] -= rows  # a failed evaluation is not a query
-            raise HTTPException(500, f"the model failed on the batch: {type(exc).__name__}") from exc
-        result: dict[str, Any] = {"queries": rows}
-        if config.mode == "labels":
-            labels = outputs if outputs.dim() == 1 else outputs.argmax(dim=1)
-            result["labels"] = [int(v) for v in labels.tolist()]
-            size = 16 * rows
-        else:
-            scores = outputs.detach().float().cpu().numpy()
-            result["scores"] = encode_array(scores)
-            result["scores_shape"] = list(scores.shape)
-            size = len(result["scores"])
-        with ledger.lock:
-            result["used"] = ledger.used[client]
-            result["remaining"] = ledger.remaining(client)
-            if key is not None:
-                ledger.remember(key, _Cached(digest, result, size + 256))
-            ledger.persist()
-        return result
-
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
@@ -447,7 +469,7 @@ def create_app(model: nn.Module | Callable[[Tensor], Tensor], config: ServerConf
             refusal.headers = {**(refusal.headers or {}), **_CLOSE}  # the unread body is not drained
             raise
         body = await _read_body(request, config)
-        return await run_in_threadpool(answer, client, body)
+        return await run_in_threadpool(predictor.answer, client, body)
 
     return app
 
