@@ -2,7 +2,7 @@
 
 Each step names a registered attack and its options. The cascade (:func:`robustlab.evaluate`) runs a step only
 on the examples no earlier step broke, so cheap, strong attacks go first and expensive ones only see the few
-examples left. Built-in suites, per norm:
+examples left. The built-in suites are registered in :data:`SUITES` (:func:`list_suites` gives their records):
 
 - ``quick`` — for checks during training: APGD-CE with 20 steps.
 - ``standard`` — the default: APGD-CE (100 steps) and targeted APGD-DLR on the 3 most likely other classes on
@@ -29,12 +29,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from robustlab.attacks.registry import get_attack
+from robustlab.checks import check_fraction
 from robustlab.errors import ConfigError
+from robustlab.registry import Registry
 from robustlab.threat import Norm
 
-__all__ = ["FOCUS_MINIMUM", "STANDARD_FOCUS", "SUITE_NAMES", "Suite", "SuiteStep", "get_suite"]
+__all__ = [
+    "FOCUS_MINIMUM",
+    "STANDARD_FOCUS",
+    "SUITES",
+    "SUITE_NAMES",
+    "Suite",
+    "SuiteInfo",
+    "SuiteStep",
+    "get_suite",
+    "list_suites",
+]
 
-SUITE_NAMES = ("quick", "standard", "full")
 STANDARD_FOCUS = 0.1  # the standard suite's focused stage: the weakest 10% of the examples left
 FOCUS_MINIMUM = 16  # a focused step attacks at least this many examples (all, if fewer are left)
 
@@ -58,8 +69,7 @@ class SuiteStep:
     fresh_examples: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.focus <= 1.0:
-            raise ConfigError(f"focus must be in (0, 1], got {self.focus}")
+        check_fraction("focus", self.focus, allow_one=True)
 
     def supports(self, norm: Norm) -> bool:
         return norm in get_attack(self.method).norms
@@ -99,6 +109,19 @@ class Suite:
         return Suite(name, tuple(built))
 
 
+@dataclass(frozen=True)
+class SuiteInfo:
+    """A built-in suite in the registry: its name, its steps (for every norm; :func:`get_suite` keeps those that
+    support the threat model's) and a one-line description."""
+
+    name: str
+    steps: tuple[SuiteStep, ...]
+    description: str
+
+
+SUITES: Registry[SuiteInfo] = Registry("suite", hint="or build Suite.custom()")
+
+
 def _standard() -> tuple[SuiteStep, ...]:
     weakest = f"weakest {100 * STANDARD_FOCUS:g}%"
     return (
@@ -112,19 +135,35 @@ def _standard() -> tuple[SuiteStep, ...]:
     )
 
 
-_SUITES: dict[str, tuple[SuiteStep, ...]] = {
-    "quick": (SuiteStep("APGD-CE (20 steps)", "apgd", {"steps": 20, "loss": "ce"}),),
-    "standard": _standard(),
-    "full": (
-        SuiteStep("APGD-CE", "apgd", {"steps": 100, "loss": "ce"}),
-        SuiteStep("APGD-T (9 targets)", "apgd-t", {"steps": 100, "n_target_classes": 9}),
-        SuiteStep("APGD-DLR", "apgd", {"steps": 100, "loss": "dlr"}),
-        SuiteStep("CW-PGD (50 steps, 5 restarts)", "cw-pgd", {"steps": 50, "restarts": 5}),
-        SuiteStep("Frank-Wolfe (100 steps)", "fw", {"steps": 100, "gamma": 0.5}),
-        SuiteStep("Square (5,000 queries)", "square", {"queries": 5000}),
-        SuiteStep("RayS (10,000 queries)", "rays", {"queries": 10_000}),
+_BUILT_IN = (
+    SuiteInfo(
+        "quick",
+        (SuiteStep("APGD-CE (20 steps)", "apgd", {"steps": 20, "loss": "ce"}),),
+        "APGD-CE with 20 steps: for checks during training",
     ),
-}
+    SuiteInfo(
+        "standard",
+        _standard(),
+        "APGD-CE and APGD-T (3 targets) on every example, then APGD-T (9 targets), APGD-CE with restarts and "
+        f"Square on the weakest {100 * STANDARD_FOCUS:g}% of those left: the default",
+    ),
+    SuiteInfo(
+        "full",
+        (
+            SuiteStep("APGD-CE", "apgd", {"steps": 100, "loss": "ce"}),
+            SuiteStep("APGD-T (9 targets)", "apgd-t", {"steps": 100, "n_target_classes": 9}),
+            SuiteStep("APGD-DLR", "apgd", {"steps": 100, "loss": "dlr"}),
+            SuiteStep("CW-PGD (50 steps, 5 restarts)", "cw-pgd", {"steps": 50, "restarts": 5}),
+            SuiteStep("Frank-Wolfe (100 steps)", "fw", {"steps": 100, "gamma": 0.5}),
+            SuiteStep("Square (5,000 queries)", "square", {"queries": 5000}),
+            SuiteStep("RayS (10,000 queries)", "rays", {"queries": 10_000}),
+        ),
+        "everything, each attack on every example left, and RayS with 10,000 queries for Linf",
+    ),
+)
+for _info in _BUILT_IN:
+    SUITES.add(_info)
+SUITE_NAMES = tuple(info.name for info in _BUILT_IN)  # cheapest first
 
 
 def get_suite(name: str | Suite, norm: Norm | str) -> Suite:
@@ -132,7 +171,10 @@ def get_suite(name: str | Suite, norm: Norm | str) -> Suite:
     norm = Norm.parse(norm)
     if isinstance(name, Suite):
         return name.for_norm(norm)
-    key = name.strip().lower()
-    if key not in _SUITES:
-        raise ConfigError(f"unknown suite {name!r}; choose one of {', '.join(SUITE_NAMES)} or build Suite.custom()")
-    return Suite(key, _SUITES[key]).for_norm(norm)
+    info = SUITES.get(name)  # an unknown name: a ConfigError listing the suites
+    return Suite(info.name, info.steps).for_norm(norm)
+
+
+def list_suites() -> list[SuiteInfo]:
+    """The built-in suites' records, sorted by name."""
+    return SUITES.list()
