@@ -123,11 +123,9 @@ def test_focused_step_attacks_only_the_weakest_examples() -> None:
 
 def test_fresh_examples_skip_what_the_same_method_attacked() -> None:
     margins = torch.tensor([0.5, 0.1, 3.0, 0.2, 2.0, 0.3] * 5)
-    state = {
-        "margin": margins,
-        "steps": [evaluate_module.StepReport("sq", "square", {})],
-        "remaining_at_start": {0: torch.arange(16)},
-    }
+    steps = [evaluate_module.StepReport("sq", "square", {})]
+    state = evaluate_module.CascadeState.start("test", torch.zeros(30, 1), margins, steps)
+    state.remaining_at_start[0] = torch.arange(16)
     unbroken = torch.arange(30)
     step = SuiteStep("wider", "square", {}, focus=0.5, fresh_examples=True)
     chosen = evaluate_module._select(step, 1, unbroken, state, margins_known=True)

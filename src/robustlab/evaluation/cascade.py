@@ -16,6 +16,16 @@ a large eps. Every reported adversarial example is re-verified by a fresh forwar
 
 State is checkpointed after every attack batch: an evaluation killed and restarted with the same checkpoint file
 resumes where it stopped and ends with the same numbers (each batch's randomness depends only on its position).
+
+:func:`evaluate` runs these phases in order, each a named function or method:
+
+1. diagnose and adapt (:func:`robustlab.evaluation.adapt.diagnose_and_adapt`): the checks, and the active suite;
+2. the cascade (:class:`Cascade`): each stage attacks its selected examples in batches, saving a
+   :class:`~robustlab.evaluation.state.CascadeState` after each; across torchrun ranks the batches are shared out;
+3. black-box escalation (:func:`_escalate_black_box`): Square restarts or widening, then RayS, when gradient-free
+   attacks beat the gradient ones;
+4. final verification (:meth:`Cascade.verify`): a fresh forward pass re-checks every claimed success;
+5. extras (:mod:`robustlab.evaluation.extras`): ADBD and the eps curve; then the result (:meth:`Cascade.result`).
 """
 
 from __future__ import annotations
@@ -26,8 +36,8 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,45 +45,27 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.api import attack as run_attack
-from robustlab.attacks.registry import get_attack
+from robustlab.checks import check_integer, check_positive_int
 from robustlab.data import ArrayDataset
-from robustlab.errors import ConfigError, InvalidInputError, StateFileError
+from robustlab.errors import ConfigError, InvalidInputError
+from robustlab.evaluation.adapt import Adapted, diagnose_and_adapt, restrict_to_access
 from robustlab.evaluation.diagnostics import (
     Diagnostic,
-    check_gradients,
-    check_probabilities,
-    check_randomized,
+    check_black_box_beats_white_box,
+    check_large_eps,
     check_train_mode,
-    large_eps_radius,
 )
+from robustlab.evaluation.extras import average_boundary_distance, robust_accuracy_curve
+from robustlab.evaluation.state import STATE_FORMAT, BatchOutcome, CascadeState, StepReport
 from robustlab.evaluation.suites import FOCUS_MINIMUM, Suite, SuiteStep, get_suite
-from robustlab.evaluation.wrappers import ExpectationOverTransformation, LogOutputs, with_bpda
-from robustlab.oracles import Access, LabelOracle, ScoreOracle, check_model_takes
-from robustlab.state_io import load_state_file, save_atomic
+from robustlab.oracles import LabelOracle
 from robustlab.threat import Norm, ThreatModel
+from robustlab.utils import model_device, model_mode, process_group, rows_like
 
-__all__ = ["EvaluationResult", "StepReport", "evaluate"]
+__all__ = ["STATE_FORMAT", "Cascade", "CascadeState", "EvaluationResult", "StepReport", "evaluate"]
 
-STATE_FORMAT = "robustlab-evaluation-state-v2"
 SQUARE_RESTARTS = 3  # at most, when a gradient-free attack beat the gradient attacks
-
-
-@dataclass
-class StepReport:
-    """What one attack of the cascade did."""
-
-    label: str
-    method: str
-    options: dict[str, Any]
-    candidates: int = 0  # examples still unbroken when the step started (it attacked all or, if focused, some)
-    attacked: int = 0
-    broken: int = 0
-    robust_accuracy_after: float = math.nan
-    seconds: float = 0.0
-    queries: int = 0
-    gradients: int = 0
-    added_by: str = ""  # the diagnostic that added this step, if any
-    queries_to_success: list[int] = field(default_factory=list)
+ADBD_QUERIES_FULL = 10_000  # the full suite's RayS budget for the average decision-boundary distance
 
 
 @dataclass
@@ -144,42 +136,6 @@ class EvaluationResult:
         }
 
 
-def _fingerprint(model: nn.Module | LabelOracle, x: Tensor, threat: ThreatModel, suite: Suite, seed: int) -> str:
-    digest = hashlib.sha256()
-    if isinstance(model, nn.Module):
-        for name, tensor in model.state_dict().items():
-            digest.update(name.encode())
-            digest.update(f"{float(tensor.double().sum()):.10e}".encode())
-    else:
-        digest.update(repr(getattr(model.model, "url", type(model.model).__name__)).encode())
-    digest.update(f"{x.shape}{float(x.double().sum()):.10e}{threat}{suite}{seed}".encode())
-    return digest.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
-
-
-def _predict(model: nn.Module | LabelOracle, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    if isinstance(model, LabelOracle):  # a black box: its labels, each row counted as an audit query
-        out = []
-        for i in range(0, len(x), batch_size):
-            chunk = x[i : i + batch_size].to(device)
-            out.append(model.bind(len(chunk), device).audit_labels(chunk).cpu())
-        return torch.cat(out)
-    with torch.no_grad():
-        return torch.cat(
-            [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-        )
-
-
 def evaluate(
     model: nn.Module | LabelOracle,
     data: ArrayDataset | tuple[Tensor, Tensor],
@@ -223,6 +179,47 @@ def evaluate(
         progress: show progress bars. device: where to run (default: the model's device).
     """
     started = time.perf_counter()
+    x_all, y_all = _evaluation_data(data, threat, limit)
+    _check_options(batch_size, seed, eot_samples, extra_queries, adbd_queries, adbd_examples)
+    base_suite = get_suite(suite, threat.norm)
+    if not isinstance(model, nn.Module):  # a black box: the attacks its access allows, no gradient checks
+        base_suite, diagnostics = restrict_to_access(model, base_suite), False
+    if adbd_queries is None and base_suite.name == "full":
+        adbd_queries = ADBD_QUERIES_FULL
+    run_device = torch.device(device) if device is not None else _default_device(model)
+    train_mode = check_train_mode(model) if isinstance(model, nn.Module) else None
+    with model_mode(model, "eval") if isinstance(model, nn.Module) else contextlib.nullcontext():
+        adapted = diagnose_and_adapt(
+            model, x_all, y_all, threat, base_suite, device=run_device, train_mode=train_mode,
+            diagnostics=diagnostics, bpda=bpda, eot_samples=eot_samples, extra_queries=extra_queries,
+        )  # fmt: skip
+        cascade = Cascade.start(
+            model, adapted.model, x_all, y_all, threat, adapted.suite, batch_size=batch_size, seed=seed,
+            device=run_device, checkpoint=checkpoint, resume=resume, progress=progress,
+        )  # fmt: skip
+        cascade.run(adapted.suite.steps, 0)
+        if diagnostics:
+            adapted.report.append(_escalate_black_box(cascade, adapted.suite, extra_queries))
+            adapted.report.append(check_large_eps(adapted.model, x_all, cascade.clean_pred, threat, run_device, seed))
+        broken, final_pred = cascade.verify()
+        adbd = None
+        if adbd_queries is not None and threat.norm is Norm.LINF:
+            adbd = average_boundary_distance(
+                adapted.model, x_all, y_all, threat, adbd_queries, adbd_examples, batch_size, run_device, seed
+            )
+        curve = None
+        if eps_curve:
+            curve = robust_accuracy_curve(
+                adapted.model, x_all, y_all, cascade.clean_pred, threat, eps_curve, batch_size, run_device, seed
+            )
+    cascade.finish()
+    return cascade.result(adapted, broken, final_pred, curve, adbd, time.perf_counter() - started)
+
+
+def _evaluation_data(
+    data: ArrayDataset | tuple[Tensor, Tensor], threat: ThreatModel, limit: int | None
+) -> tuple[Tensor, Tensor]:
+    """The inputs (checked against the threat model's box) and integer labels to evaluate, on the CPU."""
     if not isinstance(threat, ThreatModel):
         raise ConfigError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
     if isinstance(data, ArrayDataset):
@@ -234,282 +231,51 @@ def evaluate(
     if limit is not None:
         x_all, y_all = x_all[:limit], y_all[:limit]
     threat.check_inputs(x_all, name="evaluation data")
-    y_all = y_all.long().cpu()
-    x_all = x_all.cpu()
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    base_suite = get_suite(suite, threat.norm)
-    white_box = isinstance(model, nn.Module)
-    if not white_box:
-        if not isinstance(model, LabelOracle):
-            raise ConfigError(f"model must be a torch.nn.Module or a robustlab oracle, got {type(model).__name__}")
-        allowed = {Access.LABELS} | ({Access.SCORES} if isinstance(model, ScoreOracle) else set())
-        kept = tuple(s for s in base_suite.steps if get_attack(s.method).access in allowed)
-        if not kept:
-            raise ConfigError(
-                f"no attack of suite {base_suite.name!r} works with {model.access.value} access; use a custom suite "
-                "of score-based or hard-label attacks (e.g. Suite.custom(['square', 'rays']))"
-            )
-        base_suite = Suite(base_suite.name, kept)
-        diagnostics = False
-    if adbd_queries is None and base_suite.name == "full":
-        adbd_queries = 10_000
-    param = next((p for p in model.parameters()), None) if isinstance(model, nn.Module) else None
-    run_device = (
-        torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    )
-    n = int(x_all.shape[0])
-    world, rank = _world()
-    progress = progress and rank == 0
-
-    from tqdm.auto import tqdm
-
-    train_mode = (
-        _adapt(check_train_mode(model), "evaluated in eval mode; the modes were restored afterwards")
-        if isinstance(model, nn.Module)
-        else None
-    )
-    with _eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
-        report: list[Diagnostic] = []
-        if isinstance(model, LabelOracle):
-            report.append(
-                Diagnostic(
-                    "black_box_access",
-                    True,
-                    f"the model is reached with {model.access.value} access only",
-                    "Gradient attacks and the gradient-based checks cannot run; the numbers come from score-based "
-                    "or hard-label attacks alone and are upper bounds on the robust accuracy white-box attacks "
-                    "would find.",
-                    "ran only the suite's " + ", ".join(s.label for s in base_suite.steps),
-                )
-            )
-        attack_model: Any = model
-        extra_steps: list[SuiteStep] = []
-        probe_x = x_all[: min(n, 64)].to(run_device)
-        probe_y = y_all[: min(n, 64)].to(run_device)
-        if isinstance(model, nn.Module) and n > 0:
-            check_model_takes(model, probe_x[:2])  # a model/data mismatch named here, not deep inside an attack
-        if diagnostics and isinstance(model, nn.Module) and train_mode is not None:
-            report.append(train_mode)
-            probabilities = check_probabilities(model, probe_x)
-            if probabilities.fired:
-                attack_model = LogOutputs(attack_model).eval()
-                probabilities.action = "attacks use log(outputs), which are logits up to a constant per example"
-            report.append(probabilities)
-            randomized = check_randomized(attack_model, probe_x)
-            if randomized.fired:
-                attack_model = ExpectationOverTransformation(attack_model, eot_samples).eval()
-                randomized.action = (
-                    f"every query averages the logits of {eot_samples} forward passes (EOT); predictions and the final "
-                    "check use the same average"
-                )
-            report.append(randomized)
-        if bpda:
-            attack_model = with_bpda(attack_model, bpda)
-        if diagnostics:
-            gradients = check_gradients(attack_model, probe_x, probe_y, threat)
-            if gradients.fired:
-                extra_steps += _gradient_free_steps(threat.norm, extra_queries)
-                gradients.action = (
-                    "added " + ", ".join(s.label for s in extra_steps) + " to the suite"
-                    + ("" if bpda else "; name a non-differentiable layer with bpda=[...] to attack through it")
-                )  # fmt: skip
-            report.append(gradients)
-        active_suite = base_suite.plus(*extra_steps) if extra_steps else base_suite
-
-        clean_pred = _predict(attack_model, x_all, batch_size, run_device)
-        clean_correct = clean_pred == y_all
-        margins_known = isinstance(attack_model, nn.Module)  # an oracle's scores would cost counted queries
-
-        state_path = Path(checkpoint) if checkpoint is not None else None
-        identity = _fingerprint(model, x_all, threat, active_suite, seed)
-        state = _load_state(state_path, identity) if (state_path is not None and resume) else None
-        if state is None:
-            state = {
-                "format": STATE_FORMAT,
-                "identity": identity,
-                "broken": torch.zeros(n, dtype=torch.bool),
-                "x_adv": x_all.clone(),
-                "broken_by": torch.full((n,), -1, dtype=torch.long),
-                "margin": (
-                    _margins(attack_model, x_all, clean_pred, batch_size, run_device)
-                    if margins_known
-                    else torch.full((n,), math.inf)
-                ),
-                "done": {},  # step index -> number of finished batches
-                "steps": [StepReport(s.label, s.method, dict(s.options)) for s in active_suite.steps],
-                "remaining_at_start": {},
-            }
-
-        def run_steps(steps: Sequence[SuiteStep], first_index: int, added_by: str = "") -> None:
-            for offset, step in enumerate(steps):
-                index = first_index + offset
-                if index >= len(state["steps"]):
-                    state["steps"].append(StepReport(step.label, step.method, dict(step.options), added_by=added_by))
-                info = get_attack(step.method)
-                record: StepReport = state["steps"][index]
-                if index not in state["remaining_at_start"]:
-                    unbroken = (~state["broken"]).nonzero().flatten()
-                    record.candidates = len(unbroken)
-                    state["remaining_at_start"][index] = _select(step, index, unbroken, state, margins_known)
-                remaining = state["remaining_at_start"][index]
-                batches = [remaining[i : i + batch_size] for i in range(0, len(remaining), batch_size)]
-                done = state["done"].get(index, 0)
-                bar = tqdm(range(done, len(batches)), desc=step.label, unit="batch", disable=not progress, leave=False)
-                mine: list[dict[str, Any]] = []
-                for number in bar:
-                    if number % world != rank:
-                        continue  # another process attacks this batch
-                    rows = batches[number]
-                    batch_started = time.perf_counter()
-                    target = _for_access(attack_model, info.access)
-                    result = run_attack(
-                        target, x_all[rows].to(run_device), clean_pred[rows].to(run_device), threat, step.method,
-                        seed=seed + 1000 * index + number, **dict(step.options),
-                    )  # fmt: skip
-                    success = result.success.cpu()
-                    margin = torch.full((len(rows),), math.inf)
-                    if margins_known and not bool(success.all()):
-                        # The attack's best point for each example it failed on: how close it came.
-                        margin[~success] = _margins(
-                            attack_model, result.x_adv[~result.success], clean_pred[rows][~success], batch_size,
-                            run_device,
-                        )  # fmt: skip
-                    outcome = {
-                        "number": number,
-                        "rows": rows,
-                        "success": success,
-                        "margin": margin,
-                        "x_adv": result.x_adv.cpu()[result.success.cpu()],
-                        "seconds": time.perf_counter() - batch_started,
-                        "queries": result.queries.cpu(),
-                        "gradients": int(result.gradients.sum()) if result.gradients is not None else 0,
-                    }
-                    if world == 1:
-                        _merge(state, record, index, outcome)
-                        _save_state(state_path, state)
-                    else:
-                        mine.append(outcome)
-                if world > 1:
-                    # Each process attacked every world-th batch with the same seeds as one process would; merging
-                    # in batch order gives every process the single-process state.
-                    gathered: list[Any] = [None] * world
-                    torch.distributed.all_gather_object(gathered, mine)
-                    for outcome in sorted((o for part in gathered for o in part), key=lambda o: o["number"]):
-                        _merge(state, record, index, outcome)
-                    if rank == 0:
-                        _save_state(state_path, state)
-                record.robust_accuracy_after = float((clean_correct & ~state["broken"]).float().mean())
-
-        run_steps(active_suite.steps, 0)
-        steps_run = len(active_suite.steps)
-
-        if diagnostics:
-            verdict = _black_box_verdict(state["steps"], active_suite)
-            if verdict.fired:
-                # AutoAttack's advice for this signature: more Square iterations and restarts. A focused Square
-                # widens to the next-weakest examples it has not attacked; an unfocused one restarts with fresh
-                # seeds. Either continues (the suite's Square budget) while the last round still broke something;
-                # only if the last allowed round still did does RayS (label-only, a different search) get the
-                # larger budget.
-                squares = [s for s in active_suite.steps if s.method == "square"]  # ran, so the access allows it
-                square_budget = int(squares[-1].options.get("queries", extra_queries)) if squares else 0
-                focus = squares[-1].focus if squares and margins_known else 1.0
-                actions: list[str] = []
-                still_finding, restarts = True, 0
-                while squares and still_finding and restarts < SQUARE_RESTARTS:
-                    restarts += 1
-                    if focus < 1.0:
-                        label = f"Square widened {restarts} ({square_budget:,} queries, next-weakest {100 * focus:g}%)"
-                        step = SuiteStep(label, "square", {"queries": square_budget}, focus, fresh_examples=True)
-                    else:
-                        label = f"Square restart {restarts} ({square_budget:,} queries)"
-                        step = SuiteStep(label, "square", {"queries": square_budget})
-                    run_steps([step], steps_run, added_by="black_box_beats_white_box")
-                    still_finding = state["steps"][steps_run].broken > 0
-                    actions.append(f"{label}: {state['steps'][steps_run].broken} more broken")
-                    steps_run += 1
-                has_rays = any(s.method == "rays" for s in active_suite.steps)
-                if still_finding and not has_rays and threat.norm is Norm.LINF:
-                    budget = 2 * extra_queries
-                    run_steps(
-                        [SuiteStep(f"RayS ({budget:,} queries)", "rays", {"queries": budget})], steps_run,
-                        added_by="black_box_beats_white_box",
-                    )  # fmt: skip
-                    actions.append(f"RayS ({budget:,} queries): {state['steps'][steps_run].broken} more broken")
-                    steps_run += 1
-                rounds = "widening stops" if focus < 1.0 else "restarts stop"
-                verdict.action = (
-                    "ran " + "; ".join(actions) + f" ({rounds} at the first that breaks nothing)"
-                    if actions
-                    else "nothing to add: the suite has no Square to restart and RayS already ran (or the norm is not "
-                    "linf)"
-                )
-            report.append(verdict)
-            report.append(_large_eps_check(attack_model, x_all, clean_pred, threat, run_device, seed))
-
-        # Final re-verification: only adversarial examples a fresh forward pass confirms are counted.
-        final_pred = _predict(attack_model, state["x_adv"], batch_size, run_device)
-        verified = final_pred != clean_pred
-        claimed = state["broken"]
-        if bool((claimed & ~verified).any()):
-            lost = int((claimed & ~verified).sum())
-            warnings.warn(
-                f"{lost} adversarial example(s) did not survive the final re-check (a randomized model?); they are "
-                "counted as robust",
-                stacklevel=2,
-            )
-        broken = claimed & verified
-        robust = clean_correct & ~broken
-        x_adv = torch.where(broken.reshape(-1, *([1] * (x_all.dim() - 1))), state["x_adv"], x_all)
-        distance = threat.distance(x_adv, x_all)
-
-        adbd = None
-        if adbd_queries is not None and threat.norm is Norm.LINF:
-            adbd = _adbd(attack_model, x_all, y_all, threat, adbd_queries, adbd_examples, batch_size, run_device, seed)
-
-        curve = None
-        if eps_curve:
-            curve = _eps_curve(attack_model, x_all, y_all, clean_pred, threat, eps_curve, batch_size, run_device, seed)
-
-    if state_path is not None and state_path.exists() and rank == 0:
-        state_path.unlink()  # finished: nothing left to resume
-    return EvaluationResult(
-        threat=threat,
-        suite=active_suite.name,
-        x=x_all,
-        clean_pred=clean_pred,
-        adv_pred=torch.where(broken, final_pred, clean_pred),
-        labels=y_all,
-        clean_correct=clean_correct,
-        broken=broken,
-        robust=robust,
-        x_adv=x_adv,
-        broken_by=torch.where(broken, state["broken_by"], torch.full_like(state["broken_by"], -1)),
-        distance=distance,
-        steps=state["steps"],
-        diagnostics=report,
-        eps_curve=curve,
-        adbd=adbd,
-        wall_time=time.perf_counter() - started,
-    )
+    return x_all.cpu(), y_all.long().cpu()
 
 
-def _merge(state: dict[str, Any], record: StepReport, index: int, outcome: dict[str, Any]) -> None:
-    """Fold one attacked batch into the cascade state."""
-    rows, success = outcome["rows"], outcome["success"]
-    fresh = rows[success]
-    state["broken"][fresh] = True
-    state["x_adv"][fresh] = outcome["x_adv"]
-    state["broken_by"][fresh] = index
-    state["margin"][rows] = torch.minimum(state["margin"][rows], outcome["margin"])
-    record.attacked += len(rows)
-    record.broken += int(success.sum())
-    record.seconds += outcome["seconds"]
-    record.queries += int(outcome["queries"].sum())
-    record.gradients += outcome["gradients"]
-    record.queries_to_success += [int(q) for q in outcome["queries"][success]]
-    state["done"][index] = max(state["done"].get(index, 0), outcome["number"] + 1)
+def _check_options(
+    batch_size: int, seed: int, eot_samples: int, extra_queries: int, adbd_queries: int | None, adbd_examples: int
+) -> None:
+    check_positive_int("batch_size", batch_size)
+    check_integer("seed", seed)
+    check_positive_int("eot_samples", eot_samples)
+    check_positive_int("extra_queries", extra_queries)
+    check_positive_int("adbd_queries", adbd_queries, allow_none=True)
+    check_positive_int("adbd_examples", adbd_examples)
+
+
+def _default_device(model: nn.Module | LabelOracle) -> torch.device:
+    """A module's device (the CPU for one without weights); the CPU for an oracle."""
+    found = model_device(model) if isinstance(model, nn.Module) else None
+    return found if found is not None else torch.device("cpu")
+
+
+def _fingerprint(model: nn.Module | LabelOracle, x: Tensor, threat: ThreatModel, suite: Suite, seed: int) -> str:
+    """The identity of an evaluation: a saved state is resumed only by the same model, data, threat, suite, seed."""
+    digest = hashlib.sha256()
+    if isinstance(model, nn.Module):
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(f"{float(tensor.double().sum()):.10e}".encode())
+    else:
+        digest.update(repr(getattr(model.model, "url", type(model.model).__name__)).encode())
+    digest.update(f"{x.shape}{float(x.double().sum()):.10e}{threat}{suite}{seed}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _predict(model: nn.Module | LabelOracle, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Predicted labels of ``x`` in batches, on the CPU."""
+    if isinstance(model, LabelOracle):  # a black box: its labels, each row counted as an audit query
+        out = []
+        for i in range(0, len(x), batch_size):
+            chunk = x[i : i + batch_size].to(device)
+            out.append(model.bind(len(chunk), device).audit_labels(chunk).cpu())
+        return torch.cat(out)
+    with torch.no_grad():
+        return torch.cat(
+            [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+        )
 
 
 def _margins(model: nn.Module, x: Tensor, labels: Tensor, batch_size: int, device: torch.device) -> Tensor:
@@ -525,184 +291,262 @@ def _margins(model: nn.Module, x: Tensor, labels: Tensor, batch_size: int, devic
     return torch.cat(parts) if parts else torch.empty(0)
 
 
-def _select(step: SuiteStep, index: int, unbroken: Tensor, state: dict[str, Any], margins_known: bool) -> Tensor:
+def _select(step: SuiteStep, index: int, unbroken: Tensor, state: CascadeState, margins_known: bool) -> Tensor:
     """The examples step ``index`` attacks: the unbroken ones, narrowed by its ``fresh_examples`` and ``focus``."""
     eligible = unbroken
     if step.fresh_examples:
         seen = [
-            state["remaining_at_start"][j]
-            for j, earlier in enumerate(state["steps"][:index])
-            if earlier.method == step.method and j in state["remaining_at_start"]
+            state.remaining_at_start[j]
+            for j, earlier in enumerate(state.steps[:index])
+            if earlier.method == step.method and j in state.remaining_at_start
         ]
         if seen:
             eligible = eligible[~torch.isin(eligible, torch.cat(seen))]
     if step.focus >= 1.0 or not margins_known:
         return eligible
     count = min(len(eligible), max(math.ceil(step.focus * len(unbroken)), FOCUS_MINIMUM))
-    weakest = torch.argsort(state["margin"][eligible], stable=True)[:count]
+    weakest = torch.argsort(state.margin[eligible], stable=True)[:count]
     return eligible[weakest].sort().values  # data order: batches do not depend on the margins' ties
 
 
-def _world() -> tuple[int, int]:
-    """(world size, rank) of an initialized process group, else (1, 0): evaluations shard across torchrun ranks."""
-    import torch.distributed as dist
+@dataclass
+class Cascade:
+    """One evaluation's cascade: what every stage shares (the model as attacks see it, the data, the clean
+    predictions), and the :class:`CascadeState` the stages update and checkpoint.
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    Under torchrun (an initialized process group), each process attacks every ``world``-th batch of a stage with
+    the seeds one process would use, and the outcomes are merged in batch order: every process ends with the
+    single-process state.
+    """
 
+    model: Any  # nn.Module (possibly wrapped by the diagnostics) or a LabelOracle
+    x: Tensor
+    labels: Tensor
+    clean_pred: Tensor
+    threat: ThreatModel
+    suite: Suite
+    state: CascadeState
+    state_path: Path | None
+    batch_size: int
+    seed: int
+    device: torch.device
+    progress: bool
+    world: int = 1
+    rank: int = 0
 
-def _adapt(diagnostic: Diagnostic, action: str) -> Diagnostic:
-    if diagnostic.fired:
-        diagnostic.action = action
-    return diagnostic
-
-
-def _for_access(model: nn.Module, access: Access) -> nn.Module:
-    # A plain module: the attack base wraps it at exactly the access level the attack declares.
-    return model
-
-
-def _gradient_free_steps(norm: Norm, queries: int) -> list[SuiteStep]:
-    steps = [
-        SuiteStep("APGD-DLR (margin-based loss)", "apgd", {"steps": 100, "loss": "dlr"}),
-        SuiteStep(f"Square ({queries:,} queries)", "square", {"queries": queries}),
-    ]
-    if norm is Norm.LINF:
-        steps.append(SuiteStep(f"RayS ({2 * queries:,} queries)", "rays", {"queries": 2 * queries}))
-    return [s for s in steps if s.supports(norm)]
-
-
-def _black_box_verdict(steps: list[StepReport], suite: Suite) -> Diagnostic:
-    white = {i for i, s in enumerate(suite.steps) if get_attack(s.method).access is Access.GRADIENT}
-    black = [s for i, s in enumerate(steps[: len(suite.steps)]) if i not in white]
-    black_broken = sum(s.broken for s in black)
-    left = max((s.candidates for s in black), default=0)
-    attacked = max((s.attacked for s in black), default=0)
-    # A stray example or two is common even on honest models (Square is in AutoAttack's cascade for a reason); a
-    # gradient-free attack breaking more than 1% of what the gradient attacks left is the masking signature.
-    fired = black_broken >= 2 and black_broken > 0.01 * left
-    scope = f"the {left} examples" if attacked == left else f"the {attacked} weakest of the {left} examples"
-    return Diagnostic(
-        "black_box_beats_white_box",
-        fired,
-        f"gradient-free attacks broke {black_broken} of {scope} every gradient attack failed on"
-        if attacked
-        else "no gradient-free attack ran",
-        "A gradient-free attack sees strictly less than a gradient attack. When it succeeds where gradient attacks "
-        "failed, the gradients are misleading (masked or obfuscated), and the white-box numbers overestimate "
-        "robustness.",
-    )
-
-
-def _large_eps_check(
-    model: nn.Module, x: Tensor, clean_pred: Tensor, threat: ThreatModel, device: torch.device, seed: int
-) -> Diagnostic:
-    radius = large_eps_radius(threat)
-    big = ThreatModel(threat.norm, radius, threat.lower, threat.upper)
-    count = min(len(x), 100)
-    result = run_attack(
-        model, x[:count].to(device), clean_pred[:count].to(device), big, "apgd", steps=50, seed=seed, loss="dlr"
-    )
-    survived = float((~result.success).float().mean())
-    fired = survived > 0.05
-    return Diagnostic(
-        "large_eps",
-        fired,
-        f"at eps={radius:g} (half the input box), {100 * survived:.0f}% of {count} predictions survived APGD-DLR",
-        "With eps this large any input can be turned into one of another class, so an attack must succeed on "
-        "(almost) every example. If it does not, the attack is being misled, and every robust accuracy it "
-        "reports is suspect.",
-    )
-
-
-def _eps_curve(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    clean_pred: Tensor,
-    threat: ThreatModel,
-    values: Sequence[float],
-    batch_size: int,
-    device: torch.device,
-    seed: int,
-) -> tuple[list[float], list[float]]:
-    robust = []
-    correct = clean_pred == y
-    for eps in values:
-        step = ThreatModel(threat.norm, eps, threat.lower, threat.upper)
-        broken = torch.zeros(len(x), dtype=torch.bool)
-        for start in range(0, len(x), batch_size):
-            rows = slice(start, start + batch_size)
-            result = run_attack(
-                model, x[rows].to(device), clean_pred[rows].to(device), step, "apgd", steps=20, seed=seed + start
+    @classmethod
+    def start(
+        cls,
+        model: nn.Module | LabelOracle,
+        attack_model: Any,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        suite: Suite,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        checkpoint: str | Path | None,
+        resume: bool,
+        progress: bool,
+    ) -> Cascade:
+        """Predict the clean labels, then resume the state saved at ``checkpoint`` for this evaluation (``model``'s
+        weights, the data, threat, suite and seed) or start a fresh one."""
+        world, rank = process_group()
+        clean_pred = _predict(attack_model, x, batch_size, device)
+        margins_known = isinstance(attack_model, nn.Module)
+        state_path = Path(checkpoint) if checkpoint is not None else None
+        identity = _fingerprint(model, x, threat, suite, seed)
+        # stacklevel 3 from here: the warning names the line that called evaluate().
+        state = CascadeState.load(state_path, identity, stacklevel=3) if state_path is not None and resume else None
+        if state is None:
+            margin = (
+                _margins(attack_model, x, clean_pred, batch_size, device)
+                if margins_known
+                else torch.full((len(x),), math.inf)  # an oracle's scores would cost counted queries
             )
-            broken[rows] = result.success.cpu()
-        robust.append(float((correct & ~broken).float().mean()))
-    return list(values), robust
+            reports = [StepReport(s.label, s.method, dict(s.options)) for s in suite.steps]
+            state = CascadeState.start(identity, x, margin, reports)
+        return cls(
+            attack_model, x, y, clean_pred, threat, suite, state, state_path, batch_size, seed, device,
+            progress=progress and rank == 0, world=world, rank=rank,
+        )  # fmt: skip
 
+    @property
+    def margins_known(self) -> bool:
+        """Whether the margins may be looked at: free for a module, counted queries for an oracle."""
+        return isinstance(self.model, nn.Module)
 
-def _adbd(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    threat: ThreatModel,
-    queries: int,
-    examples: int,
-    batch_size: int,
-    device: torch.device,
-    seed: int,
-) -> float:
-    """Average Linf decision-boundary distance found by RayS, over correctly classified examples."""
-    from robustlab.attacks.rays import average_boundary_distance
+    @property
+    def clean_correct(self) -> Tensor:
+        return self.clean_pred == self.labels
 
-    results = []
-    rows = torch.arange(min(len(x), examples))
-    for start in range(0, len(rows), batch_size):
-        part = rows[start : start + batch_size]
-        results.append(
-            run_attack(
-                model,
-                x[part].to(device),
-                y[part].to(device),
-                threat,
-                "rays",
-                mode="adbd",
-                queries=queries,
-                seed=seed + start,
-            )
+    def run(self, steps: Sequence[SuiteStep], first_index: int, added_by: str = "") -> None:
+        """Run ``steps`` as stages ``first_index``, ``first_index + 1``, ..."""
+        for offset, step in enumerate(steps):
+            self.run_stage(step, first_index + offset, added_by)
+
+    def run_stage(self, step: SuiteStep, index: int, added_by: str = "") -> StepReport:
+        """Attack the examples stage ``index`` selects (fixed when it first starts) in batches, from the first batch
+        not merged yet, saving the state after each; returns the stage's report."""
+        from tqdm.auto import tqdm
+
+        state = self.state
+        if index >= len(state.steps):
+            state.steps.append(StepReport(step.label, step.method, dict(step.options), added_by=added_by))
+        record = state.steps[index]
+        if index not in state.remaining_at_start:
+            unbroken = (~state.broken).nonzero().flatten()
+            record.candidates = len(unbroken)
+            state.remaining_at_start[index] = _select(step, index, unbroken, state, self.margins_known)
+        remaining = state.remaining_at_start[index]
+        batches = [remaining[i : i + self.batch_size] for i in range(0, len(remaining), self.batch_size)]
+        numbers = range(state.done.get(index, 0), len(batches))
+        mine: list[BatchOutcome] = []
+        for number in tqdm(numbers, desc=step.label, unit="batch", disable=not self.progress, leave=False):
+            if number % self.world != self.rank:
+                continue  # another process attacks this batch
+            outcome = self._attack_batch(step, index, number, batches[number])
+            if self.world == 1:
+                state.merge(index, outcome)
+                state.save(self.state_path)
+            else:
+                mine.append(outcome)
+        if self.world > 1:
+            self._merge_shards(index, mine)
+        record.robust_accuracy_after = float((self.clean_correct & ~state.broken).float().mean())
+        return record
+
+    def _attack_batch(self, step: SuiteStep, index: int, number: int, rows: Tensor) -> BatchOutcome:
+        """Attack batch ``number`` of stage ``index``; its seed depends only on that position (exact resumes)."""
+        started = time.perf_counter()
+        clean_pred = self.clean_pred[rows]
+        result = run_attack(
+            self.model, self.x[rows].to(self.device), clean_pred.to(self.device), self.threat, step.method,
+            seed=self.seed + 1000 * index + number, **dict(step.options),
+        )  # fmt: skip
+        success = result.success.cpu()
+        margin = torch.full((len(rows),), math.inf)
+        if self.margins_known and not bool(success.all()):
+            # The attack's best point for each example it failed on: how close it came.
+            failed = result.x_adv[~result.success]
+            margin[~success] = _margins(self.model, failed, clean_pred[~success], self.batch_size, self.device)
+        return BatchOutcome(
+            number=number,
+            rows=rows,
+            success=success,
+            margin=margin,
+            x_adv=result.x_adv.cpu()[success],
+            seconds=time.perf_counter() - started,
+            queries=result.queries.cpu(),
+            gradients=int(result.gradients.sum()) if result.gradients is not None else 0,
         )
-    distances = torch.cat([r.extras["boundary_distance"].cpu() for r in results])
-    correct = torch.cat([r.extras["clean_correct"].cpu() for r in results])
-    if not bool(correct.any()):
-        return math.nan
-    return average_boundary_distance(results[0]) if len(results) == 1 else float(distances[correct].mean())
+
+    def _merge_shards(self, index: int, mine: list[BatchOutcome]) -> None:
+        """Merge every process's batches of stage ``index`` in batch order; rank 0 saves the state."""
+        gathered: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(gathered, mine)
+        for outcome in sorted((o for part in gathered for o in part), key=lambda o: o.number):
+            self.state.merge(index, outcome)
+        if self.rank == 0:
+            self.state.save(self.state_path)
+
+    def verify(self) -> tuple[Tensor, Tensor]:
+        """Final re-verification: (broken, predictions on ``x_adv``). Only adversarial examples a fresh forward pass
+        confirms count as broken."""
+        final_pred = _predict(self.model, self.state.x_adv, self.batch_size, self.device)
+        claimed = self.state.broken
+        lost = claimed & ~(final_pred != self.clean_pred)
+        if bool(lost.any()):
+            warnings.warn(
+                f"{int(lost.sum())} adversarial example(s) did not survive the final re-check (a randomized model?); "
+                "they are counted as robust",
+                stacklevel=3,  # the line that called evaluate()
+            )
+        return claimed & ~lost, final_pred
+
+    def finish(self) -> None:
+        """A finished evaluation leaves nothing to resume: remove the state file (rank 0)."""
+        if self.state_path is not None and self.state_path.exists() and self.rank == 0:
+            self.state_path.unlink()
+
+    def result(
+        self,
+        adapted: Adapted,
+        broken: Tensor,
+        final_pred: Tensor,
+        curve: tuple[list[float], list[float]] | None,
+        adbd: float | None,
+        wall_time: float,
+    ) -> EvaluationResult:
+        """The :class:`EvaluationResult`: verified ``broken`` examples keep their adversarial example, the others
+        the clean input."""
+        x_adv = torch.where(rows_like(broken, self.x), self.state.x_adv, self.x)
+        broken_by = self.state.broken_by
+        return EvaluationResult(
+            threat=self.threat,
+            suite=adapted.suite.name,
+            x=self.x,
+            clean_pred=self.clean_pred,
+            adv_pred=torch.where(broken, final_pred, self.clean_pred),
+            labels=self.labels,
+            clean_correct=self.clean_correct,
+            broken=broken,
+            robust=self.clean_correct & ~broken,
+            x_adv=x_adv,
+            broken_by=torch.where(broken, broken_by, torch.full_like(broken_by, -1)),
+            distance=self.threat.distance(x_adv, self.x),
+            steps=self.state.steps,
+            diagnostics=adapted.report,
+            eps_curve=curve,
+            adbd=adbd,
+            wall_time=wall_time,
+        )
 
 
-def _save_state(path: Path | None, state: dict[str, Any]) -> None:
-    if path is None:
-        return
-    payload = dict(state)
-    payload["steps"] = [dataclasses.asdict(s) for s in state["steps"]]
-    save_atomic(payload, path)
+def _escalate_black_box(cascade: Cascade, suite: Suite, extra_queries: int) -> Diagnostic:
+    """The black-box-beats-white-box check, and its answer when it fires.
 
-
-def _load_state(path: Path, identity: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    state = load_state_file(
-        path,
-        what="an evaluation state",
-        fix="Delete it, or start over with resume=False (CLI: --no-resume)",
+    AutoAttack's advice for this signature: more Square iterations and restarts. A focused Square widens to the
+    next-weakest examples it has not attacked; an unfocused one restarts with fresh seeds. Either continues (the
+    suite's Square budget) while the last round still broke something, at most :data:`SQUARE_RESTARTS` rounds; only
+    if the last allowed round still did does RayS (label-only, a different search) get the larger budget.
+    """
+    verdict = check_black_box_beats_white_box(cascade.state.steps, suite)
+    if not verdict.fired:
+        return verdict
+    squares = [s for s in suite.steps if s.method == "square"]  # ran, so the access allows it
+    square_budget = int(squares[-1].options.get("queries", extra_queries)) if squares else 0
+    focus = squares[-1].focus if squares and cascade.margins_known else 1.0
+    added_by = "black_box_beats_white_box"
+    actions: list[str] = []
+    index = len(suite.steps)  # the next stage
+    rounds, still_finding = 0, True
+    while squares and still_finding and rounds < SQUARE_RESTARTS:
+        rounds += 1
+        step = _square_round(rounds, square_budget, focus)
+        record = cascade.run_stage(step, index, added_by)
+        still_finding = record.broken > 0
+        actions.append(f"{step.label}: {record.broken} more broken")
+        index += 1
+    has_rays = any(s.method == "rays" for s in suite.steps)
+    if still_finding and not has_rays and cascade.threat.norm is Norm.LINF:
+        budget = 2 * extra_queries
+        step = SuiteStep(f"RayS ({budget:,} queries)", "rays", {"queries": budget})
+        actions.append(f"{step.label}: {cascade.run_stage(step, index, added_by).broken} more broken")
+    stops = "widening stops" if focus < 1.0 else "restarts stop"
+    verdict.action = (
+        "ran " + "; ".join(actions) + f" ({stops} at the first that breaks nothing)"
+        if actions
+        else "nothing to add: the suite has no Square to restart and RayS already ran (or the norm is not linf)"
     )
-    if state.get("format") != STATE_FORMAT or state.get("identity") != identity:
-        warnings.warn(f"{path} holds the state of another evaluation; starting over", stacklevel=3)
-        return None
-    try:
-        state["steps"] = [StepReport(**s) for s in state["steps"]]
-    except (KeyError, TypeError) as exc:
-        raise StateFileError(
-            f"{path} is an evaluation state with damaged step records ({exc}); delete it, or start over with "
-            "resume=False (CLI: --no-resume)"
-        ) from exc
-    return state
+    return verdict
+
+
+def _square_round(number: int, budget: int, focus: float) -> SuiteStep:
+    """Square's ``number``-th extra round: widened to the next-weakest examples when focused, else a restart."""
+    if focus < 1.0:
+        label = f"Square widened {number} ({budget:,} queries, next-weakest {100 * focus:g}%)"
+        return SuiteStep(label, "square", {"queries": budget}, focus, fresh_examples=True)
+    return SuiteStep(f"Square restart {number} ({budget:,} queries)", "square", {"queries": budget})

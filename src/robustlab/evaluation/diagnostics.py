@@ -18,21 +18,29 @@ evaluation did about it. The checks:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.oracles import looks_like_probabilities
+from robustlab.api import attack as run_attack
+from robustlab.attacks.registry import get_attack
+from robustlab.evaluation.state import StepReport
+from robustlab.evaluation.suites import Suite
+from robustlab.oracles import Access, looks_like_probabilities
 from robustlab.threat import ThreatModel
 
 __all__ = [
     "Diagnostic",
+    "check_black_box_beats_white_box",
     "check_gradients",
+    "check_large_eps",
     "check_probabilities",
     "check_randomized",
     "check_train_mode",
+    "large_eps_radius",
 ]
 
 
@@ -138,3 +146,48 @@ def large_eps_radius(threat: ThreatModel) -> float:
     if threat.norm.value == "linf":
         return 0.5 * span
     return max(10 * threat.eps, 0.5 * span)
+
+
+def check_black_box_beats_white_box(steps: Sequence[StepReport], suite: Suite) -> Diagnostic:
+    """Did the gradient-free attacks of ``suite`` (reported in ``steps``) break what every gradient attack failed on?"""
+    white = {i for i, s in enumerate(suite.steps) if get_attack(s.method).access is Access.GRADIENT}
+    black = [s for i, s in enumerate(steps[: len(suite.steps)]) if i not in white]
+    black_broken = sum(s.broken for s in black)
+    left = max((s.candidates for s in black), default=0)
+    attacked = max((s.attacked for s in black), default=0)
+    # A stray example or two is common even on honest models (Square is in AutoAttack's cascade for a reason); a
+    # gradient-free attack breaking more than 1% of what the gradient attacks left is the masking signature.
+    fired = black_broken >= 2 and black_broken > 0.01 * left
+    scope = f"the {left} examples" if attacked == left else f"the {attacked} weakest of the {left} examples"
+    return Diagnostic(
+        "black_box_beats_white_box",
+        fired,
+        f"gradient-free attacks broke {black_broken} of {scope} every gradient attack failed on"
+        if attacked
+        else "no gradient-free attack ran",
+        "A gradient-free attack sees strictly less than a gradient attack. When it succeeds where gradient attacks "
+        "failed, the gradients are misleading (masked or obfuscated), and the white-box numbers overestimate "
+        "robustness.",
+    )
+
+
+def check_large_eps(
+    model: nn.Module, x: Tensor, clean_pred: Tensor, threat: ThreatModel, device: torch.device, seed: int
+) -> Diagnostic:
+    """APGD-DLR at :func:`large_eps_radius` on the first 100 examples: (almost) every prediction must change."""
+    radius = large_eps_radius(threat)
+    big = ThreatModel(threat.norm, radius, threat.lower, threat.upper)
+    count = min(len(x), 100)
+    result = run_attack(
+        model, x[:count].to(device), clean_pred[:count].to(device), big, "apgd", steps=50, seed=seed, loss="dlr"
+    )
+    survived = float((~result.success).float().mean())
+    fired = survived > 0.05
+    return Diagnostic(
+        "large_eps",
+        fired,
+        f"at eps={radius:g} (half the input box), {100 * survived:.0f}% of {count} predictions survived APGD-DLR",
+        "With eps this large any input can be turned into one of another class, so an attack must succeed on "
+        "(almost) every example. If it does not, the attack is being misled, and every robust accuracy it "
+        "reports is suspect.",
+    )

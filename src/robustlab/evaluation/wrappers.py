@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from robustlab.checks import check_positive_int
 from robustlab.errors import ConfigError
 
 __all__ = ["ExpectationOverTransformation", "LogOutputs", "StraightThrough", "with_bpda"]
@@ -39,10 +40,8 @@ class ExpectationOverTransformation(nn.Module):
 
     def __init__(self, model: nn.Module, samples: int = 10) -> None:
         super().__init__()
-        if samples < 1:
-            raise ConfigError(f"EOT needs at least one sample, got {samples}")
         self.model = model
-        self.samples = samples
+        self.samples = check_positive_int("EOT samples", samples)
 
     def forward(self, x: Tensor) -> Tensor:
         repeated = x.repeat((self.samples,) + (1,) * (x.dim() - 1))
