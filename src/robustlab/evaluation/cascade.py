@@ -48,7 +48,7 @@ from robustlab.api import attack as run_attack
 from robustlab.checks import check_integer, check_positive_int
 from robustlab.data import ArrayDataset
 from robustlab.errors import ConfigError, InvalidInputError
-from robustlab.evaluation.adapt import Adapted, diagnose_and_adapt, restrict_to_access
+from robustlab.evaluation.adapt import diagnose_and_adapt, restrict_to_access
 from robustlab.evaluation.diagnostics import (
     Diagnostic,
     check_black_box_beats_white_box,
@@ -197,9 +197,9 @@ def evaluate(
             model, adapted.model, x_all, y_all, threat, adapted.suite, batch_size=batch_size, seed=seed,
             device=run_device, checkpoint=checkpoint, resume=resume, progress=progress,
         )  # fmt: skip
-        cascade.run(adapted.suite.steps, 0)
+        cascade.run()
         if diagnostics:
-            adapted.report.append(_escalate_black_box(cascade, adapted.suite, extra_queries))
+            adapted.report.append(_escalate_black_box(cascade, extra_queries))
             adapted.report.append(check_large_eps(adapted.model, x_all, cascade.clean_pred, threat, run_device, seed))
         broken, final_pred = cascade.verify()
         adbd = None
@@ -213,7 +213,7 @@ def evaluate(
                 adapted.model, x_all, y_all, cascade.clean_pred, threat, eps_curve, batch_size, run_device, seed
             )
     cascade.finish()
-    return cascade.result(adapted, broken, final_pred, curve, adbd, time.perf_counter() - started)
+    return cascade.result(adapted.report, broken, final_pred, curve, adbd, time.perf_counter() - started)
 
 
 def _evaluation_data(
@@ -382,10 +382,10 @@ class Cascade:
     def clean_correct(self) -> Tensor:
         return self.clean_pred == self.labels
 
-    def run(self, steps: Sequence[SuiteStep], first_index: int, added_by: str = "") -> None:
-        """Run ``steps`` as stages ``first_index``, ``first_index + 1``, ..."""
-        for offset, step in enumerate(steps):
-            self.run_stage(step, first_index + offset, added_by)
+    def run(self) -> None:
+        """Run the suite's steps as the first stages, in order (each resumes where the state says it stopped)."""
+        for index, step in enumerate(self.suite.steps):
+            self.run_stage(step, index)
 
     def run_stage(self, step: SuiteStep, index: int, added_by: str = "") -> StepReport:
         """Attack the examples stage ``index`` selects (fixed when it first starts) in batches, from the first batch
@@ -473,7 +473,7 @@ class Cascade:
 
     def result(
         self,
-        adapted: Adapted,
+        diagnostics: list[Diagnostic],
         broken: Tensor,
         final_pred: Tensor,
         curve: tuple[list[float], list[float]] | None,
@@ -486,7 +486,7 @@ class Cascade:
         broken_by = self.state.broken_by
         return EvaluationResult(
             threat=self.threat,
-            suite=adapted.suite.name,
+            suite=self.suite.name,
             x=self.x,
             clean_pred=self.clean_pred,
             adv_pred=torch.where(broken, final_pred, self.clean_pred),
@@ -498,14 +498,14 @@ class Cascade:
             broken_by=torch.where(broken, broken_by, torch.full_like(broken_by, -1)),
             distance=self.threat.distance(x_adv, self.x),
             steps=self.state.steps,
-            diagnostics=adapted.report,
+            diagnostics=diagnostics,
             eps_curve=curve,
             adbd=adbd,
             wall_time=wall_time,
         )
 
 
-def _escalate_black_box(cascade: Cascade, suite: Suite, extra_queries: int) -> Diagnostic:
+def _escalate_black_box(cascade: Cascade, extra_queries: int) -> Diagnostic:
     """The black-box-beats-white-box check, and its answer when it fires.
 
     AutoAttack's advice for this signature: more Square iterations and restarts. A focused Square widens to the
@@ -513,6 +513,7 @@ def _escalate_black_box(cascade: Cascade, suite: Suite, extra_queries: int) -> D
     suite's Square budget) while the last round still broke something, at most :data:`SQUARE_RESTARTS` rounds; only
     if the last allowed round still did does RayS (label-only, a different search) get the larger budget.
     """
+    suite = cascade.suite
     verdict = check_black_box_beats_white_box(cascade.state.steps, suite)
     if not verdict.fired:
         return verdict
