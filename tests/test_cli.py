@@ -115,7 +115,7 @@ def test_an_unbounded_input_box_parses_as_the_docs_write_it() -> None:
 def test_certify_keeps_finished_chunks_and_a_rerun_reuses_them(files, tmp_path: Path, monkeypatch) -> None:
     import robustlab.cli
 
-    monkeypatch.setattr(robustlab.cli, "CERTIFY_CHUNK", 4)
+    monkeypatch.setattr(robustlab.cli.certify, "CERTIFY_CHUNK", 4)
     model_path, data_path = files
     common = ["certify", "--model", str(model_path), "--data", str(data_path), "--n", "100", "--n0", "10", "--quiet"]
     out = tmp_path / "r.json"
@@ -166,7 +166,7 @@ def test_the_train_help_lists_every_registered_method() -> None:
     from robustlab.cli import TRAINING_METHODS
     from robustlab.training import list_objectives
 
-    assert sorted(TRAINING_METHODS) == sorted(list_objectives())
+    assert sorted(TRAINING_METHODS) == sorted(info.name for info in list_objectives())
 
 
 def test_every_option_of_every_command_has_help() -> None:

@@ -1,0 +1,229 @@
+"""robustlab certify: randomized smoothing (resumable, in chunks) or bound propagation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from robustlab.cli.common import (
+    EXIT_OK,
+    HelpFormatter,
+    add_model_data_arguments,
+    check_model_fits_data,
+    device_from,
+    file_stamp,
+    load_or_none,
+    open_model,
+    output_file,
+    output_folder,
+    positive_float,
+    positive_int,
+    radius,
+)
+
+CERTIFY_CHUNK = 25  # images per checkpointed chunk of randomized-smoothing certification
+
+
+def add_parser(commands: Any) -> None:
+    certify = commands.add_parser(
+        "certify",
+        help="certify robustness: randomized smoothing (L2) or bound propagation (IBP, CROWN)",
+        description="smoothing: Cohen et al.'s CERTIFY with n0/n/alpha on a Gaussian-smoothed model; each radius "
+        "holds with probability 1 - alpha. ibp/crown: deterministic verification over the eps ball, compared with "
+        "PGD's empirical robust accuracy on the same examples.",
+        formatter_class=HelpFormatter,
+    )
+    add_model_data_arguments(certify)
+    certify.add_argument(
+        "--method", choices=["smoothing", "ibp", "crown"], default="smoothing",
+        help="smoothing: L2 certificates of the smoothed model; ibp, crown: deterministic bounds",
+    )  # fmt: skip
+    smoothing = certify.add_argument_group("randomized smoothing")
+    smoothing.add_argument("--sigma", type=positive_float, default=0.25, help="noise standard deviation")
+    smoothing.add_argument("--n0", type=positive_int, default=100, help="samples to select the top class")
+    smoothing.add_argument("--n", type=positive_int, default=10_000, help="samples to estimate its probability")
+    smoothing.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
+    smoothing.add_argument(
+        "--radii", type=radius, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="radii for the accuracy curve"
+    )
+    smoothing.add_argument(
+        "--denoiser",
+        help="denoised smoothing: a denoiser file (robustlab.certification.save_denoiser) placed in front of the "
+        "model, e.g. one trained by ZO-AE-DS for a black box; --model may then be a URL of a scores or labels server",
+    )
+    bounds = certify.add_argument_group("bound propagation")
+    bounds.add_argument("--norm", default="linf", help="linf, l2 or l1")
+    bounds.add_argument("--eps", type=positive_float, default=0.1, help="radius to verify")
+    certify.add_argument("--seed", type=int, default=0, help="random seed of the noise")
+    certify.add_argument("--out", help="write the result as JSON to this file")
+    certify.add_argument(
+        "--checkpoint",
+        help=f"smoothing: keep finished chunks of {CERTIFY_CHUNK} images in this file and skip them on a rerun "
+        "(default: OUT.state next to --out, or certify_state.pt in --report)",
+    )
+    certify.add_argument("--no-resume", action="store_true", help="recompute chunks a checkpoint already holds")
+    certify.add_argument("--report", help="write report.json and report.html into this directory")
+    certify.add_argument("--quiet", action="store_true", help="no progress bar")
+    certify.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: Any) -> tuple[Any, float, int]:
+    """Cohen et al.'s CERTIFY over chunks of images, each with its own seeded noise, finished chunks kept in a
+    state file (next to --out or in --report) so that a rerun skips them. A chunk's result does not depend on
+    --limit or on the chunks before it. Returns (certificate, seconds, images taken from the state)."""
+    import dataclasses as dc
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from robustlab.certification import Certificate
+    from robustlab.state_io import save_atomic
+
+    if args.checkpoint:
+        state_path: Path | None = Path(args.checkpoint)
+    elif args.out:
+        state_path = Path(args.out + ".state")
+    elif args.report:
+        state_path = Path(args.report) / "certify_state.pt"
+    else:
+        state_path = None
+    model, data, denoiser = (file_stamp(spec) for spec in (args.model, args.data, args.denoiser))
+    identity = (
+        f"{model} {data} {args.split} {denoiser} sigma={args.sigma} n0={args.n0} n={args.n} alpha={args.alpha} "
+        f"seed={args.seed} chunk={CERTIFY_CHUNK}"
+    )
+    chunks: dict[int, dict[str, Any]] = {}
+    if state_path is not None and state_path.exists() and not args.no_resume:
+        saved = load_or_none(state_path)
+        if isinstance(saved, dict) and saved.get("identity") == identity:
+            chunks = saved["chunks"]
+    reused = 0
+    seconds = 0.0
+    parts = []
+    starts = range(0, x.shape[0], CERTIFY_CHUNK)
+    for start in tqdm(starts, desc="certify", unit="chunk", disable=args.quiet, leave=False):
+        rows = x[start : start + CERTIFY_CHUNK]
+        done = chunks.get(start)
+        if done is not None and done["fields"]["prediction"].shape[0] == rows.shape[0]:
+            parts.append(Certificate(**{k: v.to(device) for k, v in done["fields"].items()}))
+            reused += rows.shape[0]
+            seconds += float(done["seconds"])
+            continue
+        generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + start)
+        began = time.perf_counter()
+        part = smoothed.certify(rows, n0=args.n0, n=args.n, alpha=args.alpha, generator=generator)
+        spent = time.perf_counter() - began
+        seconds += spent
+        parts.append(part)
+        fields = {f.name: getattr(part, f.name).cpu() for f in dc.fields(part)}
+        chunks[start] = {"fields": fields, "seconds": spent}
+        if state_path is not None:
+            save_atomic({"identity": identity, "chunks": chunks}, state_path)
+    merged = Certificate(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dc.fields(Certificate)})
+    return merged, seconds, reused
+
+
+def run(args: argparse.Namespace) -> int:
+    from robustlab.data import load_dataset
+    from robustlab.errors import ConfigError
+    from robustlab.models import load_model
+    from robustlab.report import Report
+
+    output_file(args.out, "--out")
+    output_file(args.checkpoint, "--checkpoint")
+    output_folder(args.report, "--report")
+    device = device_from(args.device)
+    if args.denoiser is not None and args.method != "smoothing":
+        raise ConfigError(f"--denoiser goes with --method smoothing (denoised smoothing), not {args.method}")
+    if args.method == "smoothing":
+        model, _ = open_model(args, device)  # a local module or, for a URL, a remote oracle
+    else:
+        model = load_model(args.model, arch=args.arch, device=device)
+    data = load_dataset(args.data, split=args.split, limit=args.limit)
+    model_classes = check_model_fits_data(model, data, args, device)
+    out: dict[str, Any] = {"model": args.model, "data": args.data, "split": args.split, "examples": len(data)}
+    report = Report(f"robustlab certify: {args.method}")
+    if args.method == "smoothing":
+        out.update(_smoothing(args, model, model_classes, data, device, report))
+    else:
+        out.update(_bound_propagation(args, model, data, device, report))
+    report.data.update(out)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    if args.report:
+        report.write(args.report)
+    return EXIT_OK
+
+
+def _smoothing(
+    args: argparse.Namespace, model: Any, model_classes: int | None, data: Any, device: Any, report: Any
+) -> dict[str, Any]:
+    """Cohen et al.'s certificates of the smoothed model (behind the denoiser, if any); the JSON fields."""
+    from robustlab.certification import RandomizedSmoothing, smoothing_section
+
+    out: dict[str, Any] = {}
+    if args.denoiser is not None:
+        model, out["autoencoder"] = _behind_denoiser(model, args.denoiser, device)
+        out["denoiser"] = args.denoiser
+    # the model's classes, not the labels': a subset may hold one class, or miss the model's top class
+    smoothed = RandomizedSmoothing(model, model_classes, args.sigma, batch_size=max(args.batch_size, 1000))
+    cert, seconds, reused = _certify_in_chunks(smoothed, data.x.to(device), args, device)
+    out["images_from_checkpoint"] = reused
+    notes = (
+        [f"Denoised smoothing: the smoothed base model is the model behind the denoiser {args.denoiser}."]
+        if args.denoiser is not None
+        else []
+    )
+    figures, _ = smoothing_section(
+        report, cert, data.y.to(device), sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+        radii=list(args.radii), seconds=seconds, notes=notes,
+    )  # fmt: skip
+    out.update(figures)
+    lines = [f"r={r:g}: {100 * a:.1f}%" for r, a in zip(args.radii, figures["certified_accuracy"])]
+    print("certified accuracy  " + "  ".join(lines))
+    return out
+
+
+def _behind_denoiser(model: Any, denoiser_file: str, device: Any) -> tuple[Any, bool]:
+    """The base model to smooth: the model behind the denoiser file (and its autoencoder, if it has one)."""
+    from robustlab.certification import DenoisedClassifier, denoised_oracle, load_denoiser
+    from robustlab.oracles import LabelOracle
+
+    bundle = load_denoiser(denoiser_file, device=device)
+    front = {"encoder": bundle.encoder, "decoder": bundle.decoder}
+    if isinstance(model, LabelOracle):
+        return denoised_oracle(model, bundle.denoiser, **front), bundle.encoder is not None
+    return DenoisedClassifier(bundle.denoiser, model, **front).to(device).eval(), bundle.encoder is not None
+
+
+def _bound_propagation(args: argparse.Namespace, model: Any, data: Any, device: Any, report: Any) -> dict[str, Any]:
+    """IBP or CROWN verification next to PGD's empirical robust accuracy on the same examples; the JSON fields."""
+    from robustlab import ThreatModel
+    from robustlab.certification import bounds_section, verified_vs_empirical
+
+    threat = ThreatModel(args.norm, args.eps, *data.bounds)
+    compared = verified_vs_empirical(
+        model, data.x.to(device), data.y.to(device), threat, [args.method], batch_size=args.batch_size,
+        seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    verified = compared["verified"][args.method]
+    out = {
+        "method": args.method,
+        "norm": compared["norm"],
+        "eps": compared["eps"],
+        "clean_accuracy": compared["clean_accuracy"],
+        "verified_accuracy": verified["verified_accuracy"],
+        "pgd_robust_accuracy": compared["pgd_robust_accuracy"],
+        "verified_but_broken": verified["verified_but_broken"],
+        "seconds": verified["seconds"],
+    }
+    bounds_section(report, compared, title=f"Verified against empirical robust accuracy ({args.method})")
+    print(
+        f"clean {100 * out['clean_accuracy']:.1f}%  verified ({args.method}) {100 * out['verified_accuracy']:.1f}%"
+        f"  PGD robust {100 * out['pgd_robust_accuracy']:.1f}%"
+    )
+    return out

@@ -1,0 +1,209 @@
+"""What every command shares: argument types, the model-and-data options, opening models, output checks."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import warnings
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only when it tells the reader something: not for required options, flags, unset
+    options (None) or help that already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.required
+            or action.default is None
+            or action.default is False
+            or action.default == []
+            or action.default is argparse.SUPPRESS
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def radius(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a radius is a non-negative finite number, got {text}")
+    return value
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"options look like KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value: Any = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word, e.g. loss=dlr
+    return key.strip().replace("-", "_"), value
+
+
+def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and data")
+    group.add_argument(
+        "--model",
+        required=True,
+        help="a TorchScript file, a robustlab checkpoint, a state dict with --arch, a 'package.module:function' "
+        "factory, or a built-in pretrained name (advertorch-lenet5-clean, advertorch-lenet5-adv)",
+    )
+    group.add_argument("--arch", help="architecture for a bare state-dict file (smallcnn, lenet5, preactresnet18, ...)")
+    group.add_argument("--token", help="bearer token when --model is the URL of a robustlab model server")
+    group.add_argument(
+        "--data",
+        required=True,
+        help="a built-in data set (digits, mnist, fashion-mnist, cifar10-sample) or an .npz file with arrays x and y",
+    )
+    group.add_argument("--split", default="test", choices=["train", "test"], help="data split")
+    group.add_argument("--limit", type=positive_int, help="use only the first N examples")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    group.add_argument("--batch-size", type=positive_int, default=256, help="examples per batch")
+
+
+def device_from(name: str) -> Any:
+    import torch
+
+    from robustlab.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but this machine has no usable CUDA device")
+    return device
+
+
+def output_file(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output file that names a folder or lies under a file."""
+    from robustlab.errors import ConfigError
+
+    if path is None:
+        return
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give the name of a file to write")
+    _no_file_above(file, flag)
+
+
+def output_folder(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output folder that names an existing file or lies under a file."""
+    from robustlab.errors import ConfigError
+
+    if path is None:
+        return
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a folder (the command writes several files into it)")
+    _no_file_above(folder, flag)
+
+
+def _no_file_above(path: Path, flag: str) -> None:
+    from robustlab.errors import ConfigError
+
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path} cannot be written: {parent} is a file, not a folder")
+            return
+
+
+def is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def open_model(args: argparse.Namespace, device: Any, budget: int | None = None) -> tuple[Any, Any]:
+    """(the handle attacks get, a function giving clean scores or labels): a local module or a remote oracle."""
+    from robustlab.models import load_model
+
+    if is_url(args.model):
+        from robustlab.remote import connect
+
+        oracle = connect(args.model, token=getattr(args, "token", None), budget=budget)
+        args.close_on_exit.append(oracle.model)  # its HTTP connection, closed by main() when the command ends
+        return oracle, oracle.model
+    model = load_model(args.model, arch=args.arch, device=device)
+    return model, model
+
+
+def check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, device: Any) -> int | None:
+    """One forward pass on two examples, so a model/data mismatch is named here rather than deep inside torch.
+
+    Returns the number of classes the model answers (its output width; a server's declared count), which is what
+    every class count must come from: the labels of a subset need not cover every class."""
+    from torch import nn
+
+    from robustlab.errors import ModelError
+    from robustlab.oracles import check_model_takes
+
+    if not isinstance(model, nn.Module):
+        # a server checks shapes itself and answers with a message; it declares its classes in /v1/info
+        classes = getattr(model, "num_classes", None)
+        return int(classes) if classes is not None else None
+    outputs = check_model_takes(
+        model,
+        data.x[:2].to(device),
+        model_name=f"the model {args.model}",
+        data_name=f"the images of {args.data}",
+        hint="Check that --data is the data the model was made for",
+    )
+    if outputs.shape[1] < data.num_classes:
+        raise ModelError(
+            f"the model {args.model} answers {outputs.shape[1]} classes but {args.data} has {data.num_classes}"
+        )
+    return int(outputs.shape[1])
+
+
+def load_or_none(path: Path) -> Any:
+    """A saved state, or None (with a warning) when the file is damaged: the work is then simply redone."""
+    from robustlab.errors import StateFileError
+    from robustlab.state_io import load_state_file
+
+    try:
+        return load_state_file(path, what="a saved state", fix="Recomputing what it held")
+    except StateFileError as exc:  # damaged, or someone else's pickle: never loaded, the work is redone
+        warnings.warn(f"ignoring {exc}", stacklevel=2)
+        return None
+
+
+def file_stamp(spec: str | None) -> str:
+    """``spec``, plus size and modification time when it names a file: a retrained model is another model."""
+    if spec is None or not Path(spec).is_file():
+        return str(spec)
+    stat = Path(spec).stat()
+    return f"{spec}@{stat.st_size}:{stat.st_mtime_ns}"

@@ -1,0 +1,70 @@
+"""robustlab serve: a model behind an HTTP endpoint answering scores or labels."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from robustlab.cli.common import EXIT_OK, HelpFormatter, device_from, positive_int
+
+
+def add_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP answering scores or labels only, with auth, budgets and validation",
+        description="Start a FastAPI + uvicorn server for a model (OpenAPI schema at /openapi.json). Point "
+        "black-box attacks, the evaluation and zeroth-order training at it with --model http://HOST:PORT.",
+        formatter_class=HelpFormatter,
+    )
+    serve.add_argument("--model", required=True, help="the model to serve (same forms as for attack)")
+    serve.add_argument("--arch", help="architecture for a bare state-dict file")
+    serve.add_argument("--mode", choices=["scores", "labels"], default="labels", help="what the server reveals")
+    serve.add_argument("--data", help="a data set whose input shape and classes the server takes (e.g. mnist)")
+    serve.add_argument("--input-shape", type=int, nargs="+", help="shape of one input, e.g. 1 28 28")
+    serve.add_argument("--num-classes", type=int, help="number of classes (default: from --data or a probe)")
+    serve.add_argument(
+        "--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+        help="accepted input range; -inf inf for randomized smoothing and zeroth-order denoiser training",
+    )  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--token", action="append", help="accepted bearer token; repeat for several clients")
+    serve.add_argument("--budget", type=positive_int, help="queries per client (per --token)")
+    serve.add_argument(
+        "--budget-per-client-id", action="store_true",
+        help="allow --budget without --token, counted per X-Client-Id header: advisory, any client can change its id",
+    )  # fmt: skip
+    serve.add_argument("--max-batch", type=positive_int, default=4096, help="rows per request")
+    serve.add_argument("--state-file", help="persist usage counts here so budgets survive restarts")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
+    serve.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run(args: argparse.Namespace) -> int:
+    from robustlab.errors import ConfigError
+    from robustlab.models import load_model
+
+    try:
+        from robustlab.serve import ServerConfig, check_port, create_app, run_server
+    except ImportError as exc:
+        raise ConfigError(f"serving needs FastAPI and uvicorn: pip install 'robustlab[serve]' ({exc})") from None
+    check_port(args.port)
+    device = device_from(args.device)
+    model = load_model(args.model, arch=args.arch, device=device)
+    shape, classes = args.input_shape, args.num_classes
+    if args.data:
+        from robustlab.data import load_dataset
+
+        sample = load_dataset(args.data, split="test", limit=1)
+        shape, classes = shape or list(sample.image_shape), classes or sample.num_classes
+    if not shape:
+        raise ConfigError("give --input-shape (e.g. 1 28 28) or --data so the server can validate inputs")
+    config = ServerConfig(
+        mode=args.mode, input_shape=tuple(shape), num_classes=classes, bounds=tuple(args.bounds), token=args.token,
+        budget=args.budget, max_batch=args.max_batch, state_file=args.state_file,
+        trust_client_id=args.budget_per_client_id,
+    )  # fmt: skip
+    app = create_app(model, config)  # runs the model once on the declared shape; refuses a mismatch
+    print(f"serving {args.model} ({args.mode}) on http://{args.host}:{args.port}; schema at /openapi.json")
+    run_server(app, host=args.host, port=args.port, log_level="info")
+    return EXIT_OK
