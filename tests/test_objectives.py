@@ -77,7 +77,7 @@ def run_step(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     return objective, output
 
 
-@pytest.mark.parametrize("name", list_objectives())
+@pytest.mark.parametrize("name", [info.name for info in list_objectives()])
 def test_training_attack_obeys_the_threat_model(name: str, batch) -> None:
     x, y = batch
     for eps in (0.05, 0.3):  # 0.3 makes the box bind on most of the digits' zero pixels
@@ -103,7 +103,7 @@ def test_training_attacks_obey_l2_threat_models(batch) -> None:
         build_objective("fast-bat", threat)
 
 
-@pytest.mark.parametrize("name", list_objectives())
+@pytest.mark.parametrize("name", [info.name for info in list_objectives()])
 def test_batchnorm_mode_while_attacking_and_train_mode_after(name: str, batch) -> None:
     x, y = batch
     model = bn_model()

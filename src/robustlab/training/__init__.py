@@ -5,35 +5,16 @@ from robustlab.training import TrainConfig, train
 
 result = train(model, robustlab.load_dataset("mnist", split="train"), "fast-at",
                robustlab.ThreatModel("linf", 0.3), TrainConfig(epochs=5, schedule="cyclic", lr=0.2))
+
+The objectives' API (:class:`Objective`, :func:`build_objective`, :func:`list_objectives`, ...) is
+:mod:`robustlab.training.objectives.base`'s, re-exported here and from :mod:`robustlab.training.objectives`.
 """
 
+from robustlab.training import objectives  # noqa: F401  (importing registers every method)
 from robustlab.training.loop import CO_POLICIES, TrainConfig, TrainResult, train, validate_model
-from robustlab.training.objectives import (
-    Objective,
-    ObjectiveConfig,
-    StepContext,
-    StepOutput,
-    build_objective,
-    get_objective,
-    list_objectives,
-    register_objective,
-)
+from robustlab.training.objectives import base
+from robustlab.training.objectives.base import *  # noqa: F403  (the names of base.__all__)
 from robustlab.training.schedules import SCHEDULES, lr_multiplier
 
-__all__ = [
-    "CO_POLICIES",
-    "SCHEDULES",
-    "Objective",
-    "ObjectiveConfig",
-    "StepContext",
-    "StepOutput",
-    "TrainConfig",
-    "TrainResult",
-    "build_objective",
-    "get_objective",
-    "list_objectives",
-    "lr_multiplier",
-    "register_objective",
-    "train",
-    "validate_model",
-]
+__all__ = ["CO_POLICIES", "SCHEDULES", "TrainConfig", "TrainResult", "lr_multiplier", "train", "validate_model"]
+__all__ += base.__all__

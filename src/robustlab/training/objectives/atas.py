@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import positive
+from robustlab.checks import check_number, check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.perturb import input_gradient, model_mode
+from robustlab.training.perturb import input_gradient
+from robustlab.utils import model_mode, rows_like
 
 __all__ = ["ATAS", "ATASConfig"]
 
@@ -76,19 +77,14 @@ class ATASConfig(ObjectiveConfig):
     reference_batch_size: int = 128
 
     def validate(self) -> None:
-        positive("c", self.c)
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 <= self.beta < 1:
-            raise ConfigError(f"beta must be in [0, 1), got {self.beta!r}")
-        for name in ("rel_max_step", "rel_min_step", "rel_numerator", "rel_warmup_step"):
-            positive(name, getattr(self, name))
+        for name in ("c", "rel_max_step", "rel_min_step", "rel_numerator", "rel_warmup_step"):
+            check_number(name, getattr(self, name), low=0, low_open=True)
+        check_number("beta", self.beta, low=0, high=1, high_open=True)
         if self.rel_min_step > self.rel_max_step:
             raise ConfigError(f"rel_min_step ({self.rel_min_step}) must not exceed rel_max_step ({self.rel_max_step})")
-        if self.warmup_epochs is not None and (
-            isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0
-        ):
-            raise ConfigError(f"warmup_epochs must be a non-negative integer or None, got {self.warmup_epochs!r}")
-        positive("reset_every", self.reset_every, integer=True, allow_none=True)
-        positive("reference_batch_size", self.reference_batch_size, integer=True)
+        check_positive_int("warmup_epochs", self.warmup_epochs, minimum=0, allow_none=True)
+        check_positive_int("reset_every", self.reset_every, allow_none=True)
+        check_positive_int("reference_batch_size", self.reference_batch_size)
 
 
 @register_objective
@@ -99,6 +95,7 @@ class ATAS(Objective):
     Config = ATASConfig
     config: ATASConfig
     attack_bn_mode = "eval"
+    per_example_state = True
     paper = "Huang et al., IEEE TIP 2023"
 
     def __init__(self, threat: ThreatModel, config: ATASConfig | None = None, **options: Any) -> None:
@@ -155,7 +152,7 @@ class ATAS(Objective):
                 cfg.rel_min_step * eps, cfg.rel_max_step * eps
             )
         direction = self.threat.steepest_ascent(grad)
-        x_adv = self.threat.project(start + steps.reshape((-1,) + (1,) * (x.dim() - 1)) * direction, x).detach()
+        x_adv = self.threat.project(start + rows_like(steps, x) * direction, x).detach()
         self.delta[index] = x_adv - x
         logits_adv = model(x_adv)
         return StepOutput(

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import positive
-from robustlab.errors import ConfigError
+from robustlab.checks import check_number, check_positive_int
 from robustlab.losses import kl_divergence
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.objectives.trades import check_beta, kl_ascent, trades_regularized_loss
-from robustlab.training.perturb import model_mode
+from robustlab.training.objectives.trades import kl_ascent, trades_regularized_loss
+from robustlab.utils import model_mode
 
 __all__ = ["BackwardSmoothing", "BackwardSmoothingConfig"]
 
@@ -49,11 +48,10 @@ class BackwardSmoothingConfig(ObjectiveConfig):
     steps: int = 1
 
     def validate(self) -> None:
-        check_beta(self.beta)
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma >= 0:
-            raise ConfigError(f"gamma must be a non-negative number, got {self.gamma!r}")
-        positive("rel_step_size", self.rel_step_size)
-        positive("steps", self.steps, integer=True)
+        check_number("beta", self.beta, low=0)
+        check_number("gamma", self.gamma, low=0)
+        check_number("rel_step_size", self.rel_step_size, low=0, low_open=True)
+        check_positive_int("steps", self.steps)
 
 
 @register_objective

@@ -21,17 +21,21 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.errors import ConfigError
+from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
 from robustlab.training.perturb import BatchNormMode
 
 __all__ = [
+    "OBJECTIVES",
     "Objective",
     "ObjectiveConfig",
+    "ObjectiveInfo",
     "StepContext",
     "StepOutput",
     "build_objective",
     "get_objective",
     "list_objectives",
+    "objective_info",
     "register_objective",
 ]
 
@@ -70,8 +74,7 @@ class StepOutput:
     Attributes:
         loss: scalar; ``loss.backward()`` gives the method's full parameter gradient.
         logits_clean, logits_adv: detached logits on clean and perturbed inputs, when computed.
-        x_adv: the training perturbation (detached), when there is one.
-        attack_loss_increase: mean cross-entropy increase from clean to perturbed inputs, when computed.
+        x_adv: the training perturbation (detached), when there is one (the loop measures its loss increase).
         scalars: further per-batch numbers to average and log (e.g. ``"lambda"``).
     """
 
@@ -79,7 +82,6 @@ class StepOutput:
     logits_clean: Tensor | None = None
     logits_adv: Tensor | None = None
     x_adv: Tensor | None = None
-    attack_loss_increase: float | None = None
     scalars: dict[str, float] = field(default_factory=dict)
 
 
@@ -92,12 +94,16 @@ class Objective(ABC):
         attack_bn_mode: BatchNorm mode while generating the training attack ("train" or "eval"), the
             documented default of each method's reference implementation.
         adversarial: whether the method trains on perturbed inputs (False for standard training).
+        per_example_state: whether it keeps state per training example across epochs (ATAS's perturbations),
+            which distributed training does not shard yet.
+        paper: the reference, for listings.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[ObjectiveConfig]]
     attack_bn_mode: ClassVar[BatchNormMode] = "eval"
     adversarial: ClassVar[bool] = True
+    per_example_state: ClassVar[bool] = False
     paper: ClassVar[str] = ""
 
     def __init__(self, threat: ThreatModel, config: ObjectiveConfig | None = None, **options: Any) -> None:
@@ -136,30 +142,71 @@ class Objective(ABC):
         """Restore what :meth:`state_dict` returned."""
         return
 
-    def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "attack_bn_mode": self.attack_bn_mode, **dataclasses.asdict(self.config)}
+
+@dataclass(frozen=True)
+class ObjectiveInfo:
+    """A registered training method: its class and what listings and the loop need to know about it.
+
+    Attributes:
+        name: the registry name (``"pgd-at"``).
+        cls: the :class:`Objective` subclass.
+        summary: first line of the class docstring.
+        paper: the method's reference.
+        adversarial: whether it trains on perturbed inputs (catastrophic-overfitting checks apply).
+        attack_bn_mode: BatchNorm mode while generating its training attack.
+        per_example_state: whether it keeps per-example state across epochs (single process only).
+        options: names of its options (fields of its ``Config``).
+    """
+
+    name: str
+    cls: type[Objective]
+    summary: str
+    paper: str
+    adversarial: bool
+    attack_bn_mode: BatchNormMode
+    per_example_state: bool
+    options: tuple[str, ...]
 
 
-_OBJECTIVES: dict[str, type[Objective]] = {}
+OBJECTIVES: Registry[ObjectiveInfo] = Registry("training method", hint="see robustlab.training.list_objectives()")
+
+
+def _describe(cls: type[Objective]) -> ObjectiveInfo:
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return ObjectiveInfo(
+        name=cls.name,
+        cls=cls,
+        summary=doc[0] if doc else "",
+        paper=cls.paper,
+        adversarial=cls.adversarial,
+        attack_bn_mode=cls.attack_bn_mode,
+        per_example_state=cls.per_example_state,
+        options=tuple(f.name for f in dataclasses.fields(cls.Config)),
+    )
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Class decorator adding a training method under ``cls.name``."""
-    if cls.name in _OBJECTIVES and _OBJECTIVES[cls.name] is not cls:
-        raise ValueError(f"a training method named {cls.name!r} is already registered")
-    _OBJECTIVES[cls.name] = cls
+    """Class decorator adding a training method under ``cls.name`` (normalized: lower case, ``-`` not ``_``)."""
+    OBJECTIVES.add(_describe(cls))
     return cls
 
 
+def objective_info(name: str) -> ObjectiveInfo:
+    """The registered training method ``name`` (case, ``-`` and ``_`` do not matter); unknown: ConfigError."""
+    return OBJECTIVES.get(name)
+
+
 def get_objective(name: str) -> type[Objective]:
-    key = name.strip().lower()
-    if key not in _OBJECTIVES:
-        raise ConfigError(f"unknown training method {name!r}; available: {', '.join(sorted(_OBJECTIVES))}")
-    return _OBJECTIVES[key]
+    """The :class:`Objective` class registered as ``name``."""
+    return objective_info(name).cls
 
 
-def list_objectives() -> list[str]:
-    return sorted(_OBJECTIVES)
+def list_objectives(**filters: Any) -> list[ObjectiveInfo]:
+    """Registered training methods sorted by name, e.g. ``list_objectives(adversarial=True)``.
+
+    Filters are :class:`ObjectiveInfo` fields; ``[info.name for info in list_objectives()]`` gives the names.
+    """
+    return OBJECTIVES.list(**filters)
 
 
 def build_objective(name: str, threat: ThreatModel, **options: Any) -> Objective:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.errors import ConfigError
+from robustlab.checks import check_number
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.perturb import model_mode, pgd_perturb
+from robustlab.training.perturb import pgd_perturb
+from robustlab.utils import model_mode
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,7 @@ class FastATConfig(ObjectiveConfig):
     random_start: bool = True
 
     def validate(self) -> None:
-        if not self.rel_step_size > 0:
-            raise ConfigError(f"rel_step_size must be positive, got {self.rel_step_size!r}")
+        check_number("rel_step_size", self.rel_step_size, low=0, low_open=True)
 
 
 @register_objective

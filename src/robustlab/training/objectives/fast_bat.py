@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from robustlab.attacks.base import positive
+from robustlab.checks import check_number
 from robustlab.errors import ConfigError
 from robustlab.threat import Norm, ThreatModel
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.perturb import input_gradient, model_mode
+from robustlab.training.perturb import input_gradient
+from robustlab.utils import model_mode
 
 __all__ = ["FastBAT", "FastBATConfig", "lower_level_solution", "reference_rel_step_size"]
 
@@ -90,8 +91,9 @@ class FastBATConfig(ObjectiveConfig):
     implicit: bool = True
 
     def validate(self) -> None:
-        positive("rel_step_size", self.rel_step_size, allow_none=True)
-        positive("lam", self.lam)
+        if self.rel_step_size is not None:
+            check_number("rel_step_size", self.rel_step_size, low=0, low_open=True)
+        check_number("lam", self.lam, low=0, low_open=True)
         if not isinstance(self.implicit, bool):
             raise ConfigError(f"implicit must be True or False, got {self.implicit!r}")
 

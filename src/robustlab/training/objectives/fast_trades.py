@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import positive
+from robustlab.checks import check_number
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.objectives.trades import check_beta, kl_ascent, trades_regularized_loss
-from robustlab.training.perturb import model_mode
+from robustlab.training.objectives.trades import trades_perturbation, trades_regularized_loss
+from robustlab.utils import model_mode
 
 __all__ = ["FastTRADES", "FastTRADESConfig"]
 
@@ -36,8 +35,8 @@ class FastTRADESConfig(ObjectiveConfig):
     rel_step_size: float = 1.0
 
     def validate(self) -> None:
-        check_beta(self.beta)
-        positive("rel_step_size", self.rel_step_size)
+        check_number("beta", self.beta, low=0)
+        check_number("rel_step_size", self.rel_step_size, low=0, low_open=True)
 
 
 @register_objective
@@ -53,15 +52,7 @@ class FastTRADES(Objective):
     def step(self, model: nn.Module, x: Tensor, y: Tensor, context: StepContext) -> StepOutput:
         start = self.threat.random_start(x, context.generator)
         with model_mode(model, self.attack_bn_mode):
-            with torch.no_grad():
-                logits_clean = model(x)
-            x_adv = kl_ascent(
-                model,
-                x,
-                logits_clean,
-                self.threat,
-                steps=1,
-                step_size=self.config.rel_step_size * self.threat.eps,
-                start=start,
+            x_adv = trades_perturbation(
+                model, x, self.threat, start=start, steps=1, step_size=self.config.rel_step_size * self.threat.eps
             )
         return trades_regularized_loss(model, x, x_adv, y, self.config.beta)

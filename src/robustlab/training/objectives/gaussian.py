@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.errors import ConfigError
+from robustlab.checks import check_number
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
 
 
@@ -29,8 +29,7 @@ class GaussianConfig(ObjectiveConfig):
     sigma: float = 0.25
 
     def validate(self) -> None:
-        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not self.sigma > 0:
-            raise ConfigError(f"sigma must be a positive number, got {self.sigma!r}")
+        check_number("sigma", self.sigma, low=0, low_open=True)
 
 
 @register_objective

@@ -29,18 +29,17 @@ meaningless; pass ``lam`` explicitly to tune it for large radii.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import positive
-from robustlab.errors import ConfigError
+from robustlab.checks import check_choice, check_number
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
 from robustlab.training.objectives.fast_at import FastATConfig
-from robustlab.training.perturb import input_gradient, model_mode
+from robustlab.training.perturb import input_gradient
+from robustlab.utils import model_mode
 
 __all__ = ["GradAlign", "GradAlignConfig", "default_lambda"]
 
@@ -81,14 +80,11 @@ class GradAlignConfig(ObjectiveConfig):
     rel_step_size: float | None = None
 
     def validate(self) -> None:
-        if self.lam is not None and (
-            isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not self.lam >= 0
-            or not math.isfinite(self.lam)
-        ):  # fmt: skip
-            raise ConfigError(f"lam must be a non-negative number or None, got {self.lam!r}")
-        if self.start not in ("zero", "random"):
-            raise ConfigError(f"start must be 'zero' or 'random', got {self.start!r}")
-        positive("rel_step_size", self.rel_step_size, allow_none=True)
+        if self.lam is not None:
+            check_number("lam", self.lam, low=0)
+        check_choice("start", self.start, ("zero", "random"))
+        if self.rel_step_size is not None:
+            check_number("rel_step_size", self.rel_step_size, low=0, low_open=True)
 
     @property
     def step_multiple(self) -> float:

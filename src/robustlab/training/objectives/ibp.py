@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.certification.bounds import margin_bounds
+from robustlab.checks import check_choice, check_number
 from robustlab.errors import ConfigError
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.perturb import model_mode
+from robustlab.utils import model_mode
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,13 @@ class IBPConfig(ObjectiveConfig):
     train_eps_factor: float = 1.0
 
     def validate(self) -> None:
-        if self.bounds not in ("ibp", "crown-ibp"):
-            raise ConfigError(f"bounds must be 'ibp' or 'crown-ibp', got {self.bounds!r}")
-        if not 0.0 <= self.warmup < self.ramp <= 1.0:
+        check_choice("bounds", self.bounds, ("ibp", "crown-ibp"))
+        check_number("warmup", self.warmup, low=0, high=1)
+        check_number("ramp", self.ramp, low=0, high=1)
+        if not self.warmup < self.ramp:
             raise ConfigError(f"need 0 <= warmup < ramp <= 1, got warmup={self.warmup!r}, ramp={self.ramp!r}")
-        if not 0.0 <= self.kappa_end <= 1.0:
-            raise ConfigError(f"kappa_end must be in [0, 1], got {self.kappa_end!r}")
-        if not self.train_eps_factor > 0:
-            raise ConfigError(f"train_eps_factor must be positive, got {self.train_eps_factor!r}")
+        check_number("kappa_end", self.kappa_end, low=0, high=1)
+        check_number("train_eps_factor", self.train_eps_factor, low=0, low_open=True)
 
 
 def worst_case_logits(margin_lower: Tensor, labels: Tensor) -> Tensor:

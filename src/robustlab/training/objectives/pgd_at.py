@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.errors import ConfigError
+from robustlab.checks import check_choice, check_number, check_positive_int
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.perturb import BatchNormMode, model_mode, pgd_perturb
+from robustlab.training.perturb import BatchNormMode, pgd_perturb
+from robustlab.utils import model_mode
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,9 @@ class PGDATConfig(ObjectiveConfig):
     bn_mode: BatchNormMode = "eval"
 
     def validate(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
-        if not self.rel_step_size > 0:
-            raise ConfigError(f"rel_step_size must be positive, got {self.rel_step_size!r}")
-        if self.bn_mode not in ("train", "eval"):
-            raise ConfigError(f"bn_mode must be 'train' or 'eval', got {self.bn_mode!r}")
+        check_positive_int("steps", self.steps)
+        check_number("rel_step_size", self.rel_step_size, low=0, low_open=True)
+        check_choice("bn_mode", self.bn_mode, ("train", "eval"))
 
 
 @register_objective

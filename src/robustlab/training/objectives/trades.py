@@ -16,7 +16,8 @@ symmetry: the KL gradient vanishes at ``x' = x``); unlike the reference we move 
 first gradient, so the model never sees an input outside it. The noise comes from the run's attack generator, never
 from the global random state, so a resumed run repeats it exactly.
 
-:func:`trades_regularized_loss` and :func:`kl_ascent` are shared by Fast TRADES, Backward Smoothing and WAR.
+:func:`trades_regularized_loss`, :func:`trades_perturbation` and :func:`kl_ascent` are shared by Fast TRADES,
+Backward Smoothing and WAR.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import positive
-from robustlab.errors import ConfigError
+from robustlab.checks import check_number, check_positive_int
 from robustlab.losses import kl_divergence
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.perturb import model_mode, pgd_perturb
+from robustlab.training.perturb import pgd_perturb
+from robustlab.utils import model_mode
 
-__all__ = ["TRADES", "TRADESConfig", "kl_ascent", "trades_regularized_loss"]
+__all__ = ["TRADES", "TRADESConfig", "kl_ascent", "trades_perturbation", "trades_regularized_loss"]
 
 TRADES_REL_STEP = 0.007 / 0.031  # the reference's step at its eps, as a fraction of eps
 
@@ -62,6 +63,18 @@ def kl_ascent(
     )
 
 
+def trades_perturbation(
+    model: nn.Module, x: Tensor, threat: ThreatModel, *, start: Tensor, steps: int, step_size: float
+) -> Tensor:
+    """TRADES' inner maximization from ``start``: :func:`kl_ascent` away from the clean output ``f(x)``.
+
+    The model is already in the attack's BatchNorm mode; the clean pass takes no gradient.
+    """
+    with torch.no_grad():
+        logits_clean = model(x)
+    return kl_ascent(model, x, logits_clean, threat, steps=steps, step_size=step_size, start=start)
+
+
 def trades_regularized_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float) -> StepOutput:
     """``CE(f(x), y) + beta * mean KL(softmax f(x) || softmax f(x_adv))`` with gradient through both outputs."""
     logits_clean = model(x)
@@ -75,11 +88,6 @@ def trades_regularized_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tenso
         x_adv=x_adv,
         scalars={"natural_loss": float(natural.detach()), "kl": float(robust.detach())},
     )
-
-
-def check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-        raise ConfigError(f"beta must be a non-negative number, got {beta!r}")
 
 
 @dataclass(frozen=True)
@@ -99,11 +107,10 @@ class TRADESConfig(ObjectiveConfig):
     init_std: float = 0.001
 
     def validate(self) -> None:
-        check_beta(self.beta)
-        positive("steps", self.steps, integer=True)
-        positive("rel_step_size", self.rel_step_size)
-        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or not self.init_std >= 0:
-            raise ConfigError(f"init_std must be a non-negative number, got {self.init_std!r}")
+        check_number("beta", self.beta, low=0)
+        check_positive_int("steps", self.steps)
+        check_number("rel_step_size", self.rel_step_size, low=0, low_open=True)
+        check_number("init_std", self.init_std, low=0)
 
 
 @register_objective
@@ -120,15 +127,8 @@ class TRADES(Objective):
         cfg = self.config
         noise = torch.randn(x.shape, generator=context.generator, device=x.device, dtype=x.dtype)
         with model_mode(model, self.attack_bn_mode):
-            with torch.no_grad():
-                logits_clean = model(x)
-            x_adv = kl_ascent(
-                model,
-                x,
-                logits_clean,
-                self.threat,
-                steps=cfg.steps,
+            x_adv = trades_perturbation(
+                model, x, self.threat, start=x + cfg.init_std * noise, steps=cfg.steps,
                 step_size=cfg.rel_step_size * self.threat.eps,
-                start=x + cfg.init_std * noise,
-            )
+            )  # fmt: skip
         return trades_regularized_loss(model, x, x_adv, y, cfg.beta)

@@ -35,14 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import positive
+from robustlab.checks import check_choice, check_number, check_positive_int
 from robustlab.data import ArrayDataset
 from robustlab.errors import ConfigError
 from robustlab.losses import kl_divergence
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives.base import Objective, ObjectiveConfig, StepContext, StepOutput, register_objective
-from robustlab.training.objectives.trades import kl_ascent
-from robustlab.training.perturb import model_mode, pgd_perturb
+from robustlab.training.objectives.trades import trades_perturbation
+from robustlab.training.perturb import pgd_perturb
+from robustlab.utils import model_device, model_mode
 
 __all__ = ["WAR", "WARConfig", "measure_zeta", "update_lambda"]
 
@@ -70,9 +71,7 @@ def _adversarial(
     """The training attack of WAR (model already in the attack's BatchNorm mode)."""
     if robust_loss == "kl":
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        with torch.no_grad():
-            logits_clean = model(x)
-        return kl_ascent(model, x, logits_clean, threat, steps=steps, step_size=step_size, start=x + 0.001 * noise)
+        return trades_perturbation(model, x, threat, start=x + 0.001 * noise, steps=steps, step_size=step_size)
     return pgd_perturb(
         lambda z: F.cross_entropy(model(z), y, reduction="sum"),
         x,
@@ -122,16 +121,12 @@ class WARConfig(ObjectiveConfig):
                 "war needs zeta, the ratio L_nat / L_rob of a tuned thinner model: measure it with "
                 "robustlab.training.objectives.war.measure_zeta(thin_model, data, threat) and pass zeta=..."
             )
-        positive("zeta", self.zeta)
-        positive("alpha", self.alpha)
-        if self.lam0 is not None and (
-            isinstance(self.lam0, bool) or not isinstance(self.lam0, (int, float)) or not self.lam0 >= 0
-        ):
-            raise ConfigError(f"lam0 must be a non-negative number or None, got {self.lam0!r}")
-        if self.robust_loss not in ("ce", "kl"):
-            raise ConfigError(f"robust_loss must be 'ce' or 'kl', got {self.robust_loss!r}")
-        positive("steps", self.steps, integer=True)
-        positive("rel_step_size", self.rel_step_size)
+        for name in ("zeta", "alpha", "rel_step_size"):
+            check_number(name, getattr(self, name), low=0, low_open=True)
+        if self.lam0 is not None:
+            check_number("lam0", self.lam0, low=0)
+        check_choice("robust_loss", self.robust_loss, ("ce", "kl"))
+        check_positive_int("steps", self.steps)
 
 
 @register_objective
@@ -190,7 +185,7 @@ def measure_zeta(
 
     Both losses are measured in eval mode with the same attack WAR uses for training.
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model) or torch.device("cpu")
     generator = torch.Generator(device=device).manual_seed(seed)
     natural_sum = robust_sum = 0.0
     with model_mode(model, "eval"):
