@@ -13,6 +13,12 @@ Fast-BAT, ...) over a data set with:
 - checkpoints at every epoch (and every ``checkpoint_every`` steps) that resume *exactly*: model, optimizer,
   schedule, objective state (per-example buffers), every random generator and the position in the epoch;
 - a progress bar, scalars in JSON lines and, when TensorBoard is installed, TensorBoard event files.
+
+How it is built: :func:`train` checks its arguments and hands over to a ``_TrainingRun``, whose methods are the
+phases: set-up (optimizer, schedule, scaler, generators, DDP wrapper), ``resume``, ``train_epoch`` of
+``train_step``, ``end_epoch`` (``validate``, ``record_epoch``, ``select``, ``handle_overfitting``, ``checkpoint``)
+and ``finish``. A checkpoint is a typed :class:`~robustlab.training.state.TrainState`; validation and the
+catastrophic-overfitting criterion live in :mod:`robustlab.training.validation`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,21 +38,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.checks import check_choice, check_fraction, check_number, check_positive_int
 from robustlab.data import ArrayDataset, train_val_split
-from robustlab.errors import ConfigError, InvalidInputError, RobustlabError, StateFileError
-from robustlab.state_io import load_state_file, save_atomic
+from robustlab.errors import ConfigError, InvalidInputError
+from robustlab.registry import normalize_name
 from robustlab.threat import ThreatModel
-from robustlab.training.objectives.base import Objective, StepContext, StepOutput, build_objective
-from robustlab.training.perturb import model_mode
-from robustlab.training.schedules import SCHEDULES, lr_multiplier
+from robustlab.training.objectives.base import Objective, StepContext, StepOutput, build_objective, objective_info
+from robustlab.training.schedules import lr_multiplier
+from robustlab.training.state import (
+    STATE_FILE,
+    BestWeights,
+    EpochTotals,
+    TrainState,
+    capture_rng,
+    reading_state,
+    restore_rng,
+)
+from robustlab.training.validation import catastrophic_overfitting, validate_model
+from robustlab.utils import model_device, model_mode, process_group
 
-__all__ = ["CO_POLICIES", "TrainConfig", "TrainResult", "catastrophic_overfitting", "train"]
+__all__ = [
+    "CO_POLICIES",
+    "HISTORY_KEYS",
+    "TrainConfig",
+    "TrainResult",
+    "catastrophic_overfitting",
+    "distributed_context",
+    "train",
+    "validate_model",
+]
 
 CO_POLICIES = ("warn", "stop", "switch")
-# Methods whose per-example buffers live in one process (not yet sharded across ranks).
-_PER_EXAMPLE_STATE = frozenset({"atas"})
-STATE_FILE = "train_state.pt"
-STATE_FORMAT = "robustlab-train-state-v1"
+OPTIMIZERS = ("sgd", "adam", "lamb")
+VALIDATION_ATTACKS = ("quick", "pgd")
+SELECTIONS = ("robust", "last")
 
 
 @dataclass(frozen=True)
@@ -55,7 +80,7 @@ class TrainConfig:
 
     Attributes:
         epochs, batch_size: the plan. Progress-based schedules make results comparable across batch sizes.
-        optimizer: "sgd" (momentum, nesterov off) or "adam".
+        optimizer: "sgd" (momentum, nesterov off), "adam" or "lamb" (:class:`~robustlab.training.optim.Lamb`).
         lr, momentum, weight_decay: optimizer settings.
         schedule: "piecewise", "cyclic", "cosine" or "constant"; milestones/lr_decay (piecewise), cyclic_peak
             (cyclic) and warmup (a fraction of training) shape it.
@@ -104,40 +129,26 @@ class TrainConfig:
     checkpoint_every: int | None = None
 
     def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid option."""
         for name in ("epochs", "batch_size", "val_examples", "val_attack_steps", "stats_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.checkpoint_every is not None and (
-            isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int)
-            or self.checkpoint_every < 1
-        ):  # fmt: skip
-            raise ConfigError(f"checkpoint_every must be a positive integer or None, got {self.checkpoint_every!r}")
-        if self.optimizer not in ("sgd", "adam", "lamb"):
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose sgd, adam or lamb")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("checkpoint_every", self.checkpoint_every, allow_none=True)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_number("lr", self.lr, low=0, low_open=True)
         for name in ("weight_decay", "momentum"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.val_attack not in ("quick", "pgd"):
-            raise ConfigError(
-                f"val_attack must be 'quick' (the quick evaluation suite) or 'pgd', got {self.val_attack!r}"
-            )
-        if self.co_policy not in CO_POLICIES:
-            raise ConfigError(f"co_policy must be one of {', '.join(CO_POLICIES)}, got {self.co_policy!r}")
-        if self.select not in ("robust", "last"):
-            raise ConfigError(f"select must be 'robust' or 'last', got {self.select!r}")
-        if not 0 < self.co_drop < 1:
-            raise ConfigError(f"co_drop must be in (0, 1), got {self.co_drop!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+            check_number(name, getattr(self, name), low=0)
         lr_multiplier(
             self.schedule, milestones=self.milestones, decay=self.lr_decay, peak=self.cyclic_peak, warmup=self.warmup
         )
+        check_choice("val_attack", self.val_attack, VALIDATION_ATTACKS)
+        check_choice("co_policy", self.co_policy, CO_POLICIES)
+        if self.co_policy == "switch":
+            objective_info(self.co_switch_to)  # an unknown method fails now, not when overfitting is detected
+        check_choice("select", self.select, SELECTIONS)
+        check_fraction("co_drop", self.co_drop)
+        check_fraction("val_fraction", self.val_fraction)
+        if self.grad_clip is not None:
+            check_number("grad_clip", self.grad_clip, low=0, low_open=True)
 
 
 @dataclass
@@ -233,104 +244,14 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def _rng_state(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    for name, generator in generators.items():
-        state[name] = generator.get_state()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for name, generator in generators.items():
-        generator.set_state(state[name])
-
-
-def _validation_attack(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, attack: str, steps: int, seed: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(broken by PGD, broken by the validation attack, adversarial inputs) on one batch.
-
-    PGD always runs: catastrophic-overfitting detection is calibrated on its accuracy. With ``attack="quick"`` the
-    quick evaluation suite then runs on what PGD left, as a cascade keeping the per-example worst case.
-    """
-    import robustlab
-    from robustlab.evaluation.suites import get_suite
-
-    pgd = robustlab.attack(
-        model, x, y, threat, method="pgd", steps=steps, rel_step_size=0.25, early_stop=True, seed=seed
-    )
-    broken, x_adv = pgd.success.clone(), pgd.x_adv.clone()
-    if attack == "pgd":
-        return pgd.success, broken, x_adv
-    for step in get_suite(attack, threat.norm).steps:
-        left = (~broken).nonzero().flatten()
-        if left.numel() == 0:
-            break
-        options: dict[str, Any] = dict(step.options)
-        result = robustlab.attack(model, x[left], y[left], threat, method=step.method, seed=seed, **options)
-        broken[left] = result.success
-        x_adv[left] = torch.where(result.success.reshape((-1,) + (1,) * (x.dim() - 1)), result.x_adv, x_adv[left])
-    return pgd.success, broken, x_adv
-
-
-def validate_model(
-    model: nn.Module,
-    data: ArrayDataset,
-    threat: ThreatModel,
-    *,
-    steps: int,
-    batch_size: int,
-    seed: int,
-    world: int = 1,
-    rank: int = 0,
-    attack: str = "pgd",
-) -> dict[str, float]:
-    """Clean, FGSM and robust accuracy and stability on ``data``.
-
-    The robust accuracy is under the quick evaluation suite (``attack="quick"``, its attacks in cascade, worst case
-    per example) or PGD (``attack="pgd"``: ``steps`` steps of eps/4, early stop).
-
-    With several processes each takes every ``world``-th batch and the counts are summed, so every rank gets the
-    single-process numbers.
-    """
-    import robustlab  # the attacks, imported late to keep training importable on its own
-
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    correct = fgsm_correct = pgd_correct = robust = stable = 0
-    total = len(data)
-    with model_mode(model, "eval"):
-        for number, start in enumerate(range(0, total, batch_size)):
-            if number % world != rank:
-                continue
-            x = data.x[start : start + batch_size].to(device)
-            y = data.y[start : start + batch_size].to(device)
-            with torch.no_grad():
-                clean_pred = model(x).argmax(1)
-            pgd_broken, broken, x_adv = _validation_attack(model, x, y, threat, attack, steps, seed + start)
-            fgsm = robustlab.attack(model, x, y, threat, method="fgsm", seed=seed + start)
-            with torch.no_grad():
-                adv_pred = model(x_adv).argmax(1)
-            correct += int((clean_pred == y).sum())
-            robust += int(((clean_pred == y) & ~broken).sum())
-            pgd_correct += int(((clean_pred == y) & ~pgd_broken).sum())
-            fgsm_correct += int(((clean_pred == y) & ~fgsm.success).sum())
-            stable += int((adv_pred == clean_pred).sum())
-    if world > 1:
-        counts = torch.tensor([correct, robust, pgd_correct, fgsm_correct, stable], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(counts)
-        correct, robust, pgd_correct, fgsm_correct, stable = (int(v) for v in counts.tolist())
-    return {
-        "val_clean_accuracy": correct / total,
-        "val_robust_accuracy": robust / total,
-        "val_pgd_accuracy": pgd_correct / total,
-        "val_fgsm_accuracy": fgsm_correct / total,
-        "val_stability": stable / total,
-    }
+def _make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    multiplier = lr_multiplier(
+        config.schedule, milestones=config.milestones, decay=config.lr_decay, peak=config.cyclic_peak,
+        warmup=config.warmup,
+    )  # fmt: skip
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step / max(total_steps, 1)))
 
 
 def distributed_context(device: torch.device) -> tuple[int, int]:
@@ -340,51 +261,391 @@ def distributed_context(device: torch.device) -> tuple[int, int]:
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 1, 0
+    if (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return process_group()
     if not dist.is_available():
         raise ConfigError("this PyTorch build has no torch.distributed; run a single process")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_world_size(), dist.get_rank()
+    return process_group()
 
 
-def _reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return dict(zip(keys, tensor.tolist()))
+def _append_epoch(history: dict[str, list[float]], record: dict[str, float], scalars: dict[str, float]) -> None:
+    """One epoch's record and objective scalars appended to ``history``; NaN where a series has no value."""
+    for key in HISTORY_KEYS:
+        history[key].append(record.get(key, math.nan))
+    recorded = len(history["epoch"])
+    for name, value in scalars.items():
+        history.setdefault(name, [math.nan] * (recorded - 1)).append(value)
+    for values in history.values():  # a scalar the objective did not report this epoch (e.g. after a switch)
+        if len(values) < recorded:
+            values.append(math.nan)
 
 
-def catastrophic_overfitting(robust: float, peak: float, fgsm: float, drop: float) -> bool:
-    """Whether validation accuracies show catastrophic overfitting (CO) of single-step training.
+class _TrainingRun:
+    """One call of :func:`train`: the live model, optimizer and objective, and the bookkeeping a checkpoint holds.
 
-    Two signatures, both with FGSM accuracy well above PGD accuracy (the one-step attack the model was trained
-    against no longer approximates the worst case):
-
-    - a collapse: PGD accuracy fell more than ``drop`` below its peak so far while FGSM accuracy is more than
-      ``drop / 2`` above it (Wong et al. 2020 stop when PGD accuracy falls by 0.2);
-    - a collapsed state: PGD accuracy below ``drop / 2`` while FGSM accuracy is more than ``drop`` above it. This
-      catches CO that set in before the first validation (FGSM training at a large eps never becomes robust, yet
-      FGSM accuracy climbs), which a fall from the peak cannot show. Honest training keeps FGSM and PGD accuracy
-      within a few points of each other, also early on when both are low;
-    - a split: FGSM accuracy more than ``2 * drop`` above PGD accuracy at any level. A run that overfit before its
-      first validation and then crept back to a PGD accuracy of ~0.3 (FGSM 0.9) shows neither a fall nor a
-      near-zero state. In the training benchmark's honest runs the gap stayed below 0.3.
+    Phases: set-up (``__init__``), :meth:`resume`, then per epoch :meth:`train_epoch` (of :meth:`train_step`) and
+    :meth:`end_epoch` (:meth:`validate`, :meth:`select`, :meth:`handle_overfitting`, :meth:`checkpoint`), and
+    :meth:`finish`. Checkpoints are :class:`TrainState` snapshots (:meth:`snapshot`, :meth:`restore`).
     """
-    fell = robust < peak - drop and fgsm - robust > drop / 2
-    collapsed = robust < drop / 2 and fgsm - robust > drop
-    split = fgsm - robust > 2 * drop
-    return fell or collapsed or split
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: ArrayDataset,
+        val_data: ArrayDataset,
+        objective: Objective,
+        threat: ThreatModel,
+        config: TrainConfig,
+        *,
+        progress: bool,
+        callbacks: Sequence[Callable[[dict[str, Any]], None]],
+    ) -> None:
+        self.config, self.threat, self.data, self.val_data = config, threat, data, val_data
+        self.model, self.objective, self.callbacks = model, objective, callbacks
+        self.device = model_device(model) or torch.device("cpu")
+        self.world, self.rank = distributed_context(self.device)
+        self.train_model = self._distributed_model()
+        self.lead = self.rank == 0
+        self.show_progress = progress and self.lead
+        self.steps_per_epoch = math.ceil(len(data) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.optimizer = _make_optimizer(model, config)
+        self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
+        # Seeded in this order (data, attack, global) so runs with the same seed are bit-identical.
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.attack_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 7919 * self.rank)
+        torch.manual_seed(config.seed + 2 + 7919 * self.rank)
+        self._set_up_objective()
+        # What a checkpoint restores.
+        self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
+        self.events: list[dict[str, Any]] = []
+        self.methods: list[str] = []
+        self.best = BestWeights()
+        self.totals = EpochTotals()
+        self.start_epoch, self.start_batch = 0, 0
+        self.epoch_data_state = self.data_generator.get_state()
+        self.identity = {
+            "method": objective.name, "threat": str(threat), "epochs": config.epochs,
+            "batch_size": config.batch_size, "train_examples": len(data), "seed": config.seed,
+            "world_size": self.world,
+        }  # fmt: skip
+        self.state_path: Path | None = None
+        self.log = ScalarLog(None)
+        self.stopped_early = False
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _distributed_model(self) -> nn.Module:
+        """The module the objective steps through: ``model`` itself, or its DDP wrapper under torchrun."""
+        if self.world > 1 and self.objective.per_example_state:
+            raise ConfigError(
+                f"{self.objective.name} keeps per-example state across epochs, which distributed training does not "
+                "shard yet; train it in a single process"
+            )
+        if self.config.batch_size % self.world:
+            raise ConfigError(
+                f"the global batch size {self.config.batch_size} must be divisible by the {self.world} processes"
+            )
+        if self.world == 1:
+            return self.model
+        # DDP averages the ranks' gradients: with equal shards of each global batch that is the gradient of the
+        # mean loss over the global batch, as in a single process.
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _set_up_objective(self) -> None:
+        self.objective.setup(self.model, len(self.data), tuple(self.data.x.shape[1:]), self.device)
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"data": self.data_generator, "attack": self.attack_generator}
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def resume(self, checkpoint_dir: str | Path | None, resume: bool) -> None:
+        """Continue from the state in ``checkpoint_dir`` if there is one and ``resume``; else start afresh there."""
+        directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.state_path = directory / STATE_FILE
+        path = self.state_path
+        if path is not None and path.exists():
+            if resume:
+                self.restore(TrainState.load(path, identity=self.identity, map_location=self.device), path)
+            elif self.lead:
+                path.unlink()
+        if self.world > 1:
+            torch.distributed.barrier()
+        self.log = ScalarLog(directory if self.lead else None)
+
+    def restore(self, state: TrainState, path: Path) -> None:
+        """Put the run where ``state`` (read from ``path``) left it."""
+        with reading_state(path):
+            self.model.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+            if self.scaler is not None and state.scaler is not None:
+                self.scaler.load_state_dict(state.scaler)
+            if state.method != self.objective.name:  # the "switch" policy changed method before the checkpoint
+                self.objective = build_objective(state.method, self.threat, **state.method_options)
+                self._set_up_objective()
+            self.objective.load_state_dict(state.objective)
+            self.history, self.events, self.methods = state.history, state.events, state.methods
+            self.best, self.totals = state.best, state.running
+            self.start_epoch, self.start_batch = state.epoch, state.batch
+            self.epoch_data_state = state.epoch_data_state
+            restore_rng(state.rng[self.rank], self.generators)
+
+    def snapshot(self, epoch: int, batch: int, rng: list[dict[str, Any]]) -> TrainState:
+        """The state to resume at ``(epoch, batch)``, with every process's random states ``rng``."""
+        return TrainState(
+            identity=self.identity, epoch=epoch, batch=batch, model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None, method=self.objective.name,
+            method_options=dataclasses.asdict(self.objective.config), objective=self.objective.state_dict(),
+            history=self.history, events=self.events, methods=self.methods, best=self.best, running=self.totals,
+            epoch_data_state=self.epoch_data_state, rng=rng,
+        )  # fmt: skip
+
+    def checkpoint(self, epoch: int, batch: int) -> None:
+        """Save the state to resume at ``(epoch, batch)`` (the lead process writes it; all take part)."""
+        if self.state_path is None:
+            return
+        rng: list[Any] = [capture_rng(self.generators)]
+        if self.world > 1:  # every rank's generators, so each resumes its own stream
+            rng = [None] * self.world
+            torch.distributed.all_gather_object(rng, capture_rng(self.generators))
+        if self.lead:
+            self.snapshot(epoch, batch, rng).save(self.state_path)
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    # --------------------------------------------------------------------------------------- training
+    def run(self) -> TrainResult:
+        """Train from where :meth:`resume` left the run to the end of the plan (or an early stop)."""
+        started = time.perf_counter()
+        try:
+            for epoch in range(self.start_epoch, self.config.epochs):
+                self.train_epoch(epoch)
+                if not self.end_epoch(epoch):
+                    break
+        finally:
+            self.log.close()
+        return self.finish(started)
+
+    def train_epoch(self, epoch: int) -> None:
+        """The optimizer steps of one epoch (from the saved batch when resuming mid-epoch)."""
+        from tqdm.auto import tqdm
+
+        first_batch = self.start_batch if epoch == self.start_epoch else 0
+        if first_batch == 0:
+            self.epoch_data_state = self.data_generator.get_state()
+            self.totals = EpochTotals()
+        # The epoch's order is regenerated from the state saved at its start, so a resume mid-epoch sees the same
+        # batches; the generator ends in the same state either way.
+        self.data_generator.set_state(self.epoch_data_state)
+        order = torch.randperm(len(self.data), generator=self.data_generator)
+        bar = tqdm(
+            range(first_batch, self.steps_per_epoch), desc=f"epoch {epoch + 1}/{self.config.epochs} "
+            f"[{self.objective.name}]", unit="batch", disable=not self.show_progress, leave=False,
+        )  # fmt: skip
+        self.model.train()
+        clock = time.perf_counter()
+        for batch in bar:
+            loss = self.train_step(epoch, batch, order)
+            step = epoch * self.steps_per_epoch + batch
+            bar.set_postfix(loss=f"{self.totals.loss / self.totals.seen:.3f}")
+            self.log.add("train/loss", loss, step)
+            for callback in self.callbacks:
+                callback({"epoch": epoch, "step": step, "batch": batch, "loss": loss})
+            every = self.config.checkpoint_every
+            if every is not None and (step + 1) % every == 0:
+                self.totals.seconds += time.perf_counter() - clock
+                clock = time.perf_counter()
+                self.checkpoint(epoch, batch + 1)
+        bar.close()
+        self.totals.seconds += time.perf_counter() - clock
+        self.start_batch = 0
+
+    def train_step(self, epoch: int, batch: int, order: Tensor) -> float:
+        """One optimizer step on batch ``batch`` of the epoch's ``order``; returns its loss."""
+        cfg = self.config
+        index = order[batch * cfg.batch_size : (batch + 1) * cfg.batch_size][self.rank :: self.world]
+        x = self.data.x[index].to(self.device, non_blocking=True)
+        y = self.data.y[index].to(self.device, non_blocking=True)
+        step = epoch * self.steps_per_epoch + batch
+        context = StepContext(
+            index=index.to(self.device), epoch=epoch, step=step, epochs=cfg.epochs, generator=self.attack_generator,
+            progress=step / self.total_steps,
+        )  # fmt: skip
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.use_amp):
+            output: StepOutput = self.objective.step(self.train_model, x, y, context)
+        if not torch.isfinite(output.loss):
+            raise FloatingPointError(
+                f"the {self.objective.name} loss became {float(output.loss.detach())} at epoch {epoch + 1}, "
+                f"step {batch + 1}; lower the learning rate"
+            )
+        measure = step % cfg.stats_every == 0
+        grad_norm = self._update_weights(output.loss, measure)
+        self._record_step(output, x, y, measure, grad_norm)
+        return float(output.loss.detach())
+
+    def _update_weights(self, loss: Tensor, measure: bool) -> float | None:
+        """Backward, clip, optimizer and schedule step; the gradient norm when ``measure`` (or clipping)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        grad_norm: float | None = None
+        if self.config.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            grad_norm = float(norm) if measure else None
+        elif measure:
+            norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm
+
+    def _record_step(self, output: StepOutput, x: Tensor, y: Tensor, measure: bool, grad_norm: float | None) -> None:
+        """Add the step's loss, accuracy, attack strength, gradient norm and the objective's scalars to the totals."""
+        totals = self.totals
+        if grad_norm is not None:
+            totals.grad_norm += grad_norm
+            totals.grad_n += 1
+        logits = output.logits_adv if output.logits_adv is not None else output.logits_clean
+        totals.loss += float(output.loss.detach()) * len(y)
+        if logits is not None:
+            totals.correct += float((logits.argmax(1) == y).sum())
+        totals.seen += len(y)
+        if measure and output.x_adv is not None:  # the training attack's cross-entropy increase, after the step
+            with torch.no_grad(), model_mode(self.model, "eval"):
+                increase = F.cross_entropy(self.model(output.x_adv), y) - F.cross_entropy(self.model(x), y)
+            totals.increase += float(increase)
+            totals.increase_n += 1
+        totals.add_scalars(output.scalars)
+
+    # ------------------------------------------------------------------------------------- end of epoch
+    def end_epoch(self, epoch: int) -> bool:
+        """Validate, record, select, react to catastrophic overfitting, checkpoint; False when the run stops."""
+        metrics = self.validate(epoch)
+        self.record_epoch(epoch, metrics)
+        self.objective.end_epoch(epoch, self.history)
+        self.select(epoch, metrics["val_robust_accuracy"])
+        stop = self.handle_overfitting(epoch, metrics)
+        self.stopped_early = stop
+        self.checkpoint(epoch + 1, 0)
+        return not stop
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Validation metrics of the current weights; the epoch's totals summed over processes."""
+        cfg = self.config
+        metrics = validate_model(
+            self.model, self.val_data, self.threat, steps=cfg.val_attack_steps, batch_size=500,
+            seed=cfg.seed + 1000 * epoch, world=self.world, rank=self.rank, attack=cfg.val_attack,
+        )  # fmt: skip
+        self.model.train()
+        if self.world > 1:  # every rank logs and decides on the same, global numbers
+            self.totals = self.totals.reduced(self.world, self.device)
+        return metrics
+
+    def record_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Append the epoch to the history and the scalar log."""
+        totals = self.totals
+        seen = max(totals.seen, 1.0)
+        record: dict[str, float] = {
+            "epoch": float(epoch),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "train_loss": totals.loss / seen,
+            "train_accuracy": totals.correct / seen,
+            "attack_loss_increase": totals.increase / totals.increase_n if totals.increase_n else math.nan,
+            "grad_norm": totals.grad_norm / totals.grad_n if totals.grad_n else math.nan,
+            "epoch_seconds": totals.seconds,
+            **metrics,
+        }
+        scalars = totals.scalar_means()
+        _append_epoch(self.history, record, scalars)
+        for name, value in scalars.items():
+            self.log.add(f"epoch/{name}", value, epoch)
+        self.methods.append(self.objective.name)
+        for key, value in record.items():
+            self.log.add(f"epoch/{key}", value, epoch)
+
+    def select(self, epoch: int, robust: float) -> None:
+        """Keep a copy of the weights if they are the best so far (or always, with ``select="last"``)."""
+        if robust > self.best.metric or self.config.select == "last":
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = BestWeights(epoch=epoch, metric=robust, weights=weights)
+
+    def handle_overfitting(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Detect catastrophic overfitting and apply the policy (warn, stop, switch); True when the run stops."""
+        cfg = self.config
+        # CO is judged on PGD accuracy (what the criterion is calibrated on), whatever the validation attack.
+        pgd, fgsm = metrics["val_pgd_accuracy"], metrics["val_fgsm_accuracy"]
+        peak = max(self.history["val_pgd_accuracy"])  # the peak so far, whatever select keeps
+        if not (catastrophic_overfitting(pgd, peak, fgsm, cfg.co_drop) and self.objective.adversarial):
+            return False
+        self.events.append(
+            {"epoch": epoch, "method": self.objective.name, "val_pgd_accuracy": pgd, "best_val_pgd_accuracy": peak,
+             "val_fgsm_accuracy": fgsm, "action": cfg.co_policy}
+        )  # fmt: skip
+        action = {
+            "warn": "continuing (co_policy='stop' restores the best weights and stops)",
+            "stop": "restoring the best weights and stopping",
+            "switch": f"restoring the best weights and switching to {cfg.co_switch_to}",
+        }[cfg.co_policy]
+        warnings.warn(
+            f"catastrophic overfitting at epoch {epoch + 1} of {self.objective.name}: validation PGD accuracy is "
+            f"{100 * pgd:.1f}% (best {100 * peak:.1f}%) while FGSM accuracy is {100 * fgsm:.1f}%; {action}",
+            stacklevel=5,  # the caller of train(): handle_overfitting < end_epoch < run < train < caller
+        )
+        if cfg.co_policy in ("stop", "switch") and self.best.weights is not None:
+            self.model.load_state_dict(self.best.weights)
+        if cfg.co_policy == "switch" and self.objective.name != normalize_name(cfg.co_switch_to):
+            self.objective = build_objective(cfg.co_switch_to, self.threat)
+            self._set_up_objective()
+        return cfg.co_policy == "stop"
+
+    def finish(self, started: float) -> TrainResult:
+        """The selected weights in eval mode, and what the run recorded."""
+        if self.best.weights is not None and self.config.select == "robust":
+            self.model.load_state_dict(self.best.weights)
+        self.model.eval()
+        return TrainResult(
+            model=self.model, history=self.history, best_epoch=int(self.best.epoch), events=self.events,
+            wall_time=time.perf_counter() - started, methods=self.methods, config=self.config,
+            stopped_early=self.stopped_early,
+        )  # fmt: skip
 
 
-def _state_matches(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
-    for key, value in expected.items():
-        if saved.get(key) != value:
-            return f"{key}: checkpoint has {saved.get(key)!r}, this run asks for {value!r}"
-    return None
+def _objective_for(method: Objective | str, threat: ThreatModel, options: dict[str, Any]) -> Objective:
+    if not isinstance(threat, ThreatModel):
+        raise ConfigError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
+    objective = build_objective(method, threat, **options) if isinstance(method, str) else method
+    if options and not isinstance(method, str):
+        raise ConfigError("method options are only accepted with a method name")
+    return objective
+
+
+def _split_data(
+    data: ArrayDataset, val_data: ArrayDataset | None, threat: ThreatModel, config: TrainConfig
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(training part, validation examples): a held-out split of ``data`` unless ``val_data`` is given."""
+    if not isinstance(data, ArrayDataset):
+        raise InvalidInputError(f"data must be a robustlab ArrayDataset, got {type(data).__name__}")
+    threat.check_inputs(data.x[:512], name="training data")
+    if val_data is None:
+        data, val_data = train_val_split(data, config.val_fraction, seed=config.seed)
+    return data, val_data.head(config.val_examples)
 
 
 def train(
@@ -419,332 +680,8 @@ def train(
     """
     config = config or TrainConfig()
     config.validate()
-    if not isinstance(threat, ThreatModel):
-        raise ConfigError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
-    objective = build_objective(method, threat, **method_options) if isinstance(method, str) else method
-    if method_options and not isinstance(method, str):
-        raise ConfigError("method options are only accepted with a method name")
-    if not isinstance(data, ArrayDataset):
-        raise InvalidInputError(f"data must be a robustlab ArrayDataset, got {type(data).__name__}")
-    threat.check_inputs(data.x[:512], name="training data")
-    if val_data is None:
-        data, val_data = train_val_split(data, config.val_fraction, seed=config.seed)
-    val_data = val_data.head(config.val_examples)
-
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    world, rank = distributed_context(device)
-    if world > 1 and objective.name in _PER_EXAMPLE_STATE:
-        raise ConfigError(
-            f"{objective.name} keeps per-example state across epochs, which distributed training does not shard "
-            "yet; train it in a single process"
-        )
-    if config.batch_size % world:
-        raise ConfigError(f"the global batch size {config.batch_size} must be divisible by the {world} processes")
-    # DDP averages the ranks' gradients: with equal shards of each global batch that is the gradient of the mean
-    # loss over the global batch, as in a single process.
-    train_model: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    lead = rank == 0
-    progress = progress and lead
-    n = len(data)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    optimizer = _make_optimizer(model, config)
-    multiplier = lr_multiplier(
-        config.schedule, milestones=config.milestones, decay=config.lr_decay, peak=config.cyclic_peak,
-        warmup=config.warmup,
-    )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step / max(total_steps, 1)))
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-
-    data_generator = torch.Generator().manual_seed(config.seed)
-    attack_generator = torch.Generator(device=device).manual_seed(config.seed + 1 + 7919 * rank)
-    torch.manual_seed(config.seed + 2 + 7919 * rank)
-    generators = {"data": data_generator, "attack": attack_generator}
-    objective.setup(model, n, tuple(data.x.shape[1:]), device)
-
-    history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
-    events: list[dict[str, Any]] = []
-    methods: list[str] = []
-    best: dict[str, Any] = {"epoch": -1, "metric": -math.inf, "state": None}
-    start_epoch, start_batch = 0, 0
-    epoch_data_state = data_generator.get_state()
-    running: dict[str, float] = {}
-    identity = {
-        "method": objective.name,
-        "threat": str(threat),
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "train_examples": n,
-        "seed": config.seed,
-        "world_size": world,
-    }
-
-    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    state_path = directory / STATE_FILE if directory is not None else None
-    if directory is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-    if state_path is not None and resume and state_path.exists():
-        fix = "Delete it, or start over with resume=False (CLI: --no-resume)"
-        saved = load_state_file(state_path, what="a training state", fix=fix, map_location=device)
-        if saved.get("format") != STATE_FORMAT:
-            raise ConfigError(f"{state_path} is not a robustlab training state; use another checkpoint directory")
-        mismatch = _state_matches(saved.get("identity", {}), identity)
-        if mismatch is not None:
-            raise ConfigError(
-                f"cannot resume from {state_path}: {mismatch}; use another checkpoint directory or resume=False"
-            )
-        try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            if scaler is not None and saved.get("scaler") is not None:
-                scaler.load_state_dict(saved["scaler"])
-            if saved["method"] != objective.name:  # the "switch" policy changed method before the checkpoint
-                objective = build_objective(saved["method"], threat, **saved.get("method_options", {}))
-                objective.setup(model, n, tuple(data.x.shape[1:]), device)
-            objective.load_state_dict(saved["objective"])
-            history, events, methods, best = saved["history"], saved["events"], saved["methods"], saved["best"]
-            running = saved["running"]
-            start_epoch, start_batch = saved["epoch"], saved["batch"]
-            epoch_data_state = saved["epoch_data_state"]
-            _set_rng_state(saved["rng"][rank], generators)
-        except RobustlabError:
-            raise
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-            raise StateFileError(
-                f"{state_path} is a damaged training state ({type(exc).__name__}: {exc}). {fix}"
-            ) from exc
-    elif state_path is not None and not resume and state_path.exists() and lead:
-        state_path.unlink()
-    if world > 1:
-        torch.distributed.barrier()
-
-    log = ScalarLog(directory if lead else None)
-    started = time.perf_counter()
-    stopped_early = False
-
-    def checkpoint(epoch: int, batch: int) -> None:
-        if state_path is None:
-            return
-        rng: list[Any] = [_rng_state(generators)]
-        if world > 1:  # every rank's generators, so each resumes its own stream
-            rng = [None] * world
-            torch.distributed.all_gather_object(rng, _rng_state(generators))
-        if not lead:
-            torch.distributed.barrier()
-            return
-        payload = {
-            "format": STATE_FORMAT,
-            "identity": identity,
-            "epoch": epoch,
-            "batch": batch,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "method": objective.name,
-            "method_options": dataclasses.asdict(objective.config),
-            "objective": objective.state_dict(),
-            "history": history,
-            "events": events,
-            "methods": methods,
-            "best": best,
-            "running": running,
-            "epoch_data_state": epoch_data_state,
-            "rng": rng,
-        }
-        save_atomic(payload, state_path)
-        if world > 1:
-            torch.distributed.barrier()
-
-    from tqdm.auto import tqdm
-
-    epoch = start_epoch
-    for epoch in range(start_epoch, config.epochs):
-        if epoch != start_epoch or start_batch == 0:
-            epoch_data_state = data_generator.get_state()
-            running = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "increase": 0.0, "increase_n": 0.0,
-                       "grad_norm": 0.0, "grad_n": 0.0, "seconds": 0.0}  # fmt: skip
-            first_batch = 0
-        else:
-            first_batch = start_batch
-        # The epoch's order is regenerated from the state saved at its start, so a resume mid-epoch sees the same
-        # batches; the generator ends in the same state either way.
-        data_generator.set_state(epoch_data_state)
-        order = torch.randperm(n, generator=data_generator)
-        bar = tqdm(
-            range(first_batch, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs} [{objective.name}]",
-            unit="batch", disable=not progress, leave=False,
-        )  # fmt: skip
-        model.train()
-        batch_started = time.perf_counter()
-        for batch in bar:
-            index = order[batch * config.batch_size : (batch + 1) * config.batch_size][rank::world]
-            x = data.x[index].to(device, non_blocking=True)
-            y = data.y[index].to(device, non_blocking=True)
-            global_step = epoch * steps_per_epoch + batch
-            context = StepContext(
-                index=index.to(device),
-                epoch=epoch,
-                step=global_step,
-                epochs=config.epochs,
-                generator=attack_generator,
-                progress=global_step / total_steps,
-            )
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                output: StepOutput = objective.step(train_model, x, y, context)
-            if not torch.isfinite(output.loss):
-                raise FloatingPointError(
-                    f"the {objective.name} loss became {float(output.loss.detach())} at epoch {epoch + 1}, "
-                    f"step {batch + 1}; "
-                    "lower the learning rate"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(output.loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                output.loss.backward()
-            measure = (global_step % config.stats_every) == 0
-            if config.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if measure:
-                    running["grad_norm"] += float(norm)
-                    running["grad_n"] += 1
-            elif measure:
-                norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-                running["grad_norm"] += float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-                running["grad_n"] += 1
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-
-            logits = output.logits_adv if output.logits_adv is not None else output.logits_clean
-            running["loss"] += float(output.loss.detach()) * len(y)
-            if logits is not None:
-                running["correct"] += float((logits.argmax(1) == y).sum())
-            running["seen"] += len(y)
-            if measure and output.x_adv is not None:
-                with torch.no_grad(), model_mode(model, "eval"):
-                    increase = F.cross_entropy(model(output.x_adv), y) - F.cross_entropy(model(x), y)
-                running["increase"] += float(increase)
-                running["increase_n"] += 1
-            for key, value in output.scalars.items():
-                running[f"scalar:{key}"] = running.get(f"scalar:{key}", 0.0) + value
-                running[f"count:{key}"] = running.get(f"count:{key}", 0.0) + 1
-            bar.set_postfix(loss=f"{running['loss'] / running['seen']:.3f}")
-            log.add("train/loss", float(output.loss.detach()), global_step)
-            for callback in callbacks:
-                callback({"epoch": epoch, "step": global_step, "batch": batch, "loss": float(output.loss.detach())})
-            if config.checkpoint_every is not None and (global_step + 1) % config.checkpoint_every == 0:
-                running["seconds"] += time.perf_counter() - batch_started
-                batch_started = time.perf_counter()
-                checkpoint(epoch, batch + 1)
-        bar.close()
-        running["seconds"] += time.perf_counter() - batch_started
-        start_batch = 0
-
-        # ---------------------------------------------------------------- end of epoch
-        metrics = validate_model(
-            model, val_data, threat, steps=config.val_attack_steps, batch_size=500, seed=config.seed + 1000 * epoch,
-            world=world, rank=rank, attack=config.val_attack,
-        )  # fmt: skip
-        model.train()
-        if world > 1:  # every rank logs and decides on the same, global numbers
-            running = _reduce_sum(running, device)
-            for key in ("grad_norm", "grad_n", "increase", "increase_n", "seconds"):
-                running[key] = running[key] / world
-        seen = max(running["seen"], 1.0)
-        record: dict[str, float] = {
-            "epoch": float(epoch),
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "train_loss": running["loss"] / seen,
-            "train_accuracy": running["correct"] / seen,
-            "attack_loss_increase": running["increase"] / running["increase_n"] if running["increase_n"] else math.nan,
-            "grad_norm": running["grad_norm"] / running["grad_n"] if running["grad_n"] else math.nan,
-            "epoch_seconds": running["seconds"],
-            **metrics,
-        }
-        for key in HISTORY_KEYS:
-            history[key].append(record.get(key, math.nan))
-        epochs_recorded = len(history["epoch"])
-        for key in list(running):
-            if key.startswith("scalar:"):
-                name = key.split(":", 1)[1]
-                value = running[key] / running[f"count:{name}"]
-                history.setdefault(name, [math.nan] * (epochs_recorded - 1)).append(value)
-                log.add(f"epoch/{name}", value, epoch)
-        for values in history.values():  # a scalar the objective did not report this epoch (e.g. after a switch)
-            if len(values) < epochs_recorded:
-                values.append(math.nan)
-        methods.append(objective.name)
-        for key, value in record.items():
-            log.add(f"epoch/{key}", value, epoch)
-        objective.end_epoch(epoch, history)
-
-        robust = metrics["val_robust_accuracy"]
-        if robust > best["metric"] or config.select == "last":
-            best = {
-                "epoch": epoch,
-                "metric": robust,
-                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            }
-        # CO is judged on PGD accuracy (what the criterion is calibrated on), whatever the validation attack.
-        pgd_accuracy = metrics["val_pgd_accuracy"]
-        peak = max(history["val_pgd_accuracy"])  # the peak so far, whatever select keeps
-        if catastrophic_overfitting(pgd_accuracy, peak, metrics["val_fgsm_accuracy"], config.co_drop) and (
-            objective.adversarial
-        ):
-            event = {
-                "epoch": epoch,
-                "method": objective.name,
-                "val_pgd_accuracy": pgd_accuracy,
-                "best_val_pgd_accuracy": peak,
-                "val_fgsm_accuracy": metrics["val_fgsm_accuracy"],
-                "action": config.co_policy,
-            }
-            events.append(event)
-            warnings.warn(
-                f"catastrophic overfitting at epoch {epoch + 1} of {objective.name}: validation PGD accuracy is "
-                f"{100 * pgd_accuracy:.1f}% (best {100 * peak:.1f}%) while FGSM accuracy is "
-                f"{100 * metrics['val_fgsm_accuracy']:.1f}%; "
-                + {
-                    "warn": "continuing (co_policy='stop' restores the best weights and stops)",
-                    "stop": "restoring the best weights and stopping",
-                    "switch": f"restoring the best weights and switching to {config.co_switch_to}",
-                }[config.co_policy],
-                stacklevel=2,
-            )
-            if config.co_policy in ("stop", "switch") and best["state"] is not None:
-                model.load_state_dict(best["state"])
-            if config.co_policy == "stop":
-                stopped_early = True
-                checkpoint(epoch + 1, 0)
-                break
-            if config.co_policy == "switch" and objective.name != config.co_switch_to:
-                objective = build_objective(config.co_switch_to, threat)
-                objective.setup(model, n, tuple(data.x.shape[1:]), device)
-        checkpoint(epoch + 1, 0)
-
-    log.close()
-    if best["state"] is not None and config.select == "robust":
-        model.load_state_dict(best["state"])
-    model.eval()
-    return TrainResult(
-        model=model,
-        history=history,
-        best_epoch=int(best["epoch"]),
-        events=events,
-        wall_time=time.perf_counter() - started,
-        methods=methods,
-        config=config,
-        stopped_early=stopped_early,
-    )
+    objective = _objective_for(method, threat, method_options)
+    data, val_data = _split_data(data, val_data, threat, config)
+    run = _TrainingRun(model, data, val_data, objective, threat, config, progress=progress, callbacks=callbacks)
+    run.resume(checkpoint_dir, resume)
+    return run.run()

@@ -16,12 +16,11 @@ import torch
 from torch import Tensor
 
 from robustlab.threat import ThreatModel
-from robustlab.utils import model_mode
 
-__all__ = ["input_gradient", "model_mode", "pgd_perturb"]
+__all__ = ["BatchNormMode", "input_gradient", "pgd_perturb"]
 
 LossOfInput = Callable[[Tensor], Tensor]
-BatchNormMode = Literal["train", "eval"]  # the modes model_mode (robustlab.utils) takes
+BatchNormMode = Literal["train", "eval"]  # the modes robustlab.utils.model_mode takes
 
 
 def input_gradient(loss_of_input: LossOfInput, x: Tensor, *, create_graph: bool = False) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from robustlab.report import Report, Section, line_plot
 from robustlab.training.loop import TrainResult
@@ -50,49 +51,55 @@ def training_section(
         "the loop's validation attack (the quick suite by default). The selected epoch is the one whose weights the "
         "run returned."
     )
-    rows = []
-    for label, result in runs.items():
-        history, best = result.history, result.best_epoch
-        methods = " → ".join(dict.fromkeys(result.methods)) or "–"
-        rows.append(
-            [
-                label,
-                methods,
-                len(history.get("epoch", [])),
-                best + 1,
-                _percent(history["val_clean_accuracy"][best]) if best >= 0 else "–",
-                _percent(history["val_robust_accuracy"][best]) if best >= 0 else "–",
-                _percent(history["val_robust_accuracy"][-1]) if history.get("val_robust_accuracy") else "–",
-                f"{_training_seconds(result):.0f}",
-                len(result.events),
-            ]
-        )
-    section.table(
-        [
-            "run",
-            "method",
-            "epochs",
-            "selected epoch",
-            "val clean (selected)",
-            "val PGD (selected)",
-            "val PGD (last)",
-            "training s",
-            "CO events",
-        ],
-        rows,
-    )
+    section.table(SUMMARY_COLUMNS, [_summary_row(label, result) for label, result in runs.items()])
     events = [(label, event) for label, result in runs.items() for event in result.events]
     if events:
-        section.text(
-            "Catastrophic overfitting detected: "
-            + "; ".join(
-                f"{label}, epoch {event['epoch'] + 1}: validation PGD accuracy "
-                f"{_percent(event['val_pgd_accuracy'])} (best {_percent(event['best_val_pgd_accuracy'])}), "
-                f"FGSM {_percent(event['val_fgsm_accuracy'])}, action '{event['action']}'"
-                for label, event in events
-            ),
-            note=True,
-        )
+        section.text("Catastrophic overfitting detected: " + "; ".join(_describe_event(*e) for e in events), note=True)
+    _add_curves(section, runs)
+    report.data.setdefault("training", {}).update({label: result.summary() for label, result in runs.items()})
+    return section
+
+
+SUMMARY_COLUMNS = [
+    "run",
+    "method",
+    "epochs",
+    "selected epoch",
+    "val clean (selected)",
+    "val PGD (selected)",
+    "val PGD (last)",
+    "training s",
+    "CO events",
+]
+
+
+def _summary_row(label: str, result: TrainResult) -> list[object]:
+    """One run's row of the summary table (:data:`SUMMARY_COLUMNS`)."""
+    history, best = result.history, result.best_epoch
+    return [
+        label,
+        " → ".join(dict.fromkeys(result.methods)) or "–",
+        len(history.get("epoch", [])),
+        best + 1,
+        _percent(history["val_clean_accuracy"][best]) if best >= 0 else "–",
+        _percent(history["val_robust_accuracy"][best]) if best >= 0 else "–",
+        _percent(history["val_robust_accuracy"][-1]) if history.get("val_robust_accuracy") else "–",
+        f"{_training_seconds(result):.0f}",
+        len(result.events),
+    ]
+
+
+def _describe_event(label: str, event: Mapping[str, Any]) -> str:
+    """A catastrophic-overfitting event of the loop (:meth:`_TrainingRun.handle_overfitting`) in words."""
+    return (
+        f"{label}, epoch {event['epoch'] + 1}: validation PGD accuracy {_percent(event['val_pgd_accuracy'])} "
+        f"(best {_percent(event['best_val_pgd_accuracy'])}), FGSM {_percent(event['val_fgsm_accuracy'])}, "
+        f"action '{event['action']}'"
+    )
+
+
+def _add_curves(section: Section, runs: Mapping[str, TrainResult]) -> None:
+    """Validation accuracy curves (robust, PGD, clean, FGSM) and the training loss, per epoch, one line a run."""
     for key, name in (
         ("val_robust_accuracy", "validation robust accuracy"),
         ("val_pgd_accuracy", "validation PGD accuracy"),
@@ -110,5 +117,3 @@ def training_section(
             line_plot(losses, xlabel="epoch", ylabel="training loss", percent=False),
             caption="Training loss of each method (its own objective, so scales differ between methods)",
         )
-    report.data.setdefault("training", {}).update({label: result.summary() for label, result in runs.items()})
-    return section

@@ -11,19 +11,68 @@ depend on the batch size or data set size:
 - ``cosine``: ``(1 + cos(pi t)) / 2``.
 
 ``warmup`` (a fraction of training) ramps the multiplier linearly from 0, as the large-batch recipe of
-distributed adversarial training prescribes.
+distributed adversarial training prescribes. The schedules are registered in :data:`SCHEDULE_REGISTRY` (names
+normalized like every registry's).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from robustlab.errors import ConfigError
+from robustlab.registry import Registry
 
-__all__ = ["SCHEDULES", "lr_multiplier"]
+__all__ = ["SCHEDULES", "SCHEDULE_REGISTRY", "ScheduleInfo", "ScheduleParameters", "lr_multiplier"]
 
-SCHEDULES = ("constant", "piecewise", "cyclic", "cosine")
+
+@dataclass(frozen=True)
+class ScheduleParameters:
+    """What shapes a schedule: piecewise ``milestones`` and ``decay``, the cyclic ``peak``."""
+
+    milestones: Sequence[float]
+    decay: float
+    peak: float
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """A registered schedule: ``shape(t, parameters)`` is its multiplier before warm-up."""
+
+    name: str
+    shape: Callable[[float, ScheduleParameters], float]
+    summary: str
+
+
+SCHEDULE_REGISTRY: Registry[ScheduleInfo] = Registry("schedule")
+
+
+def _constant(t: float, p: ScheduleParameters) -> float:
+    return 1.0
+
+
+def _piecewise(t: float, p: ScheduleParameters) -> float:
+    return p.decay ** sum(1 for m in p.milestones if t >= m)
+
+
+def _cyclic(t: float, p: ScheduleParameters) -> float:
+    return t / p.peak if t <= p.peak else max(0.0, (1.0 - t) / (1.0 - p.peak))
+
+
+def _cosine(t: float, p: ScheduleParameters) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+_BUILT_IN = (
+    ScheduleInfo("constant", _constant, "the base rate throughout"),
+    ScheduleInfo("piecewise", _piecewise, "times decay at each milestone"),
+    ScheduleInfo("cyclic", _cyclic, "one cycle: up to the base rate at peak, down to 0 at the end"),
+    ScheduleInfo("cosine", _cosine, "cosine decay from the base rate to 0"),
+)
+for _schedule in _BUILT_IN:
+    SCHEDULE_REGISTRY.add(_schedule)
+SCHEDULES = tuple(info.name for info in _BUILT_IN)  # the names, in the order the docs list them
 
 
 def lr_multiplier(
@@ -35,27 +84,17 @@ def lr_multiplier(
     warmup: float = 0.0,
 ) -> Callable[[float], float]:
     """The multiplier ``m(t)`` for progress ``t`` in [0, 1] of the schedule ``name``."""
-    if name not in SCHEDULES:
-        raise ConfigError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    info = SCHEDULE_REGISTRY.get(name)
     if not 0.0 <= warmup < 1.0:
         raise ConfigError(f"warm-up must be a fraction of training in [0, 1), got {warmup!r}")
-    if name == "cyclic" and not 0.0 < peak < 1.0:
+    if info.name == "cyclic" and not 0.0 < peak < 1.0:
         raise ConfigError(f"the cyclic schedule's peak must be in (0, 1), got {peak!r}")
-    if name == "piecewise" and any(not 0.0 < m < 1.0 for m in milestones):
+    if info.name == "piecewise" and any(not 0.0 < m < 1.0 for m in milestones):
         raise ConfigError(f"milestones are fractions of training in (0, 1), got {tuple(milestones)!r}")
-    ordered = sorted(milestones)
-
-    def base(t: float) -> float:
-        if name == "constant":
-            return 1.0
-        if name == "piecewise":
-            return decay ** sum(1 for m in ordered if t >= m)
-        if name == "cyclic":
-            return t / peak if t <= peak else max(0.0, (1.0 - t) / (1.0 - peak))
-        return 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+    parameters = ScheduleParameters(tuple(milestones), decay, peak)
 
     def multiplier(t: float) -> float:
-        value = base(t)
+        value = info.shape(t, parameters)
         if warmup > 0.0 and t < warmup:
             value *= t / warmup
         return value
