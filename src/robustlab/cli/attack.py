@@ -8,18 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from robustlab.cli.common import (
-    EXIT_OK,
-    HelpFormatter,
-    add_model_data_arguments,
-    check_model_fits_data,
-    device_from,
-    open_model,
-    output_file,
-    parse_option,
-    positive_float,
-    positive_int,
-)
+from robustlab.cli import common
 
 # Common attack options get their own flags; anything else goes through --option KEY=VALUE.
 _COMMON_OPTIONS = ("steps", "restarts", "step_size", "loss", "queries")
@@ -30,20 +19,20 @@ def add_parser(commands: Any) -> None:
         "attack",
         help="attack a model on a data set and report success, distances and queries",
         description="Run one registered attack over a data set. Examples already misclassified count as broken.",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
-    add_model_data_arguments(attack)
+    common.add_model_data_arguments(attack)
     threat = attack.add_argument_group("threat model")
     threat.add_argument("--norm", default="linf", help="linf, l2 or l1")
-    threat.add_argument("--eps", type=positive_float, required=True, help="radius of the perturbation ball")
+    threat.add_argument("--eps", type=common.positive_float, required=True, help="radius of the perturbation ball")
     threat.add_argument("--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"), help="input box")
     method = attack.add_argument_group("attack")
     method.add_argument("--method", default="pgd", help="registered attack name; see 'robustlab list'")
-    method.add_argument("--steps", type=positive_int, help="iterations (attacks that have them)")
-    method.add_argument("--restarts", type=positive_int, help="random restarts (attacks that have them)")
-    method.add_argument("--step-size", type=positive_float, help="absolute step size")
+    method.add_argument("--steps", type=common.positive_int, help="iterations (attacks that have them)")
+    method.add_argument("--restarts", type=common.positive_int, help="random restarts (attacks that have them)")
+    method.add_argument("--step-size", type=common.positive_float, help="absolute step size")
     method.add_argument("--loss", help="ce, margin or dlr")
-    method.add_argument("--queries", type=positive_int, help="query budget per example (black-box attacks)")
+    method.add_argument("--queries", type=common.positive_int, help="query budget per example (black-box attacks)")
     method.add_argument(
         "--targeted",
         choices=["random", "least-likely"],
@@ -53,17 +42,15 @@ def add_parser(commands: Any) -> None:
         "--option",
         "-O",
         action="append",
-        type=parse_option,
+        type=common.parse_option,
         default=[],
         metavar="KEY=VALUE",
         help="any other attack option, e.g. -O early_stop=True (repeatable)",
     )
-    method.add_argument("--seed", type=int, default=0, help="random seed")
     output = attack.add_argument_group("output")
     output.add_argument("--out", help="write the result as JSON to this file")
     output.add_argument("--save-adv", help="write the adversarial examples (x_adv, y, success) to this .npz file")
-    output.add_argument("--quiet", action="store_true", help="no progress bar")
-    attack.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_run_options(attack, seed="random seed")
 
 
 def _attack_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from robustlab.data import load_dataset
     from robustlab.errors import ConfigError
 
-    output_file(args.out, "--out")
-    output_file(args.save_adv, "--save-adv")
+    common.output_file(args.out, "--out")
+    common.output_file(args.save_adv, "--save-adv")
     threat = ThreatModel(args.norm, args.eps, *args.bounds)
     options = _attack_options(args)
-    device = device_from(args.device)
-    model, predict = open_model(args, device, budget=options.get("queries"))
+    device = common.device_from(args.device)
+    model, predict = common.open_model(args, device, budget=options.get("queries"))
     data = load_dataset(args.data, split=args.split, limit=args.limit)
-    model_classes = check_model_fits_data(model, data, args, device)
+    model_classes = common.check_model_fits_data(model, data, args, device)
     x, y = data.x, data.y
     threat.check_inputs(x, name=f"data set {args.data!r}")
 
@@ -162,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.save_adv, "wb") as stream:  # a file object: numpy would append ".npz" to a bare name
             np.savez_compressed(stream, x=result.x_adv.numpy(), y=y.numpy(), success=result.success.numpy())
     print(_human_summary(summary))
-    return EXIT_OK
+    return common.EXIT_OK
 
 
 def _human_summary(summary: dict[str, Any]) -> str:

@@ -8,21 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from robustlab.cli.common import (
-    EXIT_OK,
-    HelpFormatter,
-    add_model_data_arguments,
-    check_model_fits_data,
-    device_from,
-    file_stamp,
-    load_or_none,
-    open_model,
-    output_file,
-    output_folder,
-    positive_float,
-    positive_int,
-    radius,
-)
+from robustlab.cli import common
 
 CERTIFY_CHUNK = 25  # images per checkpointed chunk of randomized-smoothing certification
 
@@ -34,20 +20,24 @@ def add_parser(commands: Any) -> None:
         description="smoothing: Cohen et al.'s CERTIFY with n0/n/alpha on a Gaussian-smoothed model; each radius "
         "holds with probability 1 - alpha. ibp/crown: deterministic verification over the eps ball, compared with "
         "PGD's empirical robust accuracy on the same examples.",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
-    add_model_data_arguments(certify)
+    common.add_model_data_arguments(certify)
     certify.add_argument(
         "--method", choices=["smoothing", "ibp", "crown"], default="smoothing",
         help="smoothing: L2 certificates of the smoothed model; ibp, crown: deterministic bounds",
     )  # fmt: skip
     smoothing = certify.add_argument_group("randomized smoothing")
-    smoothing.add_argument("--sigma", type=positive_float, default=0.25, help="noise standard deviation")
-    smoothing.add_argument("--n0", type=positive_int, default=100, help="samples to select the top class")
-    smoothing.add_argument("--n", type=positive_int, default=10_000, help="samples to estimate its probability")
+    smoothing.add_argument("--sigma", type=common.positive_float, default=0.25, help="noise standard deviation")
+    smoothing.add_argument("--n0", type=common.positive_int, default=100, help="samples to select the top class")
+    smoothing.add_argument("--n", type=common.positive_int, default=10_000, help="samples to estimate its probability")
     smoothing.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
     smoothing.add_argument(
-        "--radii", type=radius, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="radii for the accuracy curve"
+        "--radii",
+        type=common.radius,
+        nargs="+",
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="radii for the accuracy curve",
     )
     smoothing.add_argument(
         "--denoiser",
@@ -56,18 +46,17 @@ def add_parser(commands: Any) -> None:
     )
     bounds = certify.add_argument_group("bound propagation")
     bounds.add_argument("--norm", default="linf", help="linf, l2 or l1")
-    bounds.add_argument("--eps", type=positive_float, default=0.1, help="radius to verify")
-    certify.add_argument("--seed", type=int, default=0, help="random seed of the noise")
+    bounds.add_argument("--eps", type=common.positive_float, default=0.1, help="radius to verify")
     certify.add_argument("--out", help="write the result as JSON to this file")
     certify.add_argument(
         "--checkpoint",
         help=f"smoothing: keep finished chunks of {CERTIFY_CHUNK} images in this file and skip them on a rerun "
         "(default: OUT.state next to --out, or certify_state.pt in --report)",
     )
-    certify.add_argument("--no-resume", action="store_true", help="recompute chunks a checkpoint already holds")
     certify.add_argument("--report", help="write report.json and report.html into this directory")
-    certify.add_argument("--quiet", action="store_true", help="no progress bar")
-    certify.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_run_options(
+        certify, seed="random seed of the noise", resume="recompute chunks a checkpoint already holds"
+    )
 
 
 def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: Any) -> tuple[Any, float, int]:
@@ -90,14 +79,14 @@ def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: 
         state_path = Path(args.report) / "certify_state.pt"
     else:
         state_path = None
-    model, data, denoiser = (file_stamp(spec) for spec in (args.model, args.data, args.denoiser))
+    model, data, denoiser = (common.file_stamp(spec) for spec in (args.model, args.data, args.denoiser))
     identity = (
         f"{model} {data} {args.split} {denoiser} sigma={args.sigma} n0={args.n0} n={args.n} alpha={args.alpha} "
         f"seed={args.seed} chunk={CERTIFY_CHUNK}"
     )
     chunks: dict[int, dict[str, Any]] = {}
     if state_path is not None and state_path.exists() and not args.no_resume:
-        saved = load_or_none(state_path)
+        saved = common.load_or_none(state_path)
         if isinstance(saved, dict) and saved.get("identity") == identity:
             chunks = saved["chunks"]
     reused = 0
@@ -132,18 +121,18 @@ def run(args: argparse.Namespace) -> int:
     from robustlab.models import load_model
     from robustlab.report import Report
 
-    output_file(args.out, "--out")
-    output_file(args.checkpoint, "--checkpoint")
-    output_folder(args.report, "--report")
-    device = device_from(args.device)
+    common.output_file(args.out, "--out")
+    common.output_file(args.checkpoint, "--checkpoint")
+    common.output_folder(args.report, "--report")
+    device = common.device_from(args.device)
     if args.denoiser is not None and args.method != "smoothing":
         raise ConfigError(f"--denoiser goes with --method smoothing (denoised smoothing), not {args.method}")
     if args.method == "smoothing":
-        model, _ = open_model(args, device)  # a local module or, for a URL, a remote oracle
+        model, _ = common.open_model(args, device)  # a local module or, for a URL, a remote oracle
     else:
         model = load_model(args.model, arch=args.arch, device=device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
-    model_classes = check_model_fits_data(model, data, args, device)
+    model_classes = common.check_model_fits_data(model, data, args, device)
     out: dict[str, Any] = {"model": args.model, "data": args.data, "split": args.split, "examples": len(data)}
     report = Report(f"robustlab certify: {args.method}")
     if args.method == "smoothing":
@@ -156,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     if args.report:
         report.write(args.report)
-    return EXIT_OK
+    return common.EXIT_OK
 
 
 def _smoothing(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +32,46 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def positive_float(text: str) -> float:
+def add_run_options(
+    parser: argparse.ArgumentParser,
+    *,
+    seed: str | None = None,
+    resume: str | None = None,
+    quiet: str | None = "no progress bar",
+) -> None:
+    """The options every long-running command has, worded for it: --seed, --no-resume, --quiet, --debug."""
+    if seed is not None:
+        parser.add_argument("--seed", type=int, default=0, help=seed)
+    if resume is not None:
+        parser.add_argument("--no-resume", action="store_true", help=resume)
+    if quiet is not None:
+        parser.add_argument("--quiet", action="store_true", help=quiet)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _number(text: str, convert: Callable[[str], float], kind: str) -> float:
     try:
-        value = float(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = int(_number(text, int, "an integer"))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def radius(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text, float, "a number")
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"a radius is a non-negative finite number, got {text}")
     return value

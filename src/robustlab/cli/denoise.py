@@ -6,20 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, cast
 
-from robustlab.cli.common import (
-    EXIT_OK,
-    HelpFormatter,
-    add_model_data_arguments,
-    check_model_fits_data,
-    device_from,
-    is_url,
-    load_or_none,
-    open_model,
-    output_file,
-    output_folder,
-    positive_float,
-    positive_int,
-)
+from robustlab.cli import common
 
 DENOISE_METHODS = ("zo-ae-ds", "zo-ds", "fo-ae-ds", "fo-ds")
 
@@ -33,43 +20,50 @@ def add_parser(commands: Any) -> None:
         "the URL of a robustlab model server; fo-ds and fo-ae-ds back-propagate through a local model. The -ae- "
         "methods first pre-train an autoencoder on the training images and estimate gradients at its latent code. "
         "Then: robustlab certify --model MODEL --denoiser OUT ...",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
-    add_model_data_arguments(denoise)
+    common.add_model_data_arguments(denoise)
     denoise.set_defaults(split="train", batch_size=32)
     method = denoise.add_argument_group("denoised smoothing")
     method.add_argument("--method", choices=DENOISE_METHODS, default="zo-ae-ds", help="how the denoiser is trained")
-    method.add_argument("--sigma", type=positive_float, default=0.25, help="noise level the model will be certified at")
+    method.add_argument(
+        "--sigma", type=common.positive_float, default=0.25, help="noise level the model will be certified at"
+    )
     method.add_argument(
         "--objective", choices=["stability", "mse"], default="stability", help="training loss (mse: fo-ds only)"
     )
     method.add_argument("--estimator", choices=["rge", "cge"], default="rge", help="zeroth-order gradient estimator")
-    method.add_argument("--q", type=positive_int, default=192, help="RGE directions per estimate")
-    method.add_argument("--mu", type=positive_float, default=0.005, help="probe radius of the estimator")
-    method.add_argument("--queries", type=positive_int, help="query budget per training image over the whole run")
-    method.add_argument("--depth", type=positive_int, default=17, help="DnCNN layers (the default is the paper's)")
-    method.add_argument("--width", type=positive_int, default=64, help="DnCNN channels (the default is the paper's)")
+    method.add_argument("--q", type=common.positive_int, default=192, help="RGE directions per estimate")
+    method.add_argument("--mu", type=common.positive_float, default=0.005, help="probe radius of the estimator")
     method.add_argument(
-        "--ae-epochs", type=positive_int, default=5, help="autoencoder pre-training epochs (-ae- methods)"
+        "--queries", type=common.positive_int, help="query budget per training image over the whole run"
+    )
+    method.add_argument(
+        "--depth", type=common.positive_int, default=17, help="DnCNN layers (the default is the paper's)"
+    )
+    method.add_argument(
+        "--width", type=common.positive_int, default=64, help="DnCNN channels (the default is the paper's)"
+    )
+    method.add_argument(
+        "--ae-epochs", type=common.positive_int, default=5, help="autoencoder pre-training epochs (-ae- methods)"
     )
     loop = denoise.add_argument_group("training")
-    loop.add_argument("--epochs", type=positive_int, default=1, help="passes over the training images")
-    loop.add_argument("--steps", type=positive_int, help="stop after this many optimizer steps")
-    loop.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate")
-    loop.add_argument("--seed", type=int, default=0, help="seeds data order, noise and directions")
+    loop.add_argument("--epochs", type=common.positive_int, default=1, help="passes over the training images")
+    loop.add_argument("--steps", type=common.positive_int, help="stop after this many optimizer steps")
+    loop.add_argument("--lr", type=common.positive_float, default=1e-3, help="Adam's learning rate")
     denoise.add_argument("--out", default="denoiser.pt", help="the denoiser file to write")
     denoise.add_argument(
         "--checkpoint-every",
-        type=positive_int,
+        type=common.positive_int,
         default=10,
         help="training steps between saves of the training state (OUT.state); a rerun of the same command "
         "continues from it (for zeroth-order methods without paying again for the queries already made), and a "
         "rerun with more --steps or --epochs trains on from a finished run",
     )
-    denoise.add_argument("--no-resume", action="store_true", help="start over even if OUT.state exists")
     denoise.add_argument("--report", help="write report.json and report.html (loss and queries per step) here")
-    denoise.add_argument("--quiet", action="store_true", help="no progress bar")
-    denoise.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_run_options(
+        denoise, seed="seeds data order, noise and directions", resume="start over even if OUT.state exists"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,26 +77,26 @@ def run(args: argparse.Namespace) -> int:
     from robustlab.zeroth_order import CGE, RGE
 
     zeroth_order = _check_options(args)
-    device = device_from(args.device)
+    device = common.device_from(args.device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
-    model, _ = open_model(args, device, budget=args.queries)
-    check_model_fits_data(model, data, args, device)
-    if zeroth_order and not is_url(args.model):  # a local model is still reached through scores only
+    model, _ = common.open_model(args, device, budget=args.queries)
+    common.check_model_fits_data(model, data, args, device)
+    if zeroth_order and not common.is_url(args.model):  # a local model is still reached through scores only
         model = ScoreOracle(module_function(model), budget=args.queries)
     torch.manual_seed(args.seed)  # the modules' initial weights
     denoiser = DnCNN(data.image_shape[0], depth=args.depth, width=args.width).to(device)
     fit = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_steps": args.steps}
     config = DenoisedConfig(sigma=args.sigma, objective=args.objective, seed=args.seed, **fit)
     encoder, decoder = _stage_one_autoencoder(args, data, device) if "-ae-" in args.method else (None, None)
-    common = {
+    options = {
         "encoder": encoder, "decoder": decoder, "progress": not args.quiet, "checkpoint": _sibling(args.out, ".state"),
         "checkpoint_every": args.checkpoint_every, "resume": not args.no_resume,
     }  # fmt: skip
     if zeroth_order:
         estimator = CGE(mu=args.mu) if args.estimator == "cge" else RGE(args.q, args.mu, "sphere", "forward")
-        result = train_denoiser_zo(denoiser, data, model, estimator, config, **common)
+        result = train_denoiser_zo(denoiser, data, model, estimator, config, **options)
     else:
-        result = train_denoiser(denoiser, data, model, config, **common)
+        result = train_denoiser(denoiser, data, model, config, **options)
     summary = result.summary()
     if summary["steps"] == 0:
         raise ConfigError(
@@ -120,21 +114,21 @@ def run(args: argparse.Namespace) -> int:
         report.data.update(extra)
         report.write(args.report)
     _print_summary(args, summary, path, zeroth_order)
-    return EXIT_OK
+    return common.EXIT_OK
 
 
 def _check_options(args: argparse.Namespace) -> bool:
     """Refuse option combinations that cannot work, before any work; whether the method is zeroth-order."""
     from robustlab.errors import ConfigError
 
-    output_file(args.out, "--out")
-    output_folder(args.report, "--report")
+    common.output_file(args.out, "--out")
+    common.output_folder(args.report, "--report")
     zeroth_order = bool(args.method.startswith("zo-"))
     if args.objective == "mse" and args.method != "fo-ds":
         raise ConfigError(
             f"--objective mse goes with --method fo-ds (it does not involve the model), not {args.method}"
         )
-    if not zeroth_order and is_url(args.model):
+    if not zeroth_order and common.is_url(args.model):
         raise ConfigError(
             f"--method {args.method} back-propagates through the model, which a URL does not allow: "
             "use --method zo-ae-ds or zo-ds for a model behind a server"
@@ -161,7 +155,7 @@ def _stage_one_autoencoder(args: argparse.Namespace, data: Any, device: Any) -> 
     ae_file = _sibling(args.out, ".autoencoder")
     ae_config = FitConfig(epochs=args.ae_epochs, batch_size=128, lr=1e-3, seed=args.seed)
     ae_key = f"{args.data} {args.split} {args.limit} {tuple(data.x.shape)} {ae_config!r}"
-    saved = load_or_none(ae_file) if ae_file.exists() else None
+    saved = common.load_or_none(ae_file) if ae_file.exists() else None
     if isinstance(saved, dict) and saved.get("key") == ae_key and not args.no_resume:
         encoder.load_state_dict(saved["encoder"])
         decoder.load_state_dict(saved["decoder"])

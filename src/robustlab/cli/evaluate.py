@@ -6,16 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from robustlab.cli.common import (
-    EXIT_OK,
-    HelpFormatter,
-    add_model_data_arguments,
-    check_model_fits_data,
-    device_from,
-    open_model,
-    output_folder,
-    positive_float,
-)
+from robustlab.cli import common
 
 
 def add_parser(commands: Any) -> None:
@@ -25,18 +16,20 @@ def add_parser(commands: Any) -> None:
         description="Run an attack suite as a cascade (each attack only on the examples still standing), with "
         "diagnostics for gradient masking that strengthen the suite when they fire. Writes report.json and "
         "report.html; an interrupted evaluation resumes from its state file when run again.",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
-    add_model_data_arguments(evaluate)
+    common.add_model_data_arguments(evaluate)
     evaluate.add_argument("--norm", default="linf", help="linf, l2 or l1")
-    evaluate.add_argument("--eps", type=positive_float, required=True, help="radius of the perturbation ball")
+    evaluate.add_argument("--eps", type=common.positive_float, required=True, help="radius of the perturbation ball")
     evaluate.add_argument(
         "--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"), help="input box"
     )
+    from robustlab.evaluation.suites import SUITES
+
+    suites = SUITES.list()
     evaluate.add_argument(
-        "--suite", default="standard", choices=["quick", "standard", "full"],
-        help="quick: APGD-CE (20 steps); standard: APGD-CE, APGD-T, then APGD-T on 9 targets and Square on the "
-        "weakest examples left; full: adds APGD-DLR, CW-PGD, Frank-Wolfe, a longer Square and RayS",
+        "--suite", default="standard", choices=[info.name for info in suites],
+        help="; ".join(f"{info.name}: {info.description}" for info in suites),
     )  # fmt: skip
     evaluate.add_argument(
         "--attacks", help="a custom suite instead: comma-separated registered attacks, e.g. apgd,apgd-t,square"
@@ -47,11 +40,10 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     evaluate.add_argument("--eps-curve", type=float, nargs="+", help="also report robust accuracy at these eps")
     evaluate.add_argument("--no-diagnostics", action="store_true", help="skip the masking checks (not advised)")
-    evaluate.add_argument("--seed", type=int, default=0, help="random seed")
     evaluate.add_argument("--out", default="evaluation", help="directory for report.json, report.html and the state")
-    evaluate.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
-    evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_run_options(
+        evaluate, seed="random seed", resume="start over even if a saved state exists", quiet="no progress bars"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
     from robustlab.evaluation import Suite, evaluate, evaluation_section
     from robustlab.report import Report
 
-    output_folder(args.out, "--out")
+    common.output_folder(args.out, "--out")
     threat = ThreatModel(args.norm, args.eps, *args.bounds)
-    device = device_from(args.device)
-    model, _ = open_model(args, device)
+    device = common.device_from(args.device)
+    model, _ = common.open_model(args, device)
     data = load_dataset(args.data, split=args.split, limit=args.limit)
-    check_model_fits_data(model, data, args, device)
+    common.check_model_fits_data(model, data, args, device)
     suite: str | Suite = args.suite
     if args.attacks:
         suite = Suite.custom([name.strip() for name in args.attacks.split(",") if name.strip()])
@@ -93,4 +85,4 @@ def run(args: argparse.Namespace) -> int:
         if diagnostic.fired:
             print(f"  WARNING {diagnostic.name}: {diagnostic.evidence}. {diagnostic.action}")
     print(f"wrote {out / 'report.html'}")
-    return EXIT_OK
+    return common.EXIT_OK

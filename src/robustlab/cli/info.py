@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from robustlab.cli.common import EXIT_OK, HelpFormatter, positive_int
+from robustlab.cli import common
 
 
 def add_list_parser(commands: Any) -> None:
@@ -26,21 +26,20 @@ def run_list(args: argparse.Namespace) -> int:
         norms = ",".join(sorted(n.value for n in info.norms))
         targeted = "yes" if info.supports_targeted else "no"
         print(f"{info.name:<{width}}  {info.access.value:<8}  {norms:<12}  {targeted:<8}  {info.summary}")
-    return EXIT_OK
+    return common.EXIT_OK
 
 
 def add_demo_parser(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
         help="the main job: train or load a CNN on MNIST, attack it, write report.json and report.html",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     demo.add_argument("--out", default="demo-output", help="output directory")
-    demo.add_argument("--examples", type=positive_int, default=500, help="test images to attack")
+    demo.add_argument("--examples", type=common.positive_int, default=500, help="test images to attack")
     demo.add_argument("--retrain", action="store_true", help="train the demo CNN even if a cached one exists")
     demo.add_argument("--quick", action="store_true", help="fewer examples and eps values (a smoke run)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_run_options(demo, quiet="no progress bars")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -53,4 +52,4 @@ def run_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         progress=not args.quiet,
     )
-    return EXIT_OK
+    return common.EXIT_OK

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from robustlab.cli.common import EXIT_OK, HelpFormatter, device_from, positive_int
+from robustlab.cli import common
 
 
 def add_parser(commands: Any) -> None:
@@ -14,7 +14,7 @@ def add_parser(commands: Any) -> None:
         help="serve a model over HTTP answering scores or labels only, with auth, budgets and validation",
         description="Start a FastAPI + uvicorn server for a model (OpenAPI schema at /openapi.json). Point "
         "black-box attacks, the evaluation and zeroth-order training at it with --model http://HOST:PORT.",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     serve.add_argument("--model", required=True, help="the model to serve (same forms as for attack)")
     serve.add_argument("--arch", help="architecture for a bare state-dict file")
@@ -29,15 +29,15 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--token", action="append", help="accepted bearer token; repeat for several clients")
-    serve.add_argument("--budget", type=positive_int, help="queries per client (per --token)")
+    serve.add_argument("--budget", type=common.positive_int, help="queries per client (per --token)")
     serve.add_argument(
         "--budget-per-client-id", action="store_true",
         help="allow --budget without --token, counted per X-Client-Id header: advisory, any client can change its id",
     )  # fmt: skip
-    serve.add_argument("--max-batch", type=positive_int, default=4096, help="rows per request")
+    serve.add_argument("--max-batch", type=common.positive_int, default=4096, help="rows per request")
     serve.add_argument("--state-file", help="persist usage counts here so budgets survive restarts")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
-    serve.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_run_options(serve, quiet=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ConfigError(f"serving needs FastAPI and uvicorn: pip install 'robustlab[serve]' ({exc})") from None
     check_port(args.port)
-    device = device_from(args.device)
+    device = common.device_from(args.device)
     model = load_model(args.model, arch=args.arch, device=device)
     shape, classes = args.input_shape, args.num_classes
     if args.data:
@@ -67,4 +67,4 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, config)  # runs the model once on the declared shape; refuses a mismatch
     print(f"serving {args.model} ({args.mode}) on http://{args.host}:{args.port}; schema at /openapi.json")
     run_server(app, host=args.host, port=args.port, log_level="info")
-    return EXIT_OK
+    return common.EXIT_OK

@@ -9,16 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from robustlab.cli.common import (
-    EXIT_OK,
-    HelpFormatter,
-    check_model_fits_data,
-    device_from,
-    output_folder,
-    parse_option,
-    positive_float,
-    positive_int,
-)
+from robustlab.cli import common
 
 # robustlab.training.list_objectives() without importing torch for --help (a test keeps the two equal)
 TRAINING_METHODS = (
@@ -34,29 +25,29 @@ def add_parser(commands: Any) -> None:
         description="Train with one of the registered methods (robustlab.training.list_objectives()). The output "
         "directory receives train_state.pt (exact resume), model.pt (the selected weights), history.json, "
         "scalars.jsonl and report.html. Run the same command again to resume after an interruption.",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     group = train.add_argument_group("model and data")
     group.add_argument("--data", default="mnist", help="built-in data set or .npz file (its training split is used)")
-    group.add_argument("--limit", type=positive_int, help="train on the first N training examples")
+    group.add_argument("--limit", type=common.positive_int, help="train on the first N training examples")
     group.add_argument("--arch", default="smallcnn", help="architecture (robustlab.models.list_models())")
     group.add_argument("--model", help="start from these weights or this factory instead of a fresh --arch")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
     method = train.add_argument_group("method")
     method.add_argument("--method", default="pgd-at", help=f"training method: {', '.join(TRAINING_METHODS)}")
     method.add_argument("--norm", default="linf", help="linf, l2 or l1")
-    method.add_argument("--eps", type=positive_float, default=0.3, help="radius of the training threat model")
+    method.add_argument("--eps", type=common.positive_float, default=0.3, help="radius of the training threat model")
     method.add_argument(
-        "--option", "-O", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+        "--option", "-O", action="append", type=common.parse_option, default=[], metavar="KEY=VALUE",
         help="an option of the method, e.g. -O steps=7 (repeatable)",
     )  # fmt: skip
     loop = train.add_argument_group("loop")
-    loop.add_argument("--epochs", type=positive_int, default=10, help="passes over the training data")
-    loop.add_argument("--batch-size", type=positive_int, default=128, help="examples per optimizer step")
+    loop.add_argument("--epochs", type=common.positive_int, default=10, help="passes over the training data")
+    loop.add_argument("--batch-size", type=common.positive_int, default=128, help="examples per optimizer step")
     loop.add_argument("--optimizer", choices=["sgd", "adam", "lamb"], default="sgd",
                       help="lamb: layer-wise adaptive rates for large global batches (with --warmup)")  # fmt: skip
     loop.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, as a fraction of training")
-    loop.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
+    loop.add_argument("--lr", type=common.positive_float, default=0.1, help="peak learning rate")
     loop.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     loop.add_argument(
         "--schedule", choices=["piecewise", "cyclic", "cosine", "constant"], default="piecewise",
@@ -66,12 +57,13 @@ def add_parser(commands: Any) -> None:
                       help="what to do on catastrophic overfitting")  # fmt: skip
     loop.add_argument("--val-attack", choices=["quick", "pgd"], default="quick",
                       help="per-epoch validation attack: the quick evaluation suite, or a cheaper PGD-10")  # fmt: skip
-    loop.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, attacks)")
-    loop.add_argument("--checkpoint-every", type=positive_int, help="also checkpoint every N optimizer steps")
-    loop.add_argument("--no-resume", action="store_true", help="start over even if the output holds a checkpoint")
+    loop.add_argument("--checkpoint-every", type=common.positive_int, help="also checkpoint every N optimizer steps")
     train.add_argument("--out", default="runs/train", help="output directory")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_run_options(
+        train,
+        seed="random seed (weights, data order, attacks)",
+        resume="start over even if the output holds a checkpoint",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from robustlab.data import load_dataset
     from robustlab.training import TrainConfig, train
 
-    output_folder(args.out, "--out")
-    device = device_from(args.device)
+    common.output_folder(args.out, "--out")
+    device = common.device_from(args.device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     data = load_dataset(args.data, split="train", limit=args.limit)
@@ -99,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet, **dict(args.option),
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the outputs
-        return EXIT_OK
+        return common.EXIT_OK
     _write_outputs(args, result, threat, arch, arch_kwargs)
-    return EXIT_OK
+    return common.EXIT_OK
 
 
 def _initial_model(args: argparse.Namespace, data: Any, device: Any) -> tuple[Any, str | None, dict[str, Any] | None]:
@@ -111,7 +103,7 @@ def _initial_model(args: argparse.Namespace, data: Any, device: Any) -> tuple[An
 
     if args.model:
         model = load_model(args.model, device=device)
-        check_model_fits_data(model, data, args, device)
+        common.check_model_fits_data(model, data, args, device)
         return model, None, None
     arch_kwargs: dict[str, Any] = {"in_channels": data.image_shape[0], "num_classes": data.num_classes}
     if "image_size" in inspect.signature(model_info(args.arch).factory).parameters:
