@@ -29,7 +29,7 @@ def add_parser(commands: Any) -> None:
     suites = SUITES.list()
     evaluate.add_argument(
         "--suite", default="standard", choices=[info.name for info in suites],
-        help="; ".join(f"{info.name}: {info.description}" for info in suites),
+        help="; ".join(f"{info.name}: {info.description}" for info in suites).replace("%", "%%"),
     )  # fmt: skip
     evaluate.add_argument(
         "--attacks", help="a custom suite instead: comma-separated registered attacks, e.g. apgd,apgd-t,square"
