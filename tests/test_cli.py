@@ -162,11 +162,14 @@ def test_list_and_help(capsys) -> None:
     assert "--eps" in capsys.readouterr().out
 
 
-def test_the_train_help_lists_every_registered_method() -> None:
-    from robustlab.cli import TRAINING_METHODS
+def test_the_train_help_lists_every_registered_method(capsys) -> None:
     from robustlab.training import list_objectives
 
-    assert sorted(TRAINING_METHODS) == sorted(info.name for info in list_objectives())
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    names = [info.name for info in list_objectives()]
+    assert len(names) >= 12 and all(name in text for name in names)
 
 
 def test_every_option_of_every_command_has_help() -> None:

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, NoReturn
 from robustlab.cli import attack, certify, denoise, evaluate, info, serve, train
 from robustlab.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from robustlab.cli.denoise import DENOISE_METHODS
-from robustlab.cli.train import TRAINING_METHODS
+from robustlab.cli.train import training_methods
 
 __all__ = [
     "COMMANDS",
@@ -31,11 +31,11 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_USAGE",
-    "TRAINING_METHODS",
     "build_parser",
     "command_line_arguments",
     "entry",
     "main",
+    "training_methods",
 ]
 
 

@@ -11,14 +11,18 @@ from typing import Any
 
 from robustlab.cli import common
 
-# robustlab.training.list_objectives() without importing torch for --help (a test keeps the two equal)
-TRAINING_METHODS = (
-    "standard", "pgd-at", "trades", "fast-at", "fast-trades", "gradalign", "atas", "backward-smoothing", "fast-bat",
-    "war", "gaussian", "ibp",
-)  # fmt: skip
+
+def training_methods() -> list[str]:
+    """The registered training methods (robustlab.training.list_objectives())."""
+    from robustlab.training import list_objectives
+
+    return [info.name for info in list_objectives()]
 
 
 def add_parser(commands: Any) -> None:
+    from robustlab.training import CO_POLICIES, SCHEDULES
+    from robustlab.training.loop import OPTIMIZERS
+
     train = commands.add_parser(
         "train",
         help="train a model with a robust-training method; checkpoints every epoch and resumes",
@@ -34,7 +38,7 @@ def add_parser(commands: Any) -> None:
     group.add_argument("--model", help="start from these weights or this factory instead of a fresh --arch")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
     method = train.add_argument_group("method")
-    method.add_argument("--method", default="pgd-at", help=f"training method: {', '.join(TRAINING_METHODS)}")
+    method.add_argument("--method", default="pgd-at", help=f"training method: {', '.join(training_methods())}")
     method.add_argument("--norm", default="linf", help="linf, l2 or l1")
     method.add_argument("--eps", type=common.positive_float, default=0.3, help="radius of the training threat model")
     method.add_argument(
@@ -44,16 +48,16 @@ def add_parser(commands: Any) -> None:
     loop = train.add_argument_group("loop")
     loop.add_argument("--epochs", type=common.positive_int, default=10, help="passes over the training data")
     loop.add_argument("--batch-size", type=common.positive_int, default=128, help="examples per optimizer step")
-    loop.add_argument("--optimizer", choices=["sgd", "adam", "lamb"], default="sgd",
+    loop.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                       help="lamb: layer-wise adaptive rates for large global batches (with --warmup)")  # fmt: skip
     loop.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, as a fraction of training")
     loop.add_argument("--lr", type=common.positive_float, default=0.1, help="peak learning rate")
     loop.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     loop.add_argument(
-        "--schedule", choices=["piecewise", "cyclic", "cosine", "constant"], default="piecewise",
+        "--schedule", choices=SCHEDULES, default="piecewise",
         help="learning-rate schedule (piecewise: decays at 50%% and 75%% of training; cyclic: one cycle)",
     )  # fmt: skip
-    loop.add_argument("--co-policy", choices=["warn", "stop", "switch"], default="warn",
+    loop.add_argument("--co-policy", choices=CO_POLICIES, default="warn",
                       help="what to do on catastrophic overfitting")  # fmt: skip
     loop.add_argument("--val-attack", choices=["quick", "pgd"], default="quick",
                       help="per-epoch validation attack: the quick evaluation suite, or a cheaper PGD-10")  # fmt: skip
