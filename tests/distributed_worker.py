@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any
@@ -26,6 +27,42 @@ def run(method: str, optimizer: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
 
+class Interrupt(Exception):
+    pass
+
+
+def killed_and_resumed(directory: str) -> dict[str, object]:
+    """An uninterrupted run, and the same run killed mid-epoch twice (after a checkpoint) and resumed."""
+    data = robustlab.load_dataset("digits", split="train").head(256)
+    threat = robustlab.ThreatModel("linf", 0.05)
+    config = TrainConfig(
+        epochs=2, batch_size=32, lr=0.05, schedule="cyclic", val_examples=32, val_attack_steps=2, val_attack="pgd",
+        checkpoint_every=3,
+    )  # fmt: skip
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 10))
+
+    def stop_at(step: int) -> Any:
+        def callback(info: dict[str, Any]) -> None:
+            if info["step"] == step:
+                raise Interrupt
+
+        return callback
+
+    reference = train(model(), data, "pgd-at", threat, config, progress=False, steps=2)
+    for step in (4, 10):  # 8 steps per epoch: killed in each epoch, after a checkpoint and before the next
+        with contextlib.suppress(Interrupt):
+            train(model(), data, "pgd-at", threat, config, checkpoint_dir=directory, callbacks=[stop_at(step)],
+                  progress=False, steps=2)  # fmt: skip
+    resumed = train(model(), data, "pgd-at", threat, config, checkpoint_dir=directory, progress=False, steps=2)
+    return {
+        name: {"weights": result.model.state_dict(), "history": result.history}
+        for name, result in (("reference", reference), ("resumed", resumed))
+    }
+
+
 def evaluation() -> dict[str, object]:
     from robustlab.evaluation import Suite, evaluate
 
@@ -44,6 +81,8 @@ if __name__ == "__main__":
 
         dist.init_process_group("gloo")
         answer: object = evaluation()
+    elif job == "resume":
+        answer = killed_and_resumed(sys.argv[2])
     else:
         answer = run(job, sys.argv[2])
     if torch.distributed.get_rank() == 0:

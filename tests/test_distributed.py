@@ -45,6 +45,16 @@ def test_two_processes_match_one(tmp_path: Path, method: str, optimizer: str) ->
         assert torch.allclose(value, distributed[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_two_processes_killed_and_resumed_end_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    answer = torchrun(tmp_path, "resume", str(tmp_path / "run"))
+    assert isinstance(answer, dict)
+    reference, resumed = answer["reference"], answer["resumed"]
+    for name, value in reference["weights"].items():
+        assert torch.equal(value, resumed["weights"][name]), name
+    for key in ("train_loss", "train_accuracy", "attack_loss_increase", "val_robust_accuracy"):
+        assert reference["history"][key] == resumed["history"][key], key  # each process's epoch sums resumed
+
+
 def test_sharded_evaluation_equals_one_process(tmp_path: Path) -> None:
     sharded = torchrun(tmp_path, "evaluate")
     single = evaluation()

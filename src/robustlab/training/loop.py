@@ -394,19 +394,20 @@ class _TrainingRun:
                 self._set_up_objective()
             self.objective.load_state_dict(state.objective)
             self.history, self.events, self.methods = state.history, state.events, state.methods
-            self.best, self.totals = state.best, state.running
+            self.best = state.best
+            self.totals = state.running[self.rank] if len(state.running) > 1 else state.running[0]
             self.start_epoch, self.start_batch = state.epoch, state.batch
             self.epoch_data_state = state.epoch_data_state
             restore_rng(state.rng[self.rank], self.generators)
 
-    def snapshot(self, epoch: int, batch: int, rng: list[dict[str, Any]]) -> TrainState:
-        """The state to resume at ``(epoch, batch)``, with every process's random states ``rng``."""
+    def snapshot(self, epoch: int, batch: int, rng: list[dict[str, Any]], running: list[EpochTotals]) -> TrainState:
+        """The state to resume at ``(epoch, batch)``, with every process's random states and epoch totals."""
         return TrainState(
             identity=self.identity, epoch=epoch, batch=batch, model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None, method=self.objective.name,
             method_options=dataclasses.asdict(self.objective.config), objective=self.objective.state_dict(),
-            history=self.history, events=self.events, methods=self.methods, best=self.best, running=self.totals,
+            history=self.history, events=self.events, methods=self.methods, best=self.best, running=running,
             epoch_data_state=self.epoch_data_state, rng=rng,
         )  # fmt: skip
 
@@ -414,12 +415,16 @@ class _TrainingRun:
         """Save the state to resume at ``(epoch, batch)`` (the lead process writes it; all take part)."""
         if self.state_path is None:
             return
-        rng: list[Any] = [capture_rng(self.generators)]
-        if self.world > 1:  # every rank's generators, so each resumes its own stream
-            rng = [None] * self.world
-            torch.distributed.all_gather_object(rng, capture_rng(self.generators))
+        # Every rank's generators and (mid-epoch) its own epoch totals, so each resumes its own stream and sums.
+        mine = (capture_rng(self.generators), self.totals.as_dict())
+        gathered: list[Any] = [mine]
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, mine)
         if self.lead:
-            self.snapshot(epoch, batch, rng).save(self.state_path)
+            rng = [rank_rng for rank_rng, _ in gathered]
+            running = [EpochTotals.from_dict(totals) for _, totals in gathered]
+            self.snapshot(epoch, batch, rng, running).save(self.state_path)
         if self.world > 1:
             torch.distributed.barrier()
 

@@ -177,7 +177,7 @@ class TrainState:
             it), its options and its own state (:meth:`Objective.state_dict`).
         history, events, methods: what the run recorded per epoch so far.
         best: the selected weights so far.
-        running: the current epoch's totals (a mid-epoch checkpoint continues them).
+        running: the current epoch's totals by rank (a mid-epoch checkpoint continues each process's own).
         epoch_data_state: the data generator's state at the start of ``epoch`` (regenerates its batch order).
         rng: every process's random states (:func:`capture_rng`), by rank.
     """
@@ -196,7 +196,7 @@ class TrainState:
     events: list[dict[str, Any]]
     methods: list[str]
     best: BestWeights
-    running: EpochTotals
+    running: list[EpochTotals]
     epoch_data_state: Tensor
     rng: list[dict[str, Any]]
     format: str = STATE_FORMAT
@@ -219,7 +219,8 @@ class TrainState:
             "events": self.events,
             "methods": self.methods,
             "best": self.best.as_dict(),
-            "running": self.running.as_dict(),
+            "running": self.running[0].as_dict(),  # the lead process's (all of them when the epoch has ended)
+            **({"running_by_rank": [t.as_dict() for t in self.running]} if len(self.running) > 1 else {}),
             "epoch_data_state": self.epoch_data_state,
             "rng": self.rng,
         }
@@ -246,7 +247,7 @@ class TrainState:
             events=saved["events"],
             methods=saved["methods"],
             best=BestWeights.from_dict(saved["best"]),
-            running=EpochTotals.from_dict(saved["running"]),
+            running=[EpochTotals.from_dict(t) for t in saved.get("running_by_rank", [saved["running"]])],
             epoch_data_state=saved["epoch_data_state"],
             rng=saved["rng"],
             format=saved["format"],
