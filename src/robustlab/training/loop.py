@@ -314,7 +314,7 @@ class _TrainingRun:
         self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
         self.use_amp = config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
-        # Seeded in this order (data, attack, global) so runs with the same seed are bit-identical.
+        # The data order, each rank's attacks and the global stream (dropout), all from the seed, in this order.
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.attack_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 7919 * self.rank)
         torch.manual_seed(config.seed + 2 + 7919 * self.rank)
