@@ -79,6 +79,8 @@ LOSSES: dict[str, AttackLoss] = {
 
 def attack_loss(name: str) -> AttackLoss:
     """The loss registered under ``name`` (``ce``, ``margin``/``cw``, ``dlr``)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"loss must be a name, got {name!r}")
     try:
         return LOSSES[name.lower()]
     except KeyError:

@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from robustlab.checks import check_choice, check_number, check_positive_int
 from robustlab.errors import ConfigError, InvalidInputError
 from robustlab.goals import Goal
 from robustlab.losses import AttackLoss
@@ -109,18 +109,6 @@ class Estimate:
     values: Tensor
     value: Tensor | None = None
     center_scores: Tensor | None = None
-
-
-def _positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def sample_directions(
@@ -197,12 +185,10 @@ class RGE(GradientEstimator):
     difference: DifferenceKind = "symmetric"
 
     def __post_init__(self) -> None:
-        _positive_int("q (the number of directions)", self.q)
-        _positive_float("mu (the smoothing radius)", self.mu)
-        if self.directions not in ("sphere", "gaussian"):
-            raise ConfigError(f"directions must be 'sphere' or 'gaussian', got {self.directions!r}")
-        if self.difference not in ("forward", "symmetric"):
-            raise ConfigError(f"difference must be 'forward' or 'symmetric', got {self.difference!r}")
+        check_positive_int("q (the number of directions)", self.q)
+        check_number("mu (the smoothing radius)", self.mu, low=0.0, low_open=True)
+        check_choice("directions", self.directions, ("sphere", "gaussian"))
+        check_choice("difference", self.difference, ("forward", "symmetric"))
 
     def queries_per_example(self, dim: int, *, center: bool = False) -> int:
         if self.difference == "forward":
@@ -256,9 +242,8 @@ class CGE(GradientEstimator):
     subset: int | None = None
 
     def __post_init__(self) -> None:
-        _positive_float("mu (the smoothing radius)", self.mu)
-        if self.subset is not None:
-            _positive_int("subset (coordinates per estimate)", self.subset)
+        check_number("mu (the smoothing radius)", self.mu, low=0.0, low_open=True)
+        check_positive_int("subset (coordinates per estimate)", self.subset, allow_none=True)
 
     def queries_per_example(self, dim: int, *, center: bool = False) -> int:
         k = dim if self.subset is None else min(self.subset, dim)

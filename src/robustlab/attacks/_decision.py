@@ -51,6 +51,7 @@ __all__ = [
     "MODES",
     "BoundaryRecord",
     "DecisionAttack",
+    "DecisionBatch",
     "DecisionConfig",
     "Program",
     "Search",
@@ -152,6 +153,18 @@ class BoundaryRecord:
         return x_adv, extras
 
 
+@dataclass(frozen=True)
+class DecisionBatch:
+    """The batch a decision-based attack searches: its oracle, inputs, goal, threat model, randomness and record."""
+
+    oracle: LabelOracle
+    x: Tensor
+    goal: Goal
+    threat: ThreatModel
+    generator: torch.Generator
+    record: BoundaryRecord
+
+
 class DecisionAttack(Attack[LabelOracle]):
     """Base of the decision-based attacks: clean check, record and answer (see the module docstring)."""
 
@@ -165,7 +178,7 @@ class DecisionAttack(Attack[LabelOracle]):
         record = BoundaryRecord.start(x)
         rows = self._clean_check(oracle, x, goal, record)
         if rows.numel() > 0:
-            self._search(oracle, x, goal, threat, generator, record, rows)
+            self._search(DecisionBatch(oracle, x, goal, threat, generator, record), rows)
         return record.answer(x)
 
     # ---------------------------------------------------------------- hooks
@@ -173,17 +186,8 @@ class DecisionAttack(Attack[LabelOracle]):
         """Raise :class:`ConfigError` for a threat model the attack cannot start in (checked before any query)."""
 
     @abstractmethod
-    def _search(
-        self,
-        oracle: LabelOracle,
-        x: Tensor,
-        goal: Goal,
-        threat: ThreatModel,
-        generator: torch.Generator,
-        record: BoundaryRecord,
-        rows: Tensor,
-    ) -> None:
-        """Search the examples ``rows`` (classified correctly; the others are done) and fill in ``record``."""
+    def _search(self, batch: DecisionBatch, rows: Tensor) -> None:
+        """Search the examples ``rows`` (classified correctly; the others are done) and fill in ``batch.record``."""
 
     # ---------------------------------------------------------------- shared steps
     @property
@@ -259,6 +263,11 @@ class Walk(ABC):
         self.x0 = track.x
         self.threat = threat
         self.generator = generator
+        self.setup()
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Derive the walk's constants from the config and the threat model (called once, at construction)."""
 
     @abstractmethod
     def run(self) -> Program:
@@ -292,27 +301,19 @@ class WalkAttack(DecisionAttack):
 
     walk: ClassVar[type[Walk]]
 
-    def _search(
-        self,
-        oracle: LabelOracle,
-        x: Tensor,
-        goal: Goal,
-        threat: ThreatModel,
-        generator: torch.Generator,
-        record: BoundaryRecord,
-        rows: Tensor,
-    ) -> None:
+    def _search(self, batch: DecisionBatch, rows: Tensor) -> None:
+        x, threat = batch.x, batch.threat
         flat = x.reshape(x.shape[0], -1)
         tracks = {i: Track(flat[i], threat, threat.eps) for i in rows.tolist()}
-        programs = {i: self.walk(self.config, track, threat, generator).run() for i, track in tracks.items()}
-        run_programs(oracle, goal, tracks, programs, shape=tuple(x.shape[1:]), budget=self.config.queries,
-                     stop_at_eps=self.stop_at_eps)  # fmt: skip
+        programs = {i: self.walk(self.config, track, threat, batch.generator).run() for i, track in tracks.items()}
+        run_programs(batch.oracle, batch.goal, tracks, programs, shape=tuple(x.shape[1:]),
+                     budget=self.config.queries, stop_at_eps=self.stop_at_eps)  # fmt: skip
         found = [i for i, track in tracks.items() if track.best is not None]
         if not found:
             return
         kept = [tracks[i] for i in found]
         device = x.device
-        record.improve(
+        batch.record.improve(
             torch.tensor(found, dtype=torch.long, device=device),
             torch.stack([track.best for track in kept if track.best is not None]),
             torch.tensor([track.best_distance for track in kept], dtype=torch.float64, device=device),

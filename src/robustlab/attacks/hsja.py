@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from robustlab.attacks._decision import DecisionConfig, Program, Track, Walk, WalkAttack
+from robustlab.attacks._decision import DecisionConfig, Program, Walk, WalkAttack
 from robustlab.attacks.base import positive
 from robustlab.attacks.registry import register_attack
 from robustlab.errors import ConfigError
@@ -83,13 +83,11 @@ class _HopSkipJumpWalk(Walk):
 
     config: HopSkipJumpConfig
 
-    def __init__(
-        self, config: HopSkipJumpConfig, track: Track, threat: ThreatModel, generator: torch.Generator
-    ) -> None:
-        super().__init__(config, track, threat, generator)
+    def setup(self) -> None:
         self.dim = int(self.x0.numel())
-        self.linf = threat.norm is Norm.LINF
-        self.theta = config.gamma / self.dim**2 if self.linf else config.gamma / (math.sqrt(self.dim) * self.dim)
+        self.linf = self.threat.norm is Norm.LINF
+        gamma = self.config.gamma
+        self.theta = gamma / self.dim**2 if self.linf else gamma / (math.sqrt(self.dim) * self.dim)
 
     def run(self) -> Program:
         perturbed = yield from self.initial_point()

@@ -31,10 +31,20 @@ from torch import Tensor
 
 from robustlab.attacks.base import AttackConfig, positive
 from robustlab.attacks.registry import register_attack
-from robustlab.attacks.zo_engine import State, ZerothOrderAttack
+from robustlab.attacks.zo_engine import (
+    State,
+    Step,
+    ZerothOrderAttack,
+    check_estimate_options,
+    loss_window,
+    push_loss,
+    restart_window,
+    update_momentum,
+)
+from robustlab.checks import check_number
 from robustlab.errors import ConfigError
-from robustlab.losses import attack_loss
-from robustlab.threat import Norm, ThreatModel
+from robustlab.threat import Norm
+from robustlab.utils import rows_like
 from robustlab.zeroth_order import RGE, GradientEstimator
 
 __all__ = ["NES", "NESConfig"]
@@ -70,28 +80,15 @@ class NESConfig(AttackConfig):
     loss: str = "ce"
 
     def validate(self) -> None:
-        positive("queries (the budget per example)", self.queries, integer=True)
-        positive("q (direction pairs per estimate)", self.q, integer=True)
-        positive("mu (the search radius sigma)", self.mu)
+        check_estimate_options(self.queries, self.q, self.mu, self.loss, mu_meaning="the search radius sigma")
         positive("lr", self.lr, allow_none=True)
         positive("rel_lr", self.rel_lr)
         positive("min_lr", self.min_lr, allow_none=True)
         positive("plateau_length", self.plateau_length, integer=True)
         if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if (
-            isinstance(self.momentum, bool)
-            or not isinstance(self.momentum, (int, float))
-            or not 0.0 <= self.momentum < 1.0
-        ):
-            raise ConfigError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
-        if isinstance(self.plateau_drop, bool) or not isinstance(self.plateau_drop, (int, float)):
-            raise ConfigError(f"plateau_drop must be a number > 1, got {self.plateau_drop!r}")
-        if not self.plateau_drop > 1.0:
-            raise ConfigError(f"plateau_drop must be a number > 1, got {self.plateau_drop!r}")
-        if not isinstance(self.loss, str):
-            raise ConfigError(f"loss must be a name, got {self.loss!r}")
-        attack_loss(self.loss)
+        check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_number("plateau_drop", self.plateau_drop, low=1.0, low_open=True)
 
 
 @register_attack
@@ -112,42 +109,28 @@ class NES(ZerothOrderAttack):
         return lr, min(min_lr, lr)
 
     def _init_state(self, x: Tensor) -> State:
-        n = x.shape[0]
+        # Per example: the momentum of the estimates, the step size (NaN: not set yet) and the window of mean
+        # probe losses that detects plateaus.
         return {
             "momentum": torch.zeros_like(x),
-            "lr": torch.full((n,), float("nan"), dtype=torch.float64, device=x.device),
-            "history": torch.zeros((n, self.config.plateau_length), dtype=x.dtype, device=x.device),
-            "filled": torch.zeros(n, dtype=torch.long, device=x.device),
+            "lr": torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device),
+            **loss_window(x, self.config.plateau_length),
         }
 
-    def _step(
-        self,
-        state: State,
-        rows: Tensor,
-        grad: Tensor,
-        estimate_values: Tensor,
-        x: Tensor,
-        x_adv: Tensor,
-        threat: ThreatModel,
-        step: int,
-    ) -> Tensor:
+    def _step(self, state: State, step: Step) -> Tensor:
         c = self.config
-        lr_max, lr_min = self._lr_bounds(threat.eps)
-        momentum = c.momentum * state["momentum"][rows] + (1.0 - c.momentum) * grad
-        state["momentum"][rows] = momentum
+        rows = step.rows
+        lr_max, lr_min = self._lr_bounds(step.threat.eps)
+        momentum = update_momentum(state["momentum"], rows, step.grad, c.momentum)
 
         # Plateau annealing on the mean probe loss (the reference's ``l``), before the step as in the reference.
         lr = state["lr"][rows]
         lr = torch.where(torch.isnan(lr), torch.full_like(lr, lr_max), lr)
-        objective = -estimate_values.mean(dim=1).to(state["history"].dtype)
-        window = c.plateau_length
-        history = torch.cat([state["history"][rows, 1:], objective[:, None]], dim=1)
-        filled = (state["filled"][rows] + 1).clamp(max=window)
-        plateau = (filled == window) & (history[:, -1] > history[:, 0])
+        first, last, full = push_loss(state, rows, -step.values.mean(dim=1))
+        plateau = full & (last > first)
         lr = torch.where(plateau, (lr / c.plateau_drop).clamp_min(lr_min), lr)
-        state["history"][rows] = history
-        state["filled"][rows] = torch.where(plateau, torch.zeros_like(filled), filled)
+        restart_window(state, rows, plateau)
         state["lr"][rows] = lr
 
-        size = lr.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-        return x_adv + size * threat.steepest_ascent(momentum)
+        size = rows_like(lr.to(step.x.dtype), step.x)
+        return step.x_adv + size * step.threat.steepest_ascent(momentum)

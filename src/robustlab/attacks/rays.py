@@ -72,13 +72,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from robustlab.attacks._decision import BoundaryRecord, DecisionAttack, DecisionConfig
+from robustlab.attacks._decision import DecisionAttack, DecisionBatch, DecisionConfig
 from robustlab.attacks.base import AttackResult, budget_left, positive
 from robustlab.attacks.registry import register_attack
 from robustlab.checks import check_flag
 from robustlab.errors import ConfigError
-from robustlab.goals import Goal
-from robustlab.oracles import LabelOracle
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["RayS", "RaySConfig", "average_boundary_distance"]
@@ -144,17 +142,8 @@ class RayS(DecisionAttack):
                 "of the first search point)"
             )
 
-    def _search(
-        self,
-        oracle: LabelOracle,
-        x: Tensor,
-        goal: Goal,
-        threat: ThreatModel,
-        generator: torch.Generator,
-        record: BoundaryRecord,
-        rows: Tensor,
-    ) -> None:
-        _RaySSearch(self.config, oracle, x, goal, threat, record).run(rows)
+    def _search(self, batch: DecisionBatch, rows: Tensor) -> None:
+        _RaySSearch(self.config, batch).run(rows)
 
 
 def _search_width(config: RaySConfig, threat: ThreatModel) -> float:
@@ -171,16 +160,10 @@ class _RaySSearch:
     L2-normalized direction, so a Linf distance is ``r / sqrt(n)``.
     """
 
-    def __init__(
-        self,
-        config: RaySConfig,
-        oracle: LabelOracle,
-        x: Tensor,
-        goal: Goal,
-        threat: ThreatModel,
-        record: BoundaryRecord,
-    ) -> None:
-        self.config, self.oracle, self.goal, self.threat, self.record = config, oracle, goal, threat, record
+    def __init__(self, config: RaySConfig, batch: DecisionBatch) -> None:
+        x, threat = batch.x, batch.threat
+        self.config, self.threat = config, threat
+        self.oracle, self.goal, self.record = batch.oracle, batch.goal, batch.record
         n = int(x.shape[0])
         dim = int(x[0].numel())
         device = x.device

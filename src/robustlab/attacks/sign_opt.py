@@ -35,10 +35,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from robustlab.attacks._decision import DecisionConfig, Program, Search, Track, Walk, WalkAttack
+from robustlab.attacks._decision import DecisionConfig, Program, Search, Walk, WalkAttack
 from robustlab.attacks.base import positive
 from robustlab.attacks.registry import register_attack
-from robustlab.threat import Norm, ThreatModel
+from robustlab.threat import Norm
 
 __all__ = ["SignOPT", "SignOPTConfig"]
 
@@ -80,9 +80,8 @@ class _SignOPTWalk(Walk):
 
     config: SignOPTConfig
 
-    def __init__(self, config: SignOPTConfig, track: Track, threat: ThreatModel, generator: torch.Generator) -> None:
-        super().__init__(config, track, threat, generator)
-        linf = threat.norm is Norm.LINF
+    def setup(self) -> None:
+        linf = self.threat.norm is Norm.LINF
         self.linf = linf
         self.order = math.inf if linf else 2.0
         self.init_tol = 1e-5 if linf else 1e-3

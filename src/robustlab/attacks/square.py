@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import Attack, AttackConfig, BestTracker, positive
+from robustlab.attacks.base import Attack, AttackConfig, positive
 from robustlab.attacks.registry import register_attack
-from robustlab.attacks.zo_engine import budget_left
-from robustlab.errors import ConfigError
+from robustlab.attacks.zo_engine import ScoreSearch
+from robustlab.checks import check_choice, check_number
 from robustlab.goals import Goal
 from robustlab.losses import attack_loss
 from robustlab.oracles import Access, ScoreOracle
@@ -85,10 +85,8 @@ class SquareConfig(AttackConfig):
     def validate(self) -> None:
         positive("queries (the budget per example)", self.queries, integer=True)
         positive("schedule_queries", self.schedule_queries, integer=True, allow_none=True)
-        if isinstance(self.p_init, bool) or not isinstance(self.p_init, (int, float)) or not 0 < self.p_init <= 1:
-            raise ConfigError(f"p_init must be a number in (0, 1], got {self.p_init!r}")
-        if self.loss not in ("margin", "ce"):
-            raise ConfigError(f"loss must be 'margin' or 'ce', got {self.loss!r}")
+        check_number("p_init", self.p_init, low=0.0, high=1.0, low_open=True)
+        check_choice("loss", self.loss, ("margin", "ce"))
 
 
 def _as_images(x: Tensor) -> Tensor:
@@ -169,55 +167,47 @@ class Square(Attack[ScoreOracle]):
         self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Any]]:
         c = self.config
-        objective = ScoreObjective(attack_loss(c.loss), goal)
+        search = ScoreSearch(oracle, goal, ScoreObjective(attack_loss(c.loss), goal), c.queries, x)
         span = c.schedule_queries if c.schedule_queries is not None else c.queries
         n = x.shape[0]
-        images = _as_images(x)
-        best = BestTracker(x)
-        iterations = torch.full((n,), -1, dtype=torch.long, device=x.device)
 
         # The initial point (one query each).
-        if threat.norm is Norm.LINF:
-            start = self._linf_start(images, threat, generator)
-        else:
-            start = self._l2_start(images, threat, generator)
+        start = self._start(_as_images(x), threat, generator)
         x_best = threat.project(start.reshape(x.shape), x)
         loss_best = torch.full((n,), -math.inf, dtype=x.dtype, device=x.device)
-        active = torch.arange(n, device=x.device)
-        active = active[budget_left(oracle, active, c.queries) >= 1]
-        if active.numel() > 0:
-            scores = oracle.scores(x_best[active], active)
-            success = goal.subset(active).is_success(scores)
-            loss_best[active] = objective(scores, active).to(x.dtype)
-            best.update(x_best[active], success, loss_best[active], active)
-            iterations[active[success]] = 0
-            active = active[~success]
+        active = search.start(x_best, loss_best)
 
         iteration = 0
         while active.numel() > 0:
-            active = active[budget_left(oracle, active, c.queries) >= 1]
+            active = search.affordable(active, 1)
             if active.numel() == 0:
                 break
-            p = p_schedule(c.p_init, iteration, span)
             x_rows = x[active]
-            current = x_best[active]
-            if threat.norm is Norm.LINF:
-                proposal = self._linf_proposal(_as_images(x_rows), _as_images(current), p, threat, generator)
-            else:
-                proposal = self._l2_proposal(_as_images(x_rows), _as_images(current), p, threat, generator)
+            proposal = self._proposal(x_rows, x_best[active], p_schedule(c.p_init, iteration, span), threat, generator)
             proposal = threat.project(proposal.reshape(x_rows.shape), x_rows)
-            scores = oracle.scores(proposal, active)
-            success = goal.subset(active).is_success(scores)
-            loss = objective(scores, active).to(x.dtype)
+            success, loss = search.evaluate(proposal, active)
+            loss = loss.to(x.dtype)
             accept = (loss > loss_best[active]) | success
             accepted = active[accept]
             x_best[accepted] = proposal[accept]
             loss_best[accepted] = loss[accept]
-            best.update(proposal, success, loss, active)
-            iterations[active[success]] = iteration + 1
-            active = active[~success]
+            active = search.record(proposal, active, success, loss, iteration + 1)
             iteration += 1
-        return best.x, {"iterations": iterations}
+        return search.best.x, {"iterations": search.iterations}
+
+    @classmethod
+    def _start(cls, images: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:
+        """The initial point of the norm's variant, as images."""
+        if threat.norm is Norm.LINF:
+            return cls._linf_start(images, threat, generator)
+        return cls._l2_start(images, threat, generator)
+
+    @classmethod
+    def _proposal(cls, x: Tensor, current: Tensor, p: float, threat: ThreatModel, generator: torch.Generator) -> Tensor:
+        """One random change of ``current`` (the examples' best points) in the norm's variant, as images."""
+        if threat.norm is Norm.LINF:
+            return cls._linf_proposal(_as_images(x), _as_images(current), p, threat, generator)
+        return cls._l2_proposal(_as_images(x), _as_images(current), p, threat, generator)
 
     # -------------------------------------------------------------------- linf
     @staticmethod

@@ -13,6 +13,10 @@ An attack built on :class:`ZerothOrderAttack` says how one step moves the iterat
   query past the budget;
 - per-example early stop at the first success, and the best iterate (any success, else the highest loss).
 
+:class:`ScoreSearch` is that bookkeeping (budget, success checks, best point, iteration of the first success); the
+Square attack, a random search without gradient estimates, uses it too. :func:`loss_window` keeps the last few
+losses per example for the step-size schedules of NES (plateaus) and ZO-FW (stalls).
+
 Apart from the random directions, which come from one generator for the whole batch, an example's run does not
 depend on the other examples of its batch.
 """
@@ -20,27 +24,137 @@ depend on the other examples of its batch.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import Attack, BestTracker
+from robustlab.attacks.base import Attack, BestTracker, budget_left, positive
 from robustlab.goals import Goal
 from robustlab.losses import attack_loss
 from robustlab.oracles import Access, ScoreOracle
 from robustlab.threat import ThreatModel
 from robustlab.zeroth_order import RGE, GradientEstimator, ScoreObjective, estimate_with_oracle
 
-__all__ = ["State", "ZerothOrderAttack", "budget_left"]
+__all__ = [
+    "ScoreSearch",
+    "State",
+    "Step",
+    "ZerothOrderAttack",
+    "check_estimate_options",
+    "loss_window",
+    "push_loss",
+    "restart_window",
+    "update_momentum",
+]
 
 State = dict[str, Tensor]
 
 
-def budget_left(oracle: ScoreOracle, index: Tensor, queries: int) -> Tensor:
-    """Queries each example of ``index`` may still make: the attack's ``queries`` and the oracle's budget."""
-    own = queries - oracle.queries[index]
-    return torch.minimum(oracle.remaining(index), own)
+def check_estimate_options(queries: int, q: int, mu: float, loss: str, *, mu_meaning: str) -> None:
+    """The options every zeroth-order attack has: budget, direction pairs, probe radius and loss."""
+    positive("queries (the budget per example)", queries, integer=True)
+    positive("q (direction pairs per estimate)", q, integer=True)
+    positive(f"mu ({mu_meaning})", mu)
+    attack_loss(loss)
+
+
+def update_momentum(buffer: Tensor, rows: Tensor, grad: Tensor, beta: float) -> Tensor:
+    """``beta * m + (1 - beta) * grad`` for the examples ``rows`` of the momentum ``buffer`` (updated in place)."""
+    momentum = beta * buffer[rows] + (1.0 - beta) * grad
+    buffer[rows] = momentum
+    return momentum
+
+
+def loss_window(x: Tensor, length: int) -> State:
+    """State entries for the last ``length`` values of a minimized objective per example, oldest first:
+    ``history`` ``(n, length)`` and ``filled`` (how many entries count). Step-size schedules compare the first and
+    last entries of a full window (:func:`push_loss`), and restart it after acting on it (:func:`restart_window`).
+    """
+    n = int(x.shape[0])
+    return {
+        "history": torch.zeros((n, length), dtype=x.dtype, device=x.device),
+        "filled": torch.zeros(n, dtype=torch.long, device=x.device),
+    }
+
+
+def push_loss(state: State, rows: Tensor, objective: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Append one value per example of ``rows`` to their windows; returns the first and last entries, and
+    whether each window is full."""
+    length = int(state["history"].shape[1])
+    history = torch.cat([state["history"][rows, 1:], objective.to(state["history"].dtype)[:, None]], dim=1)
+    filled = (state["filled"][rows] + 1).clamp(max=length)
+    state["history"][rows] = history
+    state["filled"][rows] = filled
+    return history[:, 0], history[:, -1], filled == length
+
+
+def restart_window(state: State, rows: Tensor, mask: Tensor) -> None:
+    """Count the windows of ``rows[mask]`` empty again."""
+    filled = state["filled"][rows]
+    state["filled"][rows] = torch.where(mask, torch.zeros_like(filled), filled)
+
+
+class ScoreSearch:
+    """Per-example bookkeeping of a score-based attack: budget, success checks, the best point (any success, else
+    the highest loss) and the iteration at which each example first succeeded (-1: never; 0: at its start)."""
+
+    def __init__(self, oracle: ScoreOracle, goal: Goal, objective: ScoreObjective, queries: int, x: Tensor) -> None:
+        self.oracle = oracle
+        self.goal = goal
+        self.objective = objective
+        self.queries = queries
+        self.best = BestTracker(x)
+        self.iterations = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+
+    def affordable(self, rows: Tensor, cost: int) -> Tensor:
+        """The examples of ``rows`` that can still pay ``cost`` queries."""
+        return rows[budget_left(self.oracle, self.queries, rows) >= cost]
+
+    def evaluate(self, points: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """One query per point (``points[i]`` belongs to example ``rows[i]``): (goal met, loss)."""
+        scores = self.oracle.scores(points, rows)
+        return self.goal.subset(rows).is_success(scores), self.objective(scores, rows)
+
+    def record(self, points: Tensor, rows: Tensor, success: Tensor, loss: Tensor, iteration: int) -> Tensor:
+        """Offer ``points`` as the best of ``rows``; returns the examples that go on (not yet successful)."""
+        self.best.update(points, success, loss, rows)
+        self.iterations[rows[success]] = iteration
+        return rows[~success]
+
+    def start(self, points: Tensor, loss: Tensor) -> Tensor:
+        """One query at every example's starting point it can afford, its loss written to ``loss`` (in that
+        tensor's dtype); returns the examples that go on."""
+        rows = self.affordable(torch.arange(points.shape[0], device=points.device), 1)
+        if rows.numel() == 0:
+            return rows
+        success, value = self.evaluate(points[rows], rows)
+        loss[rows] = value.to(loss.dtype)
+        return self.record(points[rows], rows, success, loss[rows], 0)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one step of a zeroth-order attack sees, for the examples still running.
+
+    Attributes:
+        rows: the examples (indices into the batch and the per-example state).
+        grad: the estimated gradients at ``x_adv``.
+        values: the loss at every probe of the estimate, ``(len(rows), k)``.
+        x: the clean inputs of ``rows``.
+        x_adv: the current iterates of ``rows``.
+        threat: the threat model.
+        number: the step's number, from 0.
+    """
+
+    rows: Tensor
+    grad: Tensor
+    values: Tensor
+    x: Tensor
+    x_adv: Tensor
+    threat: ThreatModel
+    number: int
 
 
 class ZerothOrderAttack(Attack[ScoreOracle]):
@@ -58,19 +172,8 @@ class ZerothOrderAttack(Attack[ScoreOracle]):
         """Per-example state for the whole batch (tensors with the examples along the first dimension)."""
 
     @abstractmethod
-    def _step(
-        self,
-        state: State,
-        rows: Tensor,
-        grad: Tensor,
-        estimate_values: Tensor,
-        x: Tensor,
-        x_adv: Tensor,
-        threat: ThreatModel,
-        step: int,
-    ) -> Tensor:
-        """The next iterates of the examples ``rows`` (state is indexed by ``rows``; ``x``, ``x_adv`` and ``grad``
-        are already restricted to them; ``estimate_values`` holds the loss at every probe, ``(len(rows), k)``)."""
+    def _step(self, state: State, step: Step) -> Tensor:
+        """The next iterates of the examples ``step.rows`` (index the state with them)."""
 
     def _observe(self, state: State, rows: Tensor, loss: Tensor, step: int) -> None:
         """Learn from the loss at the new iterates of ``rows`` (e.g. a step-size schedule). Default: nothing."""
@@ -80,50 +183,33 @@ class ZerothOrderAttack(Attack[ScoreOracle]):
         self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Any]]:
         config: Any = self.config
-        queries: int = config.queries
-        objective = ScoreObjective(attack_loss(config.loss), goal)
+        search = ScoreSearch(oracle, goal, ScoreObjective(attack_loss(config.loss), goal), config.queries, x)
         estimator = self._estimator()
-        n = x.shape[0]
         # Forward differences need f at the iterate itself: the success check there already paid for it.
         reuse = isinstance(estimator, RGE) and estimator.difference == "forward"
         step_cost = estimator.queries_per_example(x[0].numel()) + 1 - int(reuse)  # the probes, and the check
-        best = BestTracker(x)
-        last_value = torch.zeros(n, dtype=x.dtype, device=x.device)
-        iterations = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        last_value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         x_adv = x.clone()
 
-        # Is the clean input already adversarial? One query each (the first success check).
-        active = torch.arange(n, device=x.device)
-        active = active[budget_left(oracle, active, queries) >= 1]
-        if active.numel() > 0:
-            scores = oracle.scores(x[active], active)
-            success = goal.subset(active).is_success(scores)
-            last_value[active] = objective(scores, active).to(x.dtype)
-            best.update(x[active], success, last_value[active], active)
-            iterations[active[success]] = 0
-            active = active[~success]
-
+        active = search.start(x, last_value)  # is the clean input already adversarial?
         state = self._init_state(x)
-        step = 0
+        number = 0
         while active.numel() > 0:
-            active = active[budget_left(oracle, active, queries) >= step_cost]
+            active = search.affordable(active, step_cost)
             if active.numel() == 0:
                 break
             estimate = estimate_with_oracle(
-                oracle, x_adv[active], estimator, objective, index=active, generator=generator,
+                oracle, x_adv[active], estimator, search.objective, index=active, generator=generator,
                 bounds=(threat.lower, threat.upper), known_value=last_value[active] if reuse else None,
             )  # fmt: skip
             x_rows = x[active]
-            candidate = self._step(state, active, estimate.grad, estimate.values, x_rows, x_adv[active], threat, step)
-            candidate = threat.project(candidate, x_rows)
+            step = Step(active, estimate.grad, estimate.values, x_rows, x_adv[active], threat, number)
+            candidate = threat.project(self._step(state, step), x_rows)
             x_adv[active] = candidate
-            scores = oracle.scores(candidate, active)
-            success = goal.subset(active).is_success(scores)
-            loss = objective(scores, active)
+            success, loss = search.evaluate(candidate, active)
             last_value[active] = loss.to(x.dtype)
-            best.update(candidate, success, loss, active)
-            self._observe(state, active, loss, step)
-            iterations[active[success]] = step + 1
-            active = active[~success]
-            step += 1
-        return best.x, {"iterations": iterations}
+            going_on = search.record(candidate, active, success, loss, number + 1)
+            self._observe(state, active, loss, number)
+            active = going_on
+            number += 1
+        return search.best.x, {"iterations": search.iterations}

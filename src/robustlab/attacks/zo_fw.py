@@ -46,10 +46,19 @@ from torch import Tensor
 
 from robustlab.attacks.base import AttackConfig, positive
 from robustlab.attacks.registry import register_attack
-from robustlab.attacks.zo_engine import State, ZerothOrderAttack
-from robustlab.errors import ConfigError
-from robustlab.losses import attack_loss
-from robustlab.threat import Norm, ThreatModel
+from robustlab.attacks.zo_engine import (
+    State,
+    Step,
+    ZerothOrderAttack,
+    check_estimate_options,
+    loss_window,
+    push_loss,
+    restart_window,
+    update_momentum,
+)
+from robustlab.checks import check_choice, check_number
+from robustlab.threat import Norm
+from robustlab.utils import rows_like
 from robustlab.zeroth_order import RGE, GradientEstimator
 
 __all__ = ["ZOFrankWolfe", "ZOFrankWolfeConfig"]
@@ -87,27 +96,13 @@ class ZOFrankWolfeConfig(AttackConfig):
     stall_tolerance: float = 0.001
 
     def validate(self) -> None:
-        positive("queries (the budget per example)", self.queries, integer=True)
-        positive("q (direction pairs per estimate)", self.q, integer=True)
-        positive("mu (the probe radius)", self.mu)
+        check_estimate_options(self.queries, self.q, self.mu, self.loss, mu_meaning="the probe radius")
         positive("stall_window", self.stall_window, integer=True)
-        if self.directions not in ("sphere", "gaussian"):
-            raise ConfigError(f"directions must be 'sphere' or 'gaussian', got {self.directions!r}")
-        if self.difference not in ("symmetric", "forward"):
-            raise ConfigError(f"difference must be 'symmetric' or 'forward', got {self.difference!r}")
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
-            raise ConfigError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"beta must be a number in [0, 1), got {self.beta!r}")
-        if (
-            isinstance(self.stall_tolerance, bool)
-            or not isinstance(self.stall_tolerance, (int, float))
-            or not 0.0 <= self.stall_tolerance < 1.0
-        ):
-            raise ConfigError(f"stall_tolerance must be a number in [0, 1), got {self.stall_tolerance!r}")
-        if not isinstance(self.loss, str):
-            raise ConfigError(f"loss must be a name, got {self.loss!r}")
-        attack_loss(self.loss)
+        check_choice("directions", self.directions, ("sphere", "gaussian"))
+        check_choice("difference", self.difference, ("symmetric", "forward"))
+        check_number("gamma", self.gamma, low=0.0, high=1.0, low_open=True)
+        check_number("beta", self.beta, low=0.0, high=1.0, high_open=True)
+        check_number("stall_tolerance", self.stall_tolerance, low=0.0, high=1.0, high_open=True)
 
 
 @register_attack
@@ -129,12 +124,12 @@ class ZOFrankWolfe(ZerothOrderAttack):
         )
 
     def _init_state(self, x: Tensor) -> State:
-        n = x.shape[0]
+        # Per example: the momentum of the estimates, the iteration after which gamma decays (-1: not yet) and
+        # the window of losses at the iterates that detects a stall.
         return {
             "momentum": torch.zeros_like(x),
-            "t0": torch.full((n,), -1, dtype=torch.long, device=x.device),
-            "history": torch.zeros((n, self.config.stall_window), dtype=x.dtype, device=x.device),
-            "filled": torch.zeros(n, dtype=torch.long, device=x.device),
+            "t0": torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device),
+            **loss_window(x, self.config.stall_window),
         }
 
     def gamma_at(self, step: int, t0: Tensor) -> Tensor:
@@ -142,32 +137,15 @@ class ZOFrankWolfe(ZerothOrderAttack):
         decayed = self.config.gamma / torch.sqrt((step - t0 + 1).clamp_min(1).to(torch.float64))
         return torch.where(t0 >= 0, decayed, torch.full_like(decayed, self.config.gamma))
 
-    def _step(
-        self,
-        state: State,
-        rows: Tensor,
-        grad: Tensor,
-        estimate_values: Tensor,
-        x: Tensor,
-        x_adv: Tensor,
-        threat: ThreatModel,
-        step: int,
-    ) -> Tensor:
-        beta = self.config.beta
-        momentum = beta * state["momentum"][rows] + (1.0 - beta) * grad
-        state["momentum"][rows] = momentum
-        gamma = self.gamma_at(step, state["t0"][rows]).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-        vertex = threat.lmo(momentum, x)
-        return threat.clip_to_box(x_adv + gamma * (vertex - x_adv))
+    def _step(self, state: State, step: Step) -> Tensor:
+        momentum = update_momentum(state["momentum"], step.rows, step.grad, self.config.beta)
+        gamma = rows_like(self.gamma_at(step.number, state["t0"][step.rows]).to(step.x.dtype), step.x)
+        vertex = step.threat.lmo(momentum, step.x)
+        return step.threat.clip_to_box(step.x_adv + gamma * (vertex - step.x_adv))
 
     def _observe(self, state: State, rows: Tensor, loss: Tensor, step: int) -> None:
-        window = self.config.stall_window
-        objective = -loss.to(state["history"].dtype)  # the reference's minimized loss
-        history = torch.cat([state["history"][rows, 1:], objective[:, None]], dim=1)
-        filled = (state["filled"][rows] + 1).clamp(max=window)
-        first, last = history[:, 0], history[:, -1]
-        stalled = (filled == window) & (last > first - self.config.stall_tolerance * first.abs())
+        first, last, full = push_loss(state, rows, -loss)  # the reference's minimized loss
+        stalled = full & (last > first - self.config.stall_tolerance * first.abs())
         t0 = state["t0"][rows]
         state["t0"][rows] = torch.where(stalled & (t0 < 0), torch.full_like(t0, step - 1), t0)
-        state["filled"][rows] = torch.where(stalled, torch.zeros_like(filled), filled)
-        state["history"][rows] = history
+        restart_window(state, rows, stalled)
