@@ -50,11 +50,6 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _per_example(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-example vector so it broadcasts against a batch shaped like ``like``."""
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 @dataclass(frozen=True)
 class ThreatModel:
     """Perturbations ``x' `` with ``||x' - x||_norm <= eps`` and ``lower <= x' <= upper`` elementwise.

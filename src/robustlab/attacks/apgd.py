@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +55,13 @@ from torch import Tensor
 
 from robustlab.attacks.base import Attack, AttackConfig, BestTracker, positive
 from robustlab.attacks.registry import register_attack
+from robustlab.checks import check_flag, check_number, check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.goals import Goal
 from robustlab.losses import AttackLoss, attack_loss
 from robustlab.oracles import Access, GradientOracle
 from robustlab.threat import Norm, ThreatModel
+from robustlab.utils import rows_like
 
 __all__ = ["APGD", "APGDConfig", "APGDTargeted", "APGDTargetedConfig", "apgd_checkpoints"]
 
@@ -77,8 +80,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
     50]``; for 10 steps the reference checks at every step from the second on. This function follows the
     reference.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    check_positive_int("steps", steps)
     interval = max(int(0.22 * steps), 1)
     decrease = max(int(0.03 * steps), 1)
     shortest = max(int(0.06 * steps), 1)
@@ -91,90 +93,78 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return points
 
 
-def _check_common(steps: int, restarts: int, rho: float, momentum: float, initial_step: float) -> None:
-    positive("steps", steps, integer=True)
-    positive("restarts", restarts, integer=True)
-    positive("initial_step", initial_step)
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 < rho < 1.0:
-        raise ConfigError(f"rho must be a number in (0, 1), got {rho!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
-        raise ConfigError(f"momentum must be a number in (0, 1] (1 means no momentum), got {momentum!r}")
+@dataclass(frozen=True)
+class _APGDOptions(AttackConfig):
+    """The options APGD and APGD-T share (see :class:`APGDConfig`)."""
 
+    steps: int = 100
+    restarts: int = 1
+    rho: float = 0.75
+    momentum: float = 0.75
+    initial_step: float = 2.0
+    random_start: bool = True
+    early_stop: bool = True
 
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    def validate(self) -> None:
+        positive("steps", self.steps, integer=True)
+        positive("restarts", self.restarts, integer=True)
+        positive("initial_step", self.initial_step)
+        check_number("rho", self.rho, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("momentum (1 means no momentum)", self.momentum, low=0.0, high=1.0, low_open=True)
+        check_flag("random_start", self.random_start)
+        check_flag("early_stop", self.early_stop)
 
 
 @dataclass(frozen=True)
-class APGDConfig(AttackConfig):
+class APGDConfig(_APGDOptions):
     """Options of :class:`APGD`. Defaults are the paper's and the reference code's.
 
     Attributes:
         steps: iterations per restart (100); each restart costs ``steps + 1`` gradient evaluations.
         restarts: random restarts (1, as in standard AutoAttack); each runs on the examples still unbroken.
-        loss: "ce" (default) or "dlr"; with explicit targets the goal makes them targeted (-CE of the target,
-            targeted DLR).
         rho: a step size is halved when at most a fraction ``rho`` (0.75) of the steps since the last checkpoint
             increased the loss (the reference tests ``count <= rho * interval``; the paper writes ``<``).
         momentum: alpha, the weight of the new gradient step against the previous move (0.75).
         initial_step: the initial step size as a multiple of eps (2).
         random_start: start each restart from a uniform point in the ball (always on in the reference).
         early_stop: stop each example at its first success and skip clean-misclassified ones (evaluation).
+        loss: "ce" (default) or "dlr"; with explicit targets the goal makes them targeted (-CE of the target,
+            targeted DLR).
     """
 
-    steps: int = 100
-    restarts: int = 1
     loss: str = "ce"
-    rho: float = 0.75
-    momentum: float = 0.75
-    initial_step: float = 2.0
-    random_start: bool = True
-    early_stop: bool = True
 
     def validate(self) -> None:
-        _check_common(self.steps, self.restarts, self.rho, self.momentum, self.initial_step)
+        super().validate()
         if not isinstance(self.loss, str) or self.loss.lower() not in _LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r} for APGD: choose one of {', '.join(_LOSSES)}")
-        _check_flag("random_start", self.random_start)
-        _check_flag("early_stop", self.early_stop)
 
 
 @dataclass(frozen=True)
-class APGDTargetedConfig(AttackConfig):
+class APGDTargetedConfig(_APGDOptions):
     """Options of :class:`APGDTargeted` (APGD-T). Defaults are standard AutoAttack's.
 
     Attributes:
         steps: iterations per run (100); each run costs ``steps + 1`` gradient evaluations.
         restarts: runs per target class (1).
+        rho, momentum, initial_step, random_start, early_stop: as in :class:`APGDConfig`.
         n_target_classes: how many target classes to try, in decreasing order of the clean logits (9); capped
             at the number of classes minus one.
-        rho, momentum, initial_step, random_start, early_stop: as in :class:`APGDConfig`.
     """
 
-    steps: int = 100
-    restarts: int = 1
     n_target_classes: int = 9
-    rho: float = 0.75
-    momentum: float = 0.75
-    initial_step: float = 2.0
-    random_start: bool = True
-    early_stop: bool = True
 
     def validate(self) -> None:
-        _check_common(self.steps, self.restarts, self.rho, self.momentum, self.initial_step)
+        super().validate()
         positive("n_target_classes", self.n_target_classes, integer=True)
-        _check_flag("random_start", self.random_start)
-        _check_flag("early_stop", self.early_stop)
 
 
-def _per_example(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+State = dict[str, Tensor]
 
 
 def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """Per-example ``where``: rows of ``a`` where ``mask``, else rows of ``b``."""
-    return torch.where(_per_example(mask, a), a, b)
+    return torch.where(rows_like(mask, a), a, b)
 
 
 class _Record:
@@ -206,6 +196,8 @@ class _APGDBase(Attack[GradientOracle]):
     access = Access.GRADIENT
     norms = frozenset({Norm.LINF, Norm.L2})
 
+    config: _APGDOptions
+
     def _apgd_run(
         self,
         oracle: GradientOracle,
@@ -221,21 +213,42 @@ class _APGDBase(Attack[GradientOracle]):
     ) -> None:
         """APGD on the examples ``index``: ``loss_goal`` defines the loss, ``goal`` (same rows) the success."""
         config = self.config
-        assert isinstance(config, (APGDConfig, APGDTargetedConfig))
         x = x_all[index]
-        n = int(index.numel())
         x_adv = threat.random_start(x, generator) if config.random_start else x.clone()
         loss, logits, grad = oracle.loss_and_grad(x_adv, loss_goal, loss_fn, index)
         success = goal.is_success(logits)
         record.update(x_adv, success, loss, index, run, 0)
+        state = self._start_state(index, x, x_adv, loss, grad, config.initial_step * threat.eps)
+        checkpoints = apgd_checkpoints(config.steps)
+        # Each checkpoint w_j (j >= 1) with the number of steps since the previous one.
+        intervals = {point: point - previous for previous, point in itertools.pairwise(checkpoints)}
 
-        state: dict[str, Tensor] = {
+        for i in range(config.steps):
+            if config.early_stop and bool(success.any()):
+                keep = ~success
+                if not bool(keep.any()):
+                    return
+                state = {name: value[keep] for name, value in state.items()}
+                loss_goal, goal = loss_goal.subset(keep), goal.subset(keep)
+            x_new = self._momentum_step(state, threat, 1.0 if i == 0 else config.momentum)
+            loss, logits, grad = oracle.loss_and_grad(x_new, loss_goal, loss_fn, state["index"])
+            success = goal.is_success(logits)
+            record.update(x_new, success, loss, state["index"], run, i + 1)
+            self._observe(state, x_new, loss, grad)
+            if i + 1 in intervals:
+                self._checkpoint(state, intervals[i + 1])
+
+    @staticmethod
+    def _start_state(index: Tensor, x: Tensor, x_adv: Tensor, loss: Tensor, grad: Tensor, eta: float) -> State:
+        """The per-example state of a run at its start point ``x_adv`` (loss and gradient there)."""
+        n = int(index.numel())
+        return {
             "index": index,
             "x": x,
             "x_adv": x_adv,
             "x_prev": x_adv,
             "grad": grad,
-            "eta": torch.full((n,), config.initial_step * threat.eps, dtype=x.dtype, device=x.device),
+            "eta": torch.full((n,), eta, dtype=x.dtype, device=x.device),
             # The best point of this run (highest loss), where halving the step size restarts from.
             "x_max": x_adv,
             "loss_max": loss,
@@ -246,50 +259,39 @@ class _APGDBase(Attack[GradientOracle]):
             "loss_max_at_check": loss,
             "halved_at_check": torch.ones(n, dtype=torch.bool, device=x.device),
         }
-        checkpoints = apgd_checkpoints(config.steps)[1:]
-        next_check = 0
-        last_check = 0
 
-        for i in range(config.steps):
-            if config.early_stop and bool(success.any()):
-                keep = ~success
-                if not bool(keep.any()):
-                    return
-                state = {name: value[keep] for name, value in state.items()}
-                loss_goal, goal = loss_goal.subset(keep), goal.subset(keep)
+    @staticmethod
+    def _momentum_step(state: State, threat: ThreatModel, alpha: float) -> Tensor:
+        """``z = P(x_k + eta s(g_k))``, then ``x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}))``."""
+        x, x_adv, x_prev = state["x"], state["x_adv"], state["x_prev"]
+        eta = rows_like(state["eta"], x)
+        z = threat.project(x_adv + eta * threat.steepest_ascent(state["grad"]), x)
+        return threat.project(x_adv + alpha * (z - x_adv) + (1.0 - alpha) * (x_adv - x_prev), x)
 
-            x, x_adv, x_prev = state["x"], state["x_adv"], state["x_prev"]
-            alpha = 1.0 if i == 0 else config.momentum
-            eta = _per_example(state["eta"], x)
-            z = threat.project(x_adv + eta * threat.steepest_ascent(state["grad"]), x)
-            x_new = threat.project(x_adv + alpha * (z - x_adv) + (1.0 - alpha) * (x_adv - x_prev), x)
+    @staticmethod
+    def _observe(state: State, x_new: Tensor, loss: Tensor, grad: Tensor) -> None:
+        """Move to ``x_new``: count a loss increase, keep the run's best point, shift the iterates."""
+        state["increases"] = state["increases"] + (loss > state["loss_prev"]).long()
+        state["loss_prev"] = loss
+        better = loss > state["loss_max"]
+        state["x_max"] = _where(better, x_new, state["x_max"])
+        state["grad_max"] = _where(better, grad, state["grad_max"])
+        state["loss_max"] = torch.where(better, loss, state["loss_max"])
+        state["x_prev"], state["x_adv"], state["grad"] = state["x_adv"], x_new, grad
 
-            loss, logits, grad = oracle.loss_and_grad(x_new, loss_goal, loss_fn, state["index"])
-            success = goal.is_success(logits)
-            record.update(x_new, success, loss, state["index"], run, i + 1)
-
-            state["increases"] = state["increases"] + (loss > state["loss_prev"]).long()
-            state["loss_prev"] = loss
-            better = loss > state["loss_max"]
-            state["x_max"] = _where(better, x_new, state["x_max"])
-            state["grad_max"] = _where(better, grad, state["grad_max"])
-            state["loss_max"] = torch.where(better, loss, state["loss_max"])
-            state["x_prev"], state["x_adv"], state["grad"] = x_adv, x_new, grad
-
-            if next_check < len(checkpoints) and i + 1 == checkpoints[next_check]:
-                interval = checkpoints[next_check] - last_check
-                last_check = checkpoints[next_check]
-                next_check += 1
-                oscillating = state["increases"].to(x.dtype) <= config.rho * interval
-                stalled = ~state["halved_at_check"] & (state["loss_max_at_check"] >= state["loss_max"])
-                halve = oscillating | stalled
-                state["halved_at_check"] = halve
-                state["loss_max_at_check"] = state["loss_max"]
-                state["increases"] = torch.zeros_like(state["increases"])
-                state["eta"] = torch.where(halve, state["eta"] / 2, state["eta"])
-                # Restart from the best point; the momentum term then uses x_max - x_prev, as the reference.
-                state["x_adv"] = _where(halve, state["x_max"], state["x_adv"])
-                state["grad"] = _where(halve, state["grad_max"], state["grad"])
+    def _checkpoint(self, state: State, interval: int) -> None:
+        """At a checkpoint ``interval`` steps after the previous one: halve the step size of an example that
+        oscillates or stalls (module docstring), and restart it from its best point."""
+        oscillating = state["increases"].to(state["x"].dtype) <= self.config.rho * interval
+        stalled = ~state["halved_at_check"] & (state["loss_max_at_check"] >= state["loss_max"])
+        halve = oscillating | stalled
+        state["halved_at_check"] = halve
+        state["loss_max_at_check"] = state["loss_max"]
+        state["increases"] = torch.zeros_like(state["increases"])
+        state["eta"] = torch.where(halve, state["eta"] / 2, state["eta"])
+        # Restart from the best point; the momentum term then uses x_max - x_prev, as the reference.
+        state["x_adv"] = _where(halve, state["x_max"], state["x_adv"])
+        state["grad"] = _where(halve, state["grad_max"], state["grad"])
 
 
 @register_attack

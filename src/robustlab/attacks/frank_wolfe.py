@@ -36,9 +36,8 @@ from torch import Tensor
 from robustlab.attacks.base import AttackConfig, positive
 from robustlab.attacks.iterative import IterativeAttack, State
 from robustlab.attacks.registry import register_attack
-from robustlab.errors import ConfigError
-from robustlab.losses import AttackLoss, attack_loss
-from robustlab.oracles import Access
+from robustlab.checks import check_flag, check_number
+from robustlab.losses import attack_loss
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["FrankWolfe", "FrankWolfeConfig"]
@@ -71,15 +70,10 @@ class FrankWolfeConfig(AttackConfig):
 
     def validate(self) -> None:
         positive("steps", self.steps, integer=True)
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < self.gamma <= 1.0:
-            raise ConfigError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta < 1.0:
-            raise ConfigError(f"beta must be a number in [0, 1), got {self.beta!r}")
-        if not isinstance(self.loss, str):
-            raise ConfigError(f"loss must be a name, got {self.loss!r}")
+        check_number("gamma", self.gamma, low=0.0, high=1.0, low_open=True)
+        check_number("beta", self.beta, low=0.0, high=1.0, high_open=True)
         attack_loss(self.loss)
-        if not isinstance(self.early_stop, bool):
-            raise ConfigError(f"early_stop must be True or False, got {self.early_stop!r}")
+        check_flag("early_stop", self.early_stop)
 
 
 @register_attack
@@ -87,17 +81,9 @@ class FrankWolfe(IterativeAttack):
     """Frank-Wolfe white-box attack with momentum (Chen et al. 2020): projection-free steps toward LMO vertices."""
 
     name = "fw"
-    access = Access.GRADIENT
     norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})
     Config = FrankWolfeConfig
     config: FrankWolfeConfig
-
-    def _schedule(self) -> tuple[int, int, bool]:
-        # Deterministic from the clean input: restarts would repeat the same run.
-        return self.config.steps, 1, self.config.early_stop
-
-    def _loss(self) -> AttackLoss:
-        return attack_loss(self.config.loss)
 
     def _start(self, x: Tensor, threat: ThreatModel, generator: torch.Generator) -> State:
         return {"x_adv": x.clone(), "momentum": torch.zeros_like(x)}

@@ -21,9 +21,10 @@ from torch import Tensor
 
 from robustlab.attacks.base import Attack, BestTracker
 from robustlab.goals import Goal
-from robustlab.losses import AttackLoss
-from robustlab.oracles import GradientOracle
+from robustlab.losses import AttackLoss, attack_loss
+from robustlab.oracles import Access, GradientOracle
 from robustlab.threat import ThreatModel
+from robustlab.utils import rows_like
 
 __all__ = ["IterativeAttack", "State"]
 
@@ -32,6 +33,8 @@ State = dict[str, Tensor]
 
 class IterativeAttack(Attack[GradientOracle]):
     """A white-box attack made of gradient steps; see the module docstring for what the engine provides."""
+
+    access = Access.GRADIENT
 
     # ---------------------------------------------------------------- hooks
     @abstractmethod
@@ -43,11 +46,19 @@ class IterativeAttack(Attack[GradientOracle]):
         """The state after one step, given the loss gradient at ``state["x_adv"]``."""
 
     def _loss(self) -> AttackLoss:
-        raise NotImplementedError
+        """The attack loss named by the config's ``loss``."""
+        return attack_loss(self._options.loss)
 
     def _schedule(self) -> tuple[int, int, bool]:
-        """(steps, restarts, early_stop) from the config."""
-        raise NotImplementedError
+        """(steps, restarts, early_stop) from the config; one run when it has no ``restarts`` (a deterministic
+        attack would repeat the same run)."""
+        options = self._options
+        return options.steps, getattr(options, "restarts", 1), options.early_stop
+
+    @property
+    def _options(self) -> Any:
+        """The config, whose ``steps``, ``loss`` and ``early_stop`` every iterative attack has."""
+        return self.config
 
     # ---------------------------------------------------------------- engine
     def _perturb(
@@ -103,8 +114,7 @@ class IterativeAttack(Attack[GradientOracle]):
         extras = {"iterations": iterations}
         if unevaluated_last is None:
             return best.x, extras
-        keep_best = best.success.reshape((-1,) + (1,) * (x.dim() - 1))
-        return torch.where(keep_best, best.x, unevaluated_last), extras
+        return torch.where(rows_like(best.success, x), best.x, unevaluated_last), extras
 
 
 def _record_first(iterations: Tensor, success: Tensor, index: Tensor | None, step: int) -> None:

@@ -16,10 +16,10 @@ from torch import Tensor
 from robustlab.attacks.base import AttackConfig, positive
 from robustlab.attacks.iterative import IterativeAttack, State
 from robustlab.attacks.registry import register_attack
-from robustlab.errors import ConfigError
-from robustlab.losses import AttackLoss, attack_loss
-from robustlab.oracles import Access
+from robustlab.checks import check_number
+from robustlab.losses import attack_loss
 from robustlab.threat import Norm, ThreatModel
+from robustlab.utils import rows_like
 
 __all__ = ["MIFGSM", "MIFGSMConfig"]
 
@@ -45,8 +45,7 @@ class MIFGSMConfig(AttackConfig):
     def validate(self) -> None:
         positive("steps", self.steps, integer=True)
         positive("step_size", self.step_size, allow_none=True)
-        if not self.momentum >= 0.0:
-            raise ConfigError(f"momentum must be >= 0, got {self.momentum!r}")
+        check_number("momentum", self.momentum, low=0.0)
         attack_loss(self.loss)
 
 
@@ -55,23 +54,16 @@ class MIFGSM(IterativeAttack):
     """Momentum iterative FGSM (Dong et al. 2018)."""
 
     name = "mi-fgsm"
-    access = Access.GRADIENT
     norms = frozenset({Norm.LINF, Norm.L2})
     Config = MIFGSMConfig
     config: MIFGSMConfig
-
-    def _schedule(self) -> tuple[int, int, bool]:
-        return self.config.steps, 1, self.config.early_stop
-
-    def _loss(self) -> AttackLoss:
-        return attack_loss(self.config.loss)
 
     def _start(self, x: Tensor, threat: ThreatModel, generator: torch.Generator) -> State:
         return {"x_adv": x.clone(), "velocity": torch.zeros_like(x)}
 
     def _step(self, state: State, grad: Tensor, x: Tensor, threat: ThreatModel, step: int) -> State:
         l1 = grad.abs().reshape(grad.shape[0], -1).sum(dim=1).clamp_min(1e-12)
-        velocity = self.config.momentum * state["velocity"] + grad / l1.reshape((-1,) + (1,) * (grad.dim() - 1))
+        velocity = self.config.momentum * state["velocity"] + grad / rows_like(l1, grad)
         size = self.config.step_size if self.config.step_size is not None else threat.eps / self.config.steps
         x_adv = threat.project(state["x_adv"] + size * threat.steepest_ascent(velocity), x)
         return {"x_adv": x_adv, "velocity": velocity}

@@ -21,9 +21,9 @@ from torch import Tensor
 from robustlab.attacks.base import AttackConfig, positive
 from robustlab.attacks.iterative import IterativeAttack, State
 from robustlab.attacks.registry import register_attack
+from robustlab.checks import check_number
 from robustlab.errors import ConfigError
-from robustlab.losses import AttackLoss, attack_loss
-from robustlab.oracles import Access
+from robustlab.losses import attack_loss
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["PGD", "PGDConfig"]
@@ -63,8 +63,7 @@ class PGDConfig(AttackConfig):
         positive("rel_step_size", self.rel_step_size, allow_none=True)
         if self.step_size is not None and self.rel_step_size is not None:
             raise ConfigError("give step_size or rel_step_size, not both")
-        if not 0.0 <= self.l1_sparsity < 1.0:
-            raise ConfigError(f"l1_sparsity must be in [0, 1), got {self.l1_sparsity!r}")
+        check_number("l1_sparsity", self.l1_sparsity, low=0.0, high=1.0, high_open=True)
         attack_loss(self.loss)
 
 
@@ -80,16 +79,9 @@ class PGD(IterativeAttack):
     """Projected gradient descent (Madry et al. 2018), linf / l2 / l1, with restarts and early stop."""
 
     name = "pgd"
-    access = Access.GRADIENT
     norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})
     Config = PGDConfig
     config: PGDConfig
-
-    def _schedule(self) -> tuple[int, int, bool]:
-        return self.config.steps, self.config.restarts, self.config.early_stop
-
-    def _loss(self) -> AttackLoss:
-        return attack_loss(self.config.loss)
 
     def _start(self, x: Tensor, threat: ThreatModel, generator: torch.Generator) -> State:
         x_adv = threat.random_start(x, generator) if self.config.random_start else x.clone()
