@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from robustlab.attacks.base import AttackResult
 from robustlab.attacks.registry import get_attack
+from robustlab.checks import check_positive_int
 from robustlab.oracles import LabelOracle
 from robustlab.threat import ThreatModel
 
@@ -43,8 +45,7 @@ def attack(
         An :class:`AttackResult` with ``x_adv``, the re-checked ``success`` mask, ``distance``, per-example
         ``queries``/``gradients`` and ``wall_time``.
     """
-    info = get_attack(method)
-    return info.cls(**options).run(model, x, y, threat, targets=targets, seed=seed, generator=generator)
+    return get_attack(method).cls(**options).run(model, x, y, threat, targets=targets, seed=seed, generator=generator)
 
 
 def attack_batches(
@@ -67,10 +68,8 @@ def attack_batches(
     """
     from tqdm.auto import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    info = get_attack(method)
-    instance = info.cls(**options)
+    check_positive_int("batch_size", batch_size)
+    instance = get_attack(method).cls(**options)
     target_device = torch.device(device) if device is not None else x.device
     results = []
     starts = range(0, int(x.shape[0]), batch_size)
@@ -90,8 +89,6 @@ def attack_batches(
 
 
 def _to_cpu(result: AttackResult) -> AttackResult:
-    import dataclasses
-
     moved = {name: getattr(result, name).cpu() for name in ("x_adv", "success", "distance", "queries", "audits")}
     gradients = None if result.gradients is None else result.gradients.cpu()
     extras = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in result.extras.items()}

@@ -31,16 +31,7 @@ from torch import Tensor
 
 from robustlab.attacks.base import AttackConfig, positive
 from robustlab.attacks.registry import register_attack
-from robustlab.attacks.zo_engine import (
-    State,
-    Step,
-    ZerothOrderAttack,
-    check_estimate_options,
-    loss_window,
-    push_loss,
-    restart_window,
-    update_momentum,
-)
+from robustlab.attacks.zo_engine import State, Step, ZerothOrderAttack, check_estimate_options
 from robustlab.checks import check_number
 from robustlab.errors import ConfigError
 from robustlab.threat import Norm
@@ -114,22 +105,22 @@ class NES(ZerothOrderAttack):
         return {
             "momentum": torch.zeros_like(x),
             "lr": torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device),
-            **loss_window(x, self.config.plateau_length),
+            **self._loss_window(x, self.config.plateau_length),
         }
 
     def _step(self, state: State, step: Step) -> Tensor:
         c = self.config
         rows = step.rows
         lr_max, lr_min = self._lr_bounds(step.threat.eps)
-        momentum = update_momentum(state["momentum"], rows, step.grad, c.momentum)
+        momentum = self._update_momentum(state["momentum"], rows, step.grad, c.momentum)
 
         # Plateau annealing on the mean probe loss (the reference's ``l``), before the step as in the reference.
         lr = state["lr"][rows]
         lr = torch.where(torch.isnan(lr), torch.full_like(lr, lr_max), lr)
-        first, last, full = push_loss(state, rows, -step.values.mean(dim=1))
+        first, last, full = self._push_loss(state, rows, -step.values.mean(dim=1))
         plateau = full & (last > first)
         lr = torch.where(plateau, (lr / c.plateau_drop).clamp_min(lr_min), lr)
-        restart_window(state, rows, plateau)
+        self._restart_window(state, rows, plateau)
         state["lr"][rows] = lr
 
         size = rows_like(lr.to(step.x.dtype), step.x)

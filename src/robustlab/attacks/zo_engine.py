@@ -14,8 +14,9 @@ An attack built on :class:`ZerothOrderAttack` says how one step moves the iterat
 - per-example early stop at the first success, and the best iterate (any success, else the highest loss).
 
 :class:`ScoreSearch` is that bookkeeping (budget, success checks, best point, iteration of the first success); the
-Square attack, a random search without gradient estimates, uses it too. :func:`loss_window` keeps the last few
-losses per example for the step-size schedules of NES (plateaus) and ZO-FW (stalls).
+Square attack, a random search without gradient estimates, uses it too. The hooks have tools for what NES and ZO-FW
+both do: a momentum of the estimates, and a window of the last few losses per example for their step-size schedules
+(plateaus, stalls).
 
 Apart from the random directions, which come from one generator for the whole batch, an example's run does not
 depend on the other examples of its batch.
@@ -37,17 +38,7 @@ from robustlab.oracles import Access, ScoreOracle
 from robustlab.threat import ThreatModel
 from robustlab.zeroth_order import RGE, GradientEstimator, ScoreObjective, estimate_with_oracle
 
-__all__ = [
-    "ScoreSearch",
-    "State",
-    "Step",
-    "ZerothOrderAttack",
-    "check_estimate_options",
-    "loss_window",
-    "push_loss",
-    "restart_window",
-    "update_momentum",
-]
+__all__ = ["ScoreSearch", "State", "Step", "ZerothOrderAttack", "check_estimate_options"]
 
 State = dict[str, Tensor]
 
@@ -58,42 +49,6 @@ def check_estimate_options(queries: int, q: int, mu: float, loss: str, *, mu_mea
     positive("q (direction pairs per estimate)", q, integer=True)
     positive(f"mu ({mu_meaning})", mu)
     attack_loss(loss)
-
-
-def update_momentum(buffer: Tensor, rows: Tensor, grad: Tensor, beta: float) -> Tensor:
-    """``beta * m + (1 - beta) * grad`` for the examples ``rows`` of the momentum ``buffer`` (updated in place)."""
-    momentum = beta * buffer[rows] + (1.0 - beta) * grad
-    buffer[rows] = momentum
-    return momentum
-
-
-def loss_window(x: Tensor, length: int) -> State:
-    """State entries for the last ``length`` values of a minimized objective per example, oldest first:
-    ``history`` ``(n, length)`` and ``filled`` (how many entries count). Step-size schedules compare the first and
-    last entries of a full window (:func:`push_loss`), and restart it after acting on it (:func:`restart_window`).
-    """
-    n = int(x.shape[0])
-    return {
-        "history": torch.zeros((n, length), dtype=x.dtype, device=x.device),
-        "filled": torch.zeros(n, dtype=torch.long, device=x.device),
-    }
-
-
-def push_loss(state: State, rows: Tensor, objective: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Append one value per example of ``rows`` to their windows; returns the first and last entries, and
-    whether each window is full."""
-    length = int(state["history"].shape[1])
-    history = torch.cat([state["history"][rows, 1:], objective.to(state["history"].dtype)[:, None]], dim=1)
-    filled = (state["filled"][rows] + 1).clamp(max=length)
-    state["history"][rows] = history
-    state["filled"][rows] = filled
-    return history[:, 0], history[:, -1], filled == length
-
-
-def restart_window(state: State, rows: Tensor, mask: Tensor) -> None:
-    """Count the windows of ``rows[mask]`` empty again."""
-    filled = state["filled"][rows]
-    state["filled"][rows] = torch.where(mask, torch.zeros_like(filled), filled)
 
 
 class ScoreSearch:
@@ -177,6 +132,43 @@ class ZerothOrderAttack(Attack[ScoreOracle]):
 
     def _observe(self, state: State, rows: Tensor, loss: Tensor, step: int) -> None:
         """Learn from the loss at the new iterates of ``rows`` (e.g. a step-size schedule). Default: nothing."""
+
+    # ---------------------------------------------------------------- tools for the hooks
+    @staticmethod
+    def _update_momentum(buffer: Tensor, rows: Tensor, grad: Tensor, beta: float) -> Tensor:
+        """``beta * m + (1 - beta) * grad`` for the examples ``rows`` of the momentum ``buffer`` (in place)."""
+        momentum = beta * buffer[rows] + (1.0 - beta) * grad
+        buffer[rows] = momentum
+        return momentum
+
+    @staticmethod
+    def _loss_window(x: Tensor, length: int) -> State:
+        """State entries for the last ``length`` values of a minimized objective per example, oldest first:
+        ``history`` ``(n, length)`` and ``filled`` (how many entries count). Step-size schedules compare the first
+        and last entries of a full window (:meth:`_push_loss`) and restart it after acting on it
+        (:meth:`_restart_window`)."""
+        n = int(x.shape[0])
+        return {
+            "history": torch.zeros((n, length), dtype=x.dtype, device=x.device),
+            "filled": torch.zeros(n, dtype=torch.long, device=x.device),
+        }
+
+    @staticmethod
+    def _push_loss(state: State, rows: Tensor, objective: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append one value per example of ``rows`` to their windows; returns the first and last entries, and
+        whether each window is full."""
+        length = int(state["history"].shape[1])
+        history = torch.cat([state["history"][rows, 1:], objective.to(state["history"].dtype)[:, None]], dim=1)
+        filled = (state["filled"][rows] + 1).clamp(max=length)
+        state["history"][rows] = history
+        state["filled"][rows] = filled
+        return history[:, 0], history[:, -1], filled == length
+
+    @staticmethod
+    def _restart_window(state: State, rows: Tensor, mask: Tensor) -> None:
+        """Count the windows of ``rows[mask]`` empty again."""
+        filled = state["filled"][rows]
+        state["filled"][rows] = torch.where(mask, torch.zeros_like(filled), filled)
 
     # ---------------------------------------------------------------- engine
     def _perturb(

@@ -46,16 +46,7 @@ from torch import Tensor
 
 from robustlab.attacks.base import AttackConfig, positive
 from robustlab.attacks.registry import register_attack
-from robustlab.attacks.zo_engine import (
-    State,
-    Step,
-    ZerothOrderAttack,
-    check_estimate_options,
-    loss_window,
-    push_loss,
-    restart_window,
-    update_momentum,
-)
+from robustlab.attacks.zo_engine import State, Step, ZerothOrderAttack, check_estimate_options
 from robustlab.checks import check_choice, check_number
 from robustlab.threat import Norm
 from robustlab.utils import rows_like
@@ -129,7 +120,7 @@ class ZOFrankWolfe(ZerothOrderAttack):
         return {
             "momentum": torch.zeros_like(x),
             "t0": torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device),
-            **loss_window(x, self.config.stall_window),
+            **self._loss_window(x, self.config.stall_window),
         }
 
     def gamma_at(self, step: int, t0: Tensor) -> Tensor:
@@ -138,14 +129,14 @@ class ZOFrankWolfe(ZerothOrderAttack):
         return torch.where(t0 >= 0, decayed, torch.full_like(decayed, self.config.gamma))
 
     def _step(self, state: State, step: Step) -> Tensor:
-        momentum = update_momentum(state["momentum"], step.rows, step.grad, self.config.beta)
+        momentum = self._update_momentum(state["momentum"], step.rows, step.grad, self.config.beta)
         gamma = rows_like(self.gamma_at(step.number, state["t0"][step.rows]).to(step.x.dtype), step.x)
         vertex = step.threat.lmo(momentum, step.x)
         return step.threat.clip_to_box(step.x_adv + gamma * (vertex - step.x_adv))
 
     def _observe(self, state: State, rows: Tensor, loss: Tensor, step: int) -> None:
-        first, last, full = push_loss(state, rows, -loss)  # the reference's minimized loss
+        first, last, full = self._push_loss(state, rows, -loss)  # the reference's minimized loss
         stalled = full & (last > first - self.config.stall_tolerance * first.abs())
         t0 = state["t0"][rows]
         state["t0"][rows] = torch.where(stalled & (t0 < 0), torch.full_like(t0, step - 1), t0)
-        restart_window(state, rows, stalled)
+        self._restart_window(state, rows, stalled)
