@@ -40,7 +40,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import Attack, AttackConfig, budget_left, positive
+from robustlab.attacks.base import Attack, AttackConfig, budget_left
+from robustlab.checks import check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.goals import Goal
 from robustlab.oracles import Access, LabelOracle
@@ -91,7 +92,7 @@ class DecisionConfig(AttackConfig):
     mode: str = "eps"
 
     def validate(self) -> None:
-        positive("queries", self.queries, integer=True)
+        check_positive_int("queries", self.queries)
         check_mode(self.mode, self.title)
 
 

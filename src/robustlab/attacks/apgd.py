@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import Attack, AttackConfig, BestTracker, positive
+from robustlab.attacks.base import Attack, AttackConfig, BestTracker
 from robustlab.attacks.registry import register_attack
 from robustlab.checks import check_flag, check_number, check_positive_int
 from robustlab.errors import ConfigError
@@ -106,9 +106,9 @@ class _APGDOptions(AttackConfig):
     early_stop: bool = True
 
     def validate(self) -> None:
-        positive("steps", self.steps, integer=True)
-        positive("restarts", self.restarts, integer=True)
-        positive("initial_step", self.initial_step)
+        check_positive_int("steps", self.steps)
+        check_positive_int("restarts", self.restarts)
+        check_number("initial_step", self.initial_step, low=0, low_open=True)
         check_number("rho", self.rho, low=0.0, high=1.0, low_open=True, high_open=True)
         check_number("momentum (1 means no momentum)", self.momentum, low=0.0, high=1.0, low_open=True)
         check_flag("random_start", self.random_start)
@@ -156,7 +156,7 @@ class APGDTargetedConfig(_APGDOptions):
 
     def validate(self) -> None:
         super().validate()
-        positive("n_target_classes", self.n_target_classes, integer=True)
+        check_positive_int("n_target_classes", self.n_target_classes)
 
 
 State = dict[str, Tensor]

@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
-from robustlab.checks import check_number, check_positive_int
 from robustlab.errors import ConfigError, ModelError, QueryBudgetExceeded
 from robustlab.goals import Goal
 from robustlab.oracles import (
@@ -38,7 +37,7 @@ from robustlab.oracles import (
 from robustlab.threat import Norm, ThreatModel
 from robustlab.utils import rows_like
 
-__all__ = ["Attack", "AttackConfig", "AttackResult", "BestTracker", "budget_left", "make_generator", "positive"]
+__all__ = ["Attack", "AttackConfig", "AttackResult", "BestTracker", "budget_left", "make_generator"]
 
 OracleT = TypeVar("OracleT", bound=LabelOracle)
 
@@ -390,16 +389,6 @@ def build_config(config_type: type[AttackConfig], options: Mapping[str, Any], na
         return config_type(**options)
     except TypeError as exc:
         raise ConfigError(f"invalid options for {name}: {exc}") from exc
-
-
-def positive(name: str, value: float | int | None, *, integer: bool = False, allow_none: bool = False) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is a positive (integer) number: :mod:`robustlab.checks`."""
-    if value is None and allow_none:
-        return
-    if integer:
-        check_positive_int(name, value)
-    else:
-        check_number(name, value, low=0.0, low_open=True)
 
 
 def budget_left(oracle: LabelOracle, queries: int, index: Tensor | None = None) -> Tensor:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import Attack, AttackConfig, positive
+from robustlab.attacks.base import Attack, AttackConfig
 from robustlab.attacks.registry import register_attack
+from robustlab.checks import check_number
 from robustlab.goals import Goal
 from robustlab.losses import attack_loss
 from robustlab.oracles import Access, GradientOracle
@@ -38,7 +39,8 @@ class FGSMConfig(AttackConfig):
     loss: str = "ce"
 
     def validate(self) -> None:
-        positive("step_size", self.step_size, allow_none=True)
+        if self.step_size is not None:
+            check_number("step_size", self.step_size, low=0, low_open=True)
         attack_loss(self.loss)
 
 

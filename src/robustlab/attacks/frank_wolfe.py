@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import AttackConfig, positive
+from robustlab.attacks.base import AttackConfig
 from robustlab.attacks.iterative import IterativeAttack, State
 from robustlab.attacks.registry import register_attack
-from robustlab.checks import check_flag, check_number
+from robustlab.checks import check_flag, check_number, check_positive_int
 from robustlab.losses import attack_loss
 from robustlab.threat import Norm, ThreatModel
 
@@ -69,7 +69,7 @@ class FrankWolfeConfig(AttackConfig):
     early_stop: bool = True
 
     def validate(self) -> None:
-        positive("steps", self.steps, integer=True)
+        check_positive_int("steps", self.steps)
         check_number("gamma", self.gamma, low=0.0, high=1.0, low_open=True)
         check_number("beta", self.beta, low=0.0, high=1.0, high_open=True)
         attack_loss(self.loss)

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from robustlab.attacks._decision import DecisionConfig, Program, Walk, WalkAttack
-from robustlab.attacks.base import positive
 from robustlab.attacks.registry import register_attack
+from robustlab.checks import check_number, check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.threat import Norm, ThreatModel
 
@@ -69,11 +69,11 @@ class HopSkipJumpConfig(DecisionConfig):
 
     def validate(self) -> None:
         super().validate()
-        positive("iterations", self.iterations, integer=True)
-        positive("gamma", self.gamma)
-        positive("init_evals", self.init_evals, integer=True)
-        positive("max_evals", self.max_evals, integer=True)
-        positive("init_trials", self.init_trials, integer=True)
+        check_positive_int("iterations", self.iterations)
+        check_number("gamma", self.gamma, low=0, low_open=True)
+        check_positive_int("init_evals", self.init_evals)
+        check_positive_int("max_evals", self.max_evals)
+        check_positive_int("init_trials", self.init_trials)
         if self.init_evals > self.max_evals:
             raise ConfigError(f"init_evals ({self.init_evals}) must not exceed max_evals ({self.max_evals})")
 

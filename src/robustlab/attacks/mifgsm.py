@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import AttackConfig, positive
+from robustlab.attacks.base import AttackConfig
 from robustlab.attacks.iterative import IterativeAttack, State
 from robustlab.attacks.registry import register_attack
-from robustlab.checks import check_number
+from robustlab.checks import check_number, check_positive_int
 from robustlab.losses import attack_loss
 from robustlab.threat import Norm, ThreatModel
 from robustlab.utils import rows_like
@@ -43,8 +43,9 @@ class MIFGSMConfig(AttackConfig):
     early_stop: bool = True
 
     def validate(self) -> None:
-        positive("steps", self.steps, integer=True)
-        positive("step_size", self.step_size, allow_none=True)
+        check_positive_int("steps", self.steps)
+        if self.step_size is not None:
+            check_number("step_size", self.step_size, low=0, low_open=True)
         check_number("momentum", self.momentum, low=0.0)
         attack_loss(self.loss)
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import AttackConfig, positive
+from robustlab.attacks.base import AttackConfig
 from robustlab.attacks.registry import register_attack
 from robustlab.attacks.zo_engine import State, Step, ZerothOrderAttack, check_estimate_options
-from robustlab.checks import check_number
+from robustlab.checks import check_number, check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.threat import Norm
 from robustlab.utils import rows_like
@@ -72,10 +72,12 @@ class NESConfig(AttackConfig):
 
     def validate(self) -> None:
         check_estimate_options(self.queries, self.q, self.mu, self.loss, mu_meaning="the search radius sigma")
-        positive("lr", self.lr, allow_none=True)
-        positive("rel_lr", self.rel_lr)
-        positive("min_lr", self.min_lr, allow_none=True)
-        positive("plateau_length", self.plateau_length, integer=True)
+        if self.lr is not None:
+            check_number("lr", self.lr, low=0, low_open=True)
+        check_number("rel_lr", self.rel_lr, low=0, low_open=True)
+        if self.min_lr is not None:
+            check_number("min_lr", self.min_lr, low=0, low_open=True)
+        check_positive_int("plateau_length", self.plateau_length)
         if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)

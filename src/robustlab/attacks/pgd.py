@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import AttackConfig, positive
+from robustlab.attacks.base import AttackConfig
 from robustlab.attacks.iterative import IterativeAttack, State
 from robustlab.attacks.registry import register_attack
-from robustlab.checks import check_number
+from robustlab.checks import check_number, check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.losses import attack_loss
 from robustlab.threat import Norm, ThreatModel
@@ -57,10 +57,12 @@ class PGDConfig(AttackConfig):
     l1_sparsity: float = 0.99
 
     def validate(self) -> None:
-        positive("steps", self.steps, integer=True)
-        positive("restarts", self.restarts, integer=True)
-        positive("step_size", self.step_size, allow_none=True)
-        positive("rel_step_size", self.rel_step_size, allow_none=True)
+        check_positive_int("steps", self.steps)
+        check_positive_int("restarts", self.restarts)
+        if self.step_size is not None:
+            check_number("step_size", self.step_size, low=0, low_open=True)
+        if self.rel_step_size is not None:
+            check_number("rel_step_size", self.rel_step_size, low=0, low_open=True)
         if self.step_size is not None and self.rel_step_size is not None:
             raise ConfigError("give step_size or rel_step_size, not both")
         check_number("l1_sparsity", self.l1_sparsity, low=0.0, high=1.0, high_open=True)

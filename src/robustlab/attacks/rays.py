@@ -73,9 +73,9 @@ import torch
 from torch import Tensor
 
 from robustlab.attacks._decision import DecisionAttack, DecisionBatch, DecisionConfig
-from robustlab.attacks.base import AttackResult, budget_left, positive
+from robustlab.attacks.base import AttackResult, budget_left
 from robustlab.attacks.registry import register_attack
-from robustlab.checks import check_flag
+from robustlab.checks import check_flag, check_number
 from robustlab.errors import ConfigError
 from robustlab.threat import Norm, ThreatModel
 
@@ -116,12 +116,14 @@ class RaySConfig(DecisionConfig):
 
     def validate(self) -> None:
         super().validate()
-        positive("tol", self.tol, allow_none=True)
+        if self.tol is not None:
+            check_number("tol", self.tol, low=0, low_open=True)
         if self.start not in STARTS:
             raise ConfigError(
                 f"unknown RayS start {self.start!r}: choose 'box' (toward the farther box face) or 'ones'"
             )
-        positive("max_radius", self.max_radius, allow_none=True)
+        if self.max_radius is not None:
+            check_number("max_radius", self.max_radius, low=0, low_open=True)
         check_flag("eps_probe", self.eps_probe)
 
 

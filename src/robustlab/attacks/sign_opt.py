@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from robustlab.attacks._decision import DecisionConfig, Program, Search, Walk, WalkAttack
-from robustlab.attacks.base import positive
 from robustlab.attacks.registry import register_attack
+from robustlab.checks import check_number, check_positive_int
 from robustlab.threat import Norm
 
 __all__ = ["SignOPT", "SignOPTConfig"]
@@ -67,11 +67,11 @@ class SignOPTConfig(DecisionConfig):
 
     def validate(self) -> None:
         super().validate()
-        positive("k", self.k, integer=True)
-        positive("alpha", self.alpha)
-        positive("beta", self.beta)
-        positive("init_directions", self.init_directions, integer=True)
-        positive("max_lambda", self.max_lambda)
+        check_positive_int("k", self.k)
+        check_number("alpha", self.alpha, low=0, low_open=True)
+        check_number("beta", self.beta, low=0, low_open=True)
+        check_positive_int("init_directions", self.init_directions)
+        check_number("max_lambda", self.max_lambda, low=0, low_open=True)
 
 
 class _SignOPTWalk(Walk):

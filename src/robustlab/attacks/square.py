@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import Attack, AttackConfig, positive
+from robustlab.attacks.base import Attack, AttackConfig
 from robustlab.attacks.registry import register_attack
 from robustlab.attacks.zo_engine import ScoreSearch
-from robustlab.checks import check_choice, check_number
+from robustlab.checks import check_choice, check_number, check_positive_int
 from robustlab.goals import Goal
 from robustlab.losses import attack_loss
 from robustlab.oracles import Access, ScoreOracle
@@ -83,8 +83,8 @@ class SquareConfig(AttackConfig):
     schedule_queries: int | None = None
 
     def validate(self) -> None:
-        positive("queries (the budget per example)", self.queries, integer=True)
-        positive("schedule_queries", self.schedule_queries, integer=True, allow_none=True)
+        check_positive_int("queries (the budget per example)", self.queries)
+        check_positive_int("schedule_queries", self.schedule_queries, allow_none=True)
         check_number("p_init", self.p_init, low=0.0, high=1.0, low_open=True)
         check_choice("loss", self.loss, ("margin", "ce"))
 

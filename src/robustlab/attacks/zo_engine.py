@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import Attack, BestTracker, budget_left, positive
+from robustlab.attacks.base import Attack, BestTracker, budget_left
+from robustlab.checks import check_number, check_positive_int
 from robustlab.goals import Goal
 from robustlab.losses import attack_loss
 from robustlab.oracles import Access, ScoreOracle
@@ -45,9 +46,9 @@ State = dict[str, Tensor]
 
 def check_estimate_options(queries: int, q: int, mu: float, loss: str, *, mu_meaning: str) -> None:
     """The options every zeroth-order attack has: budget, direction pairs, probe radius and loss."""
-    positive("queries (the budget per example)", queries, integer=True)
-    positive("q (direction pairs per estimate)", q, integer=True)
-    positive(f"mu ({mu_meaning})", mu)
+    check_positive_int("queries (the budget per example)", queries)
+    check_positive_int("q (direction pairs per estimate)", q)
+    check_number(f"mu ({mu_meaning})", mu, low=0, low_open=True)
     attack_loss(loss)
 
 

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustlab.attacks.base import AttackConfig, positive
+from robustlab.attacks.base import AttackConfig
 from robustlab.attacks.registry import register_attack
 from robustlab.attacks.zo_engine import State, Step, ZerothOrderAttack, check_estimate_options
-from robustlab.checks import check_choice, check_number
+from robustlab.checks import check_choice, check_number, check_positive_int
 from robustlab.threat import Norm
 from robustlab.utils import rows_like
 from robustlab.zeroth_order import RGE, GradientEstimator
@@ -88,7 +88,7 @@ class ZOFrankWolfeConfig(AttackConfig):
 
     def validate(self) -> None:
         check_estimate_options(self.queries, self.q, self.mu, self.loss, mu_meaning="the probe radius")
-        positive("stall_window", self.stall_window, integer=True)
+        check_positive_int("stall_window", self.stall_window)
         check_choice("directions", self.directions, ("sphere", "gaussian"))
         check_choice("difference", self.difference, ("symmetric", "forward"))
         check_number("gamma", self.gamma, low=0.0, high=1.0, low_open=True)
