@@ -8,8 +8,10 @@ can find lies. :class:`DecisionAttack` owns what they do alike, once:
    (robust accuracy), ``"adbd"`` spends the whole budget measuring the decision-boundary distance;
 2. the clean check: the first query of every example is its clean input, all of them in one batched call; a
    misclassified example is done at distance 0 (``clean_correct = False``);
-3. the record (:class:`BoundaryRecord`): per example, the nearest adversarial point found so far, its distance,
-   whether it is within eps, and the queries made when the first point within eps was found;
+3. the record (:class:`BoundaryRecord`): per example, the best adversarial point found so far, its distance,
+   whether it is within eps, and the queries made when the first point within eps was found. Which point is best
+   is the attack's call: the nearest one queried for HopSkipJump and Sign-OPT (:meth:`Track.offer`), the boundary
+   point of the ray with the smallest radius for RayS (its search compares rays, not the clipped points);
 4. the answer: ``x_adv`` is the best point where it is within eps (a point the attack queried and saw
    adversarial, so the final audit only confirms it), else the clean input; ``extras`` holds
    ``boundary_distance``, ``clean_correct`` and ``success_queries``.
@@ -196,12 +198,9 @@ class DecisionAttack(Attack[LabelOracle]):
         """Whether an example stops at its first adversarial point within eps (``mode="eps"``)."""
         return self.config.mode == "eps"
 
-    def _budget_left(self, oracle: LabelOracle) -> Tensor:
-        return budget_left(oracle, self.config.queries)
-
     def _clean_check(self, oracle: LabelOracle, x: Tensor, goal: Goal, record: BoundaryRecord) -> Tensor:
         """One query at every clean input the budget allows; returns the examples classified correctly."""
-        asked = (self._budget_left(oracle) > 0).nonzero().flatten()
+        asked = (budget_left(oracle, self.config.queries) > 0).nonzero().flatten()
         if asked.numel() == 0:
             return asked
         adversarial = goal.subset(asked).is_success(oracle.labels(x[asked], asked))

@@ -96,9 +96,9 @@ class _HopSkipJumpWalk(Walk):
         perturbed, dist_post = yield from self.to_boundary(perturbed)
         dist = float(self.track.distance(perturbed[None])[0])
         lower, upper = self.threat.lower, self.threat.upper
+        scale = self.dim if self.linf else math.sqrt(self.dim)
         for step in range(1, self.config.iterations + 1):
             # The probe scale: a tenth of the box at first, then proportional to the last distance.
-            scale = self.dim if self.linf else math.sqrt(self.dim)
             delta = 0.1 * (upper - lower) if step == 1 else scale * self.theta * dist_post
             evals = min(int(self.config.init_evals * math.sqrt(step)), self.config.max_evals, self.track.remaining)
             if evals < 1:
@@ -139,6 +139,7 @@ class _HopSkipJumpWalk(Walk):
             high, threshold = dist_post, min(dist_post * self.theta, self.theta)
         else:
             high, threshold = 1.0, self.theta
+        # The reference bisects while (high - low) / threshold > 1: for positive floats the same test.
         high = yield from self.bisect(lambda alpha: self.project(point, alpha), 0.0, high, threshold)
         return self.project(point, high), dist_post
 
