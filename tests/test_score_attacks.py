@@ -343,7 +343,7 @@ def test_zo_fw_gamma_schedule() -> None:
 
 
 def test_blackbox_report_section() -> None:
-    from robustlab.blackbox import blackbox_section
+    from robustlab.demo.blackbox import blackbox_section
     from robustlab.report import Report
 
     model = tiny_cnn()

@@ -44,7 +44,7 @@ def evaluation_part(
 
 def blackbox_part(report: Report, model: nn.Module, x: Tensor, y: Tensor, *, quick: bool, log: Log) -> None:
     """Score-based attacks through a query-counting oracle: success against queries."""
-    from robustlab.blackbox import blackbox_section
+    from robustlab.demo.blackbox import blackbox_section
 
     log("score-based black-box attacks (Square, ZO-FW, NES) through a counted score oracle")
     figures = blackbox_section(
@@ -55,7 +55,7 @@ def blackbox_part(report: Report, model: nn.Module, x: Tensor, y: Tensor, *, qui
 
 def hard_label_part(report: Report, model: nn.Module, x: Tensor, y: Tensor, *, quick: bool, log: Log) -> None:
     """RayS through a label oracle, run to its budget: ADBD, robust accuracy at eps 0.3, success against queries."""
-    from robustlab.blackbox import hard_label_section
+    from robustlab.demo.blackbox import hard_label_section
 
     report.data["hard_label"] = hard_label_section(
         report, model, x, y, eps=0.3, queries=500 if quick else 2000, examples=20 if quick else 50, log=log

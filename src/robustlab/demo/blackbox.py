@@ -184,14 +184,20 @@ def hard_label_section(
     Returns:
         ADBD, robust accuracy at eps and against eps, query statistics, the curve and seconds, for ``report.data``.
     """
-    from robustlab.attacks.rays import average_boundary_distance
-
     xs, ys = _first_correct(model, x, y, examples)
-    threat = ThreatModel("linf", eps)
     if log is not None:
         log(f"hard-label: RayS in ADBD mode ({queries} queries per image, {xs.shape[0]} images)")
+    data = _rays_figures(model, xs, ys, eps, queries, seed)
+    _hard_label_text(report, data)
+    return data
+
+
+def _rays_figures(model: nn.Module, xs: Tensor, ys: Tensor, eps: float, queries: int, seed: int) -> dict[str, Any]:
+    """One RayS run in ADBD mode and what it tells: ADBD, robust accuracy at and against eps, the success curve."""
+    from robustlab.attacks.rays import average_boundary_distance
+
     started = time.perf_counter()
-    result = attack(model, xs, ys, threat, "rays", seed=seed, queries=queries, mode="adbd")
+    result = attack(model, xs, ys, ThreatModel("linf", eps), "rays", seed=seed, queries=queries, mode="adbd")
     seconds = time.perf_counter() - started
     adbd = average_boundary_distance(result)
     distance = result.extras["boundary_distance"].cpu()
@@ -201,9 +207,7 @@ def hard_label_section(
     at_eps = dataclasses.replace(result, queries=torch.where(first >= 0, first, result.queries))
     figures = _query_figures(at_eps, _budgets(queries))
     eps_grid = [round(eps * i / 10, 6) for i in range(16)]
-    robust_curve = [float((distance > e).float().mean()) for e in eps_grid]
-    robust_at_eps = float((distance > eps).float().mean())
-    data: dict[str, Any] = {
+    return {
         "method": "rays",
         "mode": "adbd",
         "eps": eps,
@@ -211,15 +215,23 @@ def hard_label_section(
         "examples": int(xs.shape[0]),
         "adbd": adbd,
         "median_boundary_distance": float(distance.median()),
-        "robust_accuracy_at_eps": robust_at_eps,
+        "robust_accuracy_at_eps": float((distance > eps).float().mean()),
         **figures,
-        "robust_accuracy_curve": {"eps": eps_grid, "robust_accuracy": robust_curve},
+        "robust_accuracy_curve": {
+            "eps": eps_grid,
+            "robust_accuracy": [float((distance > e).float().mean()) for e in eps_grid],
+        },
         "seconds": seconds,
     }
 
+
+def _hard_label_text(report: Report, data: dict[str, Any]) -> None:
+    eps, queries, adbd, robust_at_eps = data["eps"], data["queries"], data["adbd"], data["robust_accuracy_at_eps"]
+    figures, seconds = data, data["seconds"]
+    eps_grid, robust_curve = data["robust_accuracy_curve"]["eps"], data["robust_accuracy_curve"]["robust_accuracy"]
     section = report.section("Hard-label attack (RayS): decision-boundary distance and success against queries")
     section.text(
-        f"RayS sees only the predicted label. It ran on the first {xs.shape[0]} correctly classified test images "
+        f"RayS sees only the predicted label. It ran on the first {data['examples']} correctly classified test images "
         f"to a budget of {queries} queries per image (ADBD mode: no image stops early) and kept, per image, the "
         f"nearest Linf decision-boundary point it found. ADBD, the mean of those distances, is {adbd:.4f} (median "
         f"{data['median_boundary_distance']:.4f}); an image counts as robust at eps when its boundary point lies "
@@ -244,4 +256,3 @@ def hard_label_section(
         [*_QUERY_HEADERS, "ADBD", f"robust accuracy at eps={eps:g}"],
         [[*_query_row("RayS (ADBD mode)", figures, seconds), round(adbd, 4), f"{100 * robust_at_eps:.1f}%"]],
     )
-    return data
