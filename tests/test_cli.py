@@ -156,6 +156,12 @@ def test_list_and_help(capsys) -> None:
     assert main(["list", "--access", "gradient"]) == 0
     listing = capsys.readouterr().out
     assert "pgd" in listing and "apgd" in listing and "fw" in listing
+    for what, expected in (("methods", "trades"), ("suites", "standard"), ("models", "wrn-28-10"),
+                           ("datasets", "fashion-mnist")):  # fmt: skip
+        assert main(["list", what]) == 0
+        assert expected in capsys.readouterr().out
+    assert main(["list", "models", "--norm", "l2"]) == 2
+    assert "filter attacks" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["attack", "--help"])
     assert exc.value.code == 0

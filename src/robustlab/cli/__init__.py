@@ -138,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("robustlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (robustlab list | head): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141
     except Exception as exc:  # an unexpected failure: one line, and how to see more
         if debug:
             raise

@@ -3,30 +3,79 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from robustlab.cli import common
 
+REGISTRIES = ("attacks", "methods", "suites", "models", "datasets")
+
 
 def add_list_parser(commands: Any) -> None:
-    listing = commands.add_parser("list", help="list the registered attacks with access level and norms")
-    listing.add_argument("--access", choices=["gradient", "scores", "labels"], help="only this access level")
-    listing.add_argument("--norm", help="only attacks supporting this norm")
+    listing = commands.add_parser(
+        "list",
+        help="list what is registered: attacks (default), training methods, suites, models, data sets",
+        formatter_class=common.HelpFormatter,
+    )
+    listing.add_argument("what", nargs="?", default="attacks", choices=REGISTRIES, help="which registry to list")
+    listing.add_argument("--access", choices=["gradient", "scores", "labels"], help="attacks: only this access level")
+    listing.add_argument("--norm", help="attacks: only those supporting this norm")
     listing.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from robustlab.errors import ConfigError
+
+    if args.what != "attacks" and (args.access or args.norm):
+        raise ConfigError(f"--access and --norm filter attacks, not {args.what}")
+    rows = _LISTINGS[args.what](args)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(f"{cell!s:<{width}}" for cell, width in zip(row, widths)) + "  " + str(row[-1]))
+    return common.EXIT_OK
+
+
+def _attacks(args: argparse.Namespace) -> Sequence[tuple[str, ...]]:
     from robustlab import list_attacks
 
-    infos = list_attacks(access=args.access, norm=args.norm)
-    width = max((len(i.name) for i in infos), default=4)
-    print(f"{'name':<{width}}  {'access':<8}  {'norms':<12}  targeted  summary")
-    for info in infos:
+    rows: list[tuple[str, ...]] = [("name", "access", "norms", "targeted", "summary")]
+    for info in list_attacks(access=args.access, norm=args.norm):
         norms = ",".join(sorted(n.value for n in info.norms))
-        targeted = "yes" if info.supports_targeted else "no"
-        print(f"{info.name:<{width}}  {info.access.value:<8}  {norms:<12}  {targeted:<8}  {info.summary}")
-    return common.EXIT_OK
+        rows.append((info.name, info.access.value, norms, "yes" if info.supports_targeted else "no", info.summary))
+    return rows
+
+
+def _methods(args: argparse.Namespace) -> Sequence[tuple[str, ...]]:
+    from robustlab import list_objectives
+
+    return [("name", "summary")] + [(info.name, info.summary) for info in list_objectives()]
+
+
+def _suites(args: argparse.Namespace) -> Sequence[tuple[str, ...]]:
+    from robustlab import list_suites
+
+    return [("name", "description")] + [(info.name, info.description) for info in list_suites()]
+
+
+def _models(args: argparse.Namespace) -> Sequence[tuple[str, ...]]:
+    from robustlab.models import list_models, list_pretrained
+
+    rows: list[tuple[str, ...]] = [("name", "input", "description")]
+    rows += [(i.name, "x".join(map(str, i.input_shape)), i.description) for i in list_models()]
+    rows += [(i.name, "pretrained", i.description) for i in list_pretrained()]
+    return rows
+
+
+def _datasets(args: argparse.Namespace) -> Sequence[tuple[str, ...]]:
+    from robustlab.data import list_datasets
+
+    return [("name", "classes", "description")] + [
+        (info.name, str(info.num_classes), info.description) for info in list_datasets()
+    ]
+
+
+_LISTINGS = {"attacks": _attacks, "methods": _methods, "suites": _suites, "models": _models, "datasets": _datasets}
 
 
 def add_demo_parser(commands: Any) -> None:
