@@ -45,7 +45,8 @@ result = robustlab.attack(model, x, y, threat, "random_sign", steps=3, queries=1
 assert (result.x_adv - x).abs().max() <= 0.3 + 1e-6 and int(result.queries.max()) <= 10
 assert "noisy" in [info.name for info in robustlab.list_objectives()]
 data = robustlab.data.from_arrays(x, y, num_classes=10)
-trained = train(build_model("mlp", hidden=8), data, "noisy", threat, TrainConfig(epochs=1, batch_size=3, val_attack="pgd"))
+config = TrainConfig(epochs=1, batch_size=3, val_attack="pgd")
+trained = train(build_model("mlp", hidden=8), data, "noisy", threat, config)
 assert len(trained.history["train_loss"]) == 1
 assert "kmnist" in [info.name for info in robustlab.list_datasets()]
 try:
