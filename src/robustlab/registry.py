@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from robustlab.errors import ConfigError
 
-__all__ = ["Info", "Registry", "normalize_name"]
+__all__ = ["Info", "Registry", "normalize_name", "summary_of"]
 
 
 class Info(Protocol):
@@ -40,6 +40,12 @@ class Info(Protocol):
 
 
 InfoT = TypeVar("InfoT", bound=Info)
+
+
+def summary_of(obj: object) -> str:
+    """The first line of ``obj``'s docstring: the one-line description a listing shows."""
+    lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def normalize_name(name: str) -> str:

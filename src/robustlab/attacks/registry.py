@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from robustlab.attacks.base import Attack
 from robustlab.oracles import Access
-from robustlab.registry import Registry
+from robustlab.registry import Registry, summary_of
 from robustlab.threat import Norm
 
 __all__ = ["ATTACKS", "AttackInfo", "get_attack", "list_attacks", "register_attack"]
@@ -32,14 +32,13 @@ ATTACKS: Registry[AttackInfo] = Registry("attack method", hint="see robustlab.li
 
 
 def _describe(cls: type[Attack]) -> AttackInfo:
-    doc = (cls.__doc__ or "").strip().splitlines()
     return AttackInfo(
         name=cls.name,
         cls=cls,
         access=cls.access,
         norms=cls.norms,
         supports_targeted=cls.supports_targeted,
-        summary=cls.summary_line or (doc[0] if doc else ""),
+        summary=cls.summary_line or summary_of(cls),
     )
 
 

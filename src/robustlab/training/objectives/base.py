@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.errors import ConfigError
-from robustlab.registry import Registry
+from robustlab.registry import Registry, summary_of
 from robustlab.threat import ThreatModel
 from robustlab.training.perturb import BatchNormMode
 
@@ -172,11 +172,10 @@ OBJECTIVES: Registry[ObjectiveInfo] = Registry("training method", hint="see robu
 
 
 def _describe(cls: type[Objective]) -> ObjectiveInfo:
-    doc = (cls.__doc__ or "").strip().splitlines()
     return ObjectiveInfo(
         name=cls.name,
         cls=cls,
-        summary=doc[0] if doc else "",
+        summary=summary_of(cls),
         paper=cls.paper,
         adversarial=cls.adversarial,
         attack_bn_mode=cls.attack_bn_mode,
