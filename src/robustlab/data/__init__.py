@@ -40,7 +40,7 @@ from pathlib import Path
 from robustlab.checks import check_positive_int
 from robustlab.data.builtin import CIFAR10_CLASSES, DATASETS, MNIST_MD5, DatasetInfo, list_datasets
 from robustlab.data.convert import from_arrays, from_torch_dataset
-from robustlab.data.dataset import ArrayDataset, batches, train_val_split
+from robustlab.data.dataset import ArrayDataset, ImageData, batches, train_val_split
 from robustlab.data.formats import cifar_folder, load_npz, read_cifar_folder, read_idx, read_mnist_style_dir, save_npz
 from robustlab.data.sources import SPLITS, DataRequest, default_cache_dir
 from robustlab.errors import ConfigError, DataNotFoundError
@@ -50,6 +50,7 @@ __all__ = [
     "DATASETS",
     "ArrayDataset",
     "DatasetInfo",
+    "ImageData",
     "batches",
     "default_cache_dir",
     "from_arrays",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -16,7 +17,31 @@ from torch import Tensor
 from robustlab.checks import check_fraction, check_positive_int
 from robustlab.errors import ConfigError, InvalidInputError
 
-__all__ = ["ArrayDataset", "batches", "train_val_split"]
+__all__ = ["ArrayDataset", "ImageData", "batches", "train_val_split"]
+
+
+@runtime_checkable
+class ImageData(Protocol):
+    """What every consumer of data (attacks over a data set, evaluation, certification, training) may rely on: a
+    map-style, sized data set of labelled images with its metadata.
+
+    ``data[i]`` is ``(image, label)``: a float32 tensor ``(C, H, W)`` inside ``bounds`` and an int64 scalar tensor.
+    :class:`ArrayDataset` (a split held in memory) is one; data read lazily from disk (image folders, archives,
+    memory-mapped arrays) are others. Consumers iterate over batches (a ``torch.utils.data.DataLoader`` over the
+    data set, or over a ``Subset`` of it) and never need the whole split in memory.
+    """
+
+    name: str
+    num_classes: int
+    bounds: tuple[float, float]
+    split: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
 
 
 # --------------------------------------------------------------------------------------------- the data type
