@@ -62,6 +62,9 @@ def same_predictions(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> Non
 class ZooNormalized(nn.Module):
     """The zoo's classes that normalize inside (Wong2020FastNet, Rice2020OverfittingNetL2): mu/sigma buffers."""
 
+    mu: torch.Tensor
+    sigma: torch.Tensor
+
     def __init__(self, inner: nn.Module, stats) -> None:
         super().__init__()
         self.inner = inner
