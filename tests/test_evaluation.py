@@ -124,7 +124,7 @@ def test_focused_step_attacks_only_the_weakest_examples() -> None:
 def test_fresh_examples_skip_what_the_same_method_attacked() -> None:
     margins = torch.tensor([0.5, 0.1, 3.0, 0.2, 2.0, 0.3] * 5)
     steps = [evaluate_module.StepReport("sq", "square", {})]
-    state = evaluate_module.CascadeState.start("test", torch.zeros(30, 1), margins, steps)
+    state = evaluate_module.CascadeState.start("test", 30, None, margins, steps)
     state.remaining_at_start[0] = torch.arange(16)
     unbroken = torch.arange(30)
     step = SuiteStep("wider", "square", {}, focus=0.5, fresh_examples=True)

@@ -38,26 +38,49 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from robustlab.checks import check_positive_int
+from robustlab.data.arrayfiles import ArrayImages, open_npy, open_npz
 from robustlab.data.builtin import CIFAR10_CLASSES, DATASETS, MNIST_MD5, DatasetInfo, list_datasets
+from robustlab.data.cifar import open_cifar
 from robustlab.data.convert import from_arrays, from_torch_dataset
 from robustlab.data.dataset import ArrayDataset, ImageData, batches, train_val_split
+from robustlab.data.folders import ImageFolder
 from robustlab.data.formats import cifar_folder, load_npz, read_cifar_folder, read_idx, read_mnist_style_dir, save_npz
+from robustlab.data.loading import in_order, iter_batches
+from robustlab.data.opening import open_dataset
+from robustlab.data.preprocess import Preprocess
+from robustlab.data.rowfile import NpzWriter, RowFile
 from robustlab.data.sources import SPLITS, DataRequest, default_cache_dir
+from robustlab.data.streams import DatasetImages, Selection, StreamedImages, read_batch
 from robustlab.errors import ConfigError, DataNotFoundError
 from robustlab.registry import normalize_name
 
 __all__ = [
     "DATASETS",
     "ArrayDataset",
+    "ArrayImages",
+    "DatasetImages",
     "DatasetInfo",
     "ImageData",
+    "ImageFolder",
+    "NpzWriter",
+    "Preprocess",
+    "RowFile",
+    "Selection",
+    "StreamedImages",
     "batches",
     "default_cache_dir",
     "from_arrays",
     "from_torch_dataset",
+    "in_order",
+    "iter_batches",
     "list_datasets",
     "load_dataset",
     "load_npz",
+    "open_cifar",
+    "open_dataset",
+    "open_npy",
+    "open_npz",
+    "read_batch",
     "read_idx",
     "save_npz",
     "train_val_split",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, overload, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -106,6 +106,11 @@ class ArrayDataset(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.x[index], self.y[index]
 
+    def read_batch(self, indices: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Images and labels of the examples at ``indices``, in that order (one indexing of each tensor)."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.x.device)
+        return self.x[index], self.y[index]
+
     def __repr__(self) -> str:
         split = f"/{self.split}" if self.split else ""
         return (
@@ -138,14 +143,23 @@ class ArrayDataset(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
 
 
 # ------------------------------------------------------------------------------------ splits and batches
+@overload
 def train_val_split(
     dataset: ArrayDataset, val_fraction: float = 0.1, seed: int = 0
-) -> tuple[ArrayDataset, ArrayDataset]:
+) -> tuple[ArrayDataset, ArrayDataset]: ...
+
+
+@overload
+def train_val_split(dataset: ImageData, val_fraction: float = 0.1, seed: int = 0) -> tuple[ImageData, ImageData]: ...
+
+
+def train_val_split(dataset: Any, val_fraction: float = 0.1, seed: int = 0) -> tuple[Any, Any]:
     """Split ``dataset`` (a training split) into disjoint training and validation parts, shuffled by ``seed``.
 
     ``round(val_fraction * N)`` examples (at least one, and leaving at least one) go to validation; both parts
     keep the original order of their examples. The same seed always gives the same split. Select models and
-    hyper-parameters on the validation part, never on the test split.
+    hyper-parameters on the validation part, never on the test split. An :class:`ArrayDataset` is split into two
+    :class:`ArrayDataset`; any other :class:`ImageData` (a streamed source) into two selections that read from it.
     """
     val_fraction = check_fraction("val_fraction", val_fraction)
     n = len(dataset)
@@ -161,7 +175,11 @@ def train_val_split(
     order = torch.randperm(n, generator=generator)
     val_index, _ = torch.sort(order[:n_val])
     train_index, _ = torch.sort(order[n_val:])
-    return dataset.subset(train_index, split="train"), dataset.subset(val_index, split="val")
+    if isinstance(dataset, ArrayDataset) or hasattr(dataset, "subset"):
+        return dataset.subset(train_index, split="train"), dataset.subset(val_index, split="val")
+    from robustlab.data.streams import Selection
+
+    return Selection(dataset, train_index.numpy(), split="train"), Selection(dataset, val_index.numpy(), split="val")
 
 
 def batches(

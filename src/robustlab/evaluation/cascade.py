@@ -17,11 +17,17 @@ a large eps. Every reported adversarial example is re-verified by a fresh forwar
 State is checkpointed after every attack batch: an evaluation killed and restarted with the same checkpoint file
 resumes where it stopped and ends with the same numbers (each batch's randomness depends only on its position).
 
+The data is read by index, batch by batch (:class:`~robustlab.evaluation.examples.Examples`): the evaluation keeps
+per-example numbers (predictions, margins, what broke) in memory, and for streamed data (an image folder, an
+archive, a memory-mapped array) the adversarial examples go to a row file on disk, so memory does not grow with the
+data set. Data in memory and the same data streamed from disk give the same result, bit for bit.
+
 :func:`evaluate` runs these phases in order, each a named function or method:
 
 1. diagnose and adapt (:func:`robustlab.evaluation.adapt.diagnose_and_adapt`): the checks, and the active suite;
-2. the cascade (:class:`Cascade`): each stage attacks its selected examples in batches, saving a
-   :class:`~robustlab.evaluation.state.CascadeState` after each; across torchrun ranks the batches are shared out;
+2. the cascade (:class:`Cascade`): a pass over the data for the clean predictions, then each stage attacks its
+   selected examples in batches, saving a :class:`~robustlab.evaluation.state.CascadeState` after each; across
+   torchrun ranks the batches are shared out;
 3. black-box escalation (:func:`_escalate_black_box`): Square restarts or widening, then RayS, when gradient-free
    attacks beat the gradient ones;
 4. final verification (:meth:`Cascade.verify`): a fresh forward pass re-checks every claimed success;
@@ -31,7 +37,6 @@ resumes where it stopped and ends with the same numbers (each batch's randomness
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import math
 import time
@@ -46,8 +51,7 @@ from torch import Tensor, nn
 
 from robustlab.api import attack as run_attack
 from robustlab.checks import check_integer, check_positive_int
-from robustlab.data import ArrayDataset
-from robustlab.errors import ConfigError, InvalidInputError
+from robustlab.errors import ConfigError
 from robustlab.evaluation.adapt import diagnose_and_adapt, restrict_to_access
 from robustlab.evaluation.diagnostics import (
     Diagnostic,
@@ -55,7 +59,9 @@ from robustlab.evaluation.diagnostics import (
     check_large_eps,
     check_train_mode,
 )
+from robustlab.evaluation.examples import Examples, FileStore, MemoryStore, open_store
 from robustlab.evaluation.extras import average_boundary_distance, robust_accuracy_curve
+from robustlab.evaluation.result import EvaluationResult
 from robustlab.evaluation.state import STATE_FORMAT, BatchOutcome, CascadeState, StepReport
 from robustlab.evaluation.suites import FOCUS_MINIMUM, Suite, SuiteStep, get_suite
 from robustlab.oracles import LabelOracle
@@ -66,79 +72,13 @@ __all__ = ["STATE_FORMAT", "Cascade", "CascadeState", "EvaluationResult", "StepR
 
 SQUARE_RESTARTS = 3  # at most, when a gradient-free attack beat the gradient attacks
 ADBD_QUERIES_FULL = 10_000  # the full suite's RayS budget for the average decision-boundary distance
-
-
-@dataclass
-class EvaluationResult:
-    """The outcome of :func:`evaluate`. Per-example tensors are on the CPU, in data order.
-
-    Attributes:
-        clean_correct: the clean prediction is right.
-        broken: the prediction changed under attack (re-verified at the end).
-        robust: correct and not broken (robust accuracy is its mean).
-        x: the clean inputs evaluated; clean_pred and adv_pred: predictions on ``x`` and ``x_adv``.
-        x_adv: the first adversarial example found per example, or the clean input where none was.
-        broken_by: index of the cascade step that broke each example (-1: none).
-        distance: distance of ``x_adv`` to the clean input in the threat model's norm.
-        steps: per-attack reports in cascade order; diagnostics: every check's verdict.
-        eps_curve: (eps values, robust accuracy) from the quick suite, when requested.
-        adbd: average decision-boundary distance from RayS over correctly classified examples (full suite).
-    """
-
-    threat: ThreatModel
-    suite: str
-    x: Tensor
-    clean_pred: Tensor
-    adv_pred: Tensor
-    labels: Tensor
-    clean_correct: Tensor
-    broken: Tensor
-    robust: Tensor
-    x_adv: Tensor
-    broken_by: Tensor
-    distance: Tensor
-    steps: list[StepReport]
-    diagnostics: list[Diagnostic]
-    eps_curve: tuple[list[float], list[float]] | None
-    adbd: float | None
-    wall_time: float
-
-    @property
-    def clean_accuracy(self) -> float:
-        return float(self.clean_correct.float().mean())
-
-    @property
-    def robust_accuracy(self) -> float:
-        return float(self.robust.float().mean())
-
-    @property
-    def stability(self) -> float:
-        """Fraction of examples whose prediction the attacks could not change."""
-        return float((~self.broken).float().mean())
-
-    def summary(self) -> dict[str, Any]:
-        broken = self.broken & self.clean_correct
-        return {
-            "suite": self.suite,
-            "norm": self.threat.norm.value,
-            "eps": self.threat.eps,
-            "examples": int(self.labels.shape[0]),
-            "clean_accuracy": self.clean_accuracy,
-            "robust_accuracy": self.robust_accuracy,
-            "perturbation_stability": self.stability,
-            "attack_success_rate": float(broken.sum()) / max(int(self.clean_correct.sum()), 1),
-            "mean_distance_broken": float(self.distance[broken].mean()) if bool(broken.any()) else None,
-            "adbd": self.adbd,
-            "cascade": [dataclasses.asdict(s) | {"queries_to_success": None} for s in self.steps],
-            "diagnostics": [d.as_dict() for d in self.diagnostics],
-            "eps_curve": None if self.eps_curve is None else {"eps": self.eps_curve[0], "robust": self.eps_curve[1]},
-            "wall_time_s": self.wall_time,
-        }
+PROBE_EXAMPLES = 64  # the diagnostics look at the first examples only
+LARGE_EPS_EXAMPLES = 100  # examples of the large-eps check
 
 
 def evaluate(
     model: nn.Module | LabelOracle,
-    data: ArrayDataset | tuple[Tensor, Tensor],
+    data: Any,
     threat: ThreatModel,
     suite: str | Suite = "standard",
     *,
@@ -156,6 +96,8 @@ def evaluate(
     extra_queries: int = 5000,
     progress: bool = True,
     device: torch.device | str | None = None,
+    workers: int = 0,
+    adversarial_file: str | Path | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model``'s robustness on ``data`` inside ``threat`` with an attack suite.
 
@@ -163,7 +105,10 @@ def evaluate(
         model: a classifier returning logits (probabilities are detected and handled), or a black-box oracle
             (e.g. :func:`robustlab.remote.connect` to a URL): then only the suite's attacks that its access level
             allows run, and the gradient-based diagnostics are skipped.
-        data: an :class:`ArrayDataset` or ``(x, y)`` tensors inside the threat model's box.
+        data: ``(x, y)`` tensors or an :class:`~robustlab.data.ArrayDataset` (held in memory), or any data set of
+            ``(image, label)`` read by index — an image folder, CIFAR archive or array file from
+            :func:`robustlab.data.open_dataset`, or your own ``torch.utils.data.Dataset`` — which is streamed: read
+            batch by batch, never whole. Inputs must lie inside the threat model's box.
         threat: the threat model, e.g. ``ThreatModel("linf", 8 / 255)``.
         suite: "quick", "standard" (default), "full", or a :class:`Suite` built from the registry.
         batch_size: examples per attack call. seed: base seed; results are reproducible.
@@ -177,65 +122,66 @@ def evaluate(
         adbd_queries: also run RayS to this budget on up to ``adbd_examples`` correctly classified examples and
             report the average decision-boundary distance (Linf only; the full suite sets 10,000).
         progress: show progress bars. device: where to run (default: the model's device).
+        workers: processes reading streamed data ahead of the attacks (``DataLoader`` workers; 0: none).
+        adversarial_file: the ``.npy`` file the adversarial examples go to (one row per example). Default: for
+            streamed data, ``<checkpoint>.adversarial.npy`` next to a checkpoint, else a temporary file that lives
+            as long as the result; data in memory keeps them in memory. A resume needs the file of the run it
+            resumes.
     """
     started = time.perf_counter()
-    x_all, y_all = _evaluation_data(data, threat, limit)
-    _check_options(batch_size, seed, eot_samples, extra_queries, adbd_queries, adbd_examples)
+    _check_options(batch_size, seed, eot_samples, extra_queries, adbd_queries, adbd_examples, workers)
+    if not isinstance(threat, ThreatModel):
+        raise ConfigError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
+    check_positive_int("limit", limit, allow_none=True)
     base_suite = get_suite(suite, threat.norm)
     if not isinstance(model, nn.Module):  # a black box: the attacks its access allows, no gradient checks
         base_suite, diagnostics = restrict_to_access(model, base_suite), False
     if adbd_queries is None and base_suite.name == "full":
         adbd_queries = ADBD_QUERIES_FULL
     run_device = torch.device(device) if device is not None else _default_device(model)
+    examples = Examples(data, threat, limit, workers=workers, device=run_device)
+    if adversarial_file is None and checkpoint is not None and not examples.in_memory:
+        adversarial_file = Path(str(checkpoint) + ".adversarial.npy")
     train_mode = check_train_mode(model) if isinstance(model, nn.Module) else None
     with model_mode(model, "eval") if isinstance(model, nn.Module) else contextlib.nullcontext():
+        probe_x, probe_y = examples.first(PROBE_EXAMPLES)
         adapted = diagnose_and_adapt(
-            model, x_all, y_all, threat, base_suite, device=run_device, train_mode=train_mode,
+            model, probe_x, probe_y, threat, base_suite, device=run_device, train_mode=train_mode,
             diagnostics=diagnostics, bpda=bpda, eot_samples=eot_samples, extra_queries=extra_queries,
         )  # fmt: skip
         cascade = Cascade.start(
-            model, adapted.model, x_all, y_all, threat, adapted.suite, batch_size=batch_size, seed=seed,
-            device=run_device, checkpoint=checkpoint, resume=resume, progress=progress,
+            model, adapted.model, examples, threat, adapted.suite, batch_size=batch_size, seed=seed,
+            device=run_device, checkpoint=checkpoint, resume=resume, progress=progress, store_path=adversarial_file,
         )  # fmt: skip
         cascade.run()
         if diagnostics:
             adapted.report.append(_escalate_black_box(cascade, extra_queries))
-            adapted.report.append(check_large_eps(adapted.model, x_all, cascade.clean_pred, threat, run_device, seed))
-        broken, final_pred = cascade.verify()
+            first_x, _ = examples.first(LARGE_EPS_EXAMPLES)
+            adapted.report.append(check_large_eps(adapted.model, first_x, cascade.clean_pred, threat, run_device, seed))
+        broken, final_pred, distance = cascade.verify()
         adbd = None
         if adbd_queries is not None and threat.norm is Norm.LINF:
             adbd = average_boundary_distance(
-                adapted.model, x_all, y_all, threat, adbd_queries, adbd_examples, batch_size, run_device, seed
+                adapted.model, examples, threat, adbd_queries, adbd_examples, batch_size, run_device, seed
             )
         curve = None
         if eps_curve:
             curve = robust_accuracy_curve(
-                adapted.model, x_all, y_all, cascade.clean_pred, threat, eps_curve, batch_size, run_device, seed
+                adapted.model, examples, cascade.clean_pred, threat, eps_curve, batch_size, run_device, seed
             )
     cascade.finish()
-    return cascade.result(adapted.report, broken, final_pred, curve, adbd, time.perf_counter() - started)
-
-
-def _evaluation_data(
-    data: ArrayDataset | tuple[Tensor, Tensor], threat: ThreatModel, limit: int | None
-) -> tuple[Tensor, Tensor]:
-    """The inputs (checked against the threat model's box) and integer labels to evaluate, on the CPU."""
-    if not isinstance(threat, ThreatModel):
-        raise ConfigError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
-    if isinstance(data, ArrayDataset):
-        x_all, y_all = data.x, data.y
-    elif isinstance(data, tuple) and len(data) == 2:
-        x_all, y_all = data
-    else:
-        raise InvalidInputError("data must be an ArrayDataset or an (x, y) pair of tensors")
-    if limit is not None:
-        x_all, y_all = x_all[:limit], y_all[:limit]
-    threat.check_inputs(x_all, name="evaluation data")
-    return x_all.cpu(), y_all.long().cpu()
+    elapsed = time.perf_counter() - started
+    return cascade.result(adapted.report, broken, final_pred, distance, curve, adbd, elapsed)
 
 
 def _check_options(
-    batch_size: int, seed: int, eot_samples: int, extra_queries: int, adbd_queries: int | None, adbd_examples: int
+    batch_size: int,
+    seed: int,
+    eot_samples: int,
+    extra_queries: int,
+    adbd_queries: int | None,
+    adbd_examples: int,
+    workers: int,
 ) -> None:
     check_positive_int("batch_size", batch_size)
     check_integer("seed", seed)
@@ -243,6 +189,7 @@ def _check_options(
     check_positive_int("extra_queries", extra_queries)
     check_positive_int("adbd_queries", adbd_queries, allow_none=True)
     check_positive_int("adbd_examples", adbd_examples)
+    check_positive_int("workers", workers, minimum=0)
 
 
 def _default_device(model: nn.Module | LabelOracle) -> torch.device:
@@ -251,8 +198,9 @@ def _default_device(model: nn.Module | LabelOracle) -> torch.device:
     return found if found is not None else torch.device("cpu")
 
 
-def _fingerprint(model: nn.Module | LabelOracle, x: Tensor, threat: ThreatModel, suite: Suite, seed: int) -> str:
-    """The identity of an evaluation: a saved state is resumed only by the same model, data, threat, suite, seed."""
+def _fingerprint(model: nn.Module | LabelOracle, data: str, threat: ThreatModel, suite: Suite, seed: int) -> str:
+    """The identity of an evaluation: a saved state is resumed only by the same model, data, threat, suite, seed.
+    ``data`` describes the examples (count, shape, and the sum of their values)."""
     digest = hashlib.sha256()
     if isinstance(model, nn.Module):
         for name, tensor in model.state_dict().items():
@@ -260,35 +208,67 @@ def _fingerprint(model: nn.Module | LabelOracle, x: Tensor, threat: ThreatModel,
             digest.update(f"{float(tensor.double().sum()):.10e}".encode())
     else:
         digest.update(repr(getattr(model.model, "url", type(model.model).__name__)).encode())
-    digest.update(f"{x.shape}{float(x.double().sum()):.10e}{threat}{suite}{seed}".encode())
+    digest.update(f"{data}{threat}{suite}{seed}".encode())
     return digest.hexdigest()[:16]
 
 
-def _predict(model: nn.Module | LabelOracle, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """Predicted labels of ``x`` in batches, on the CPU."""
-    if isinstance(model, LabelOracle):  # a black box: its labels, each row counted as an audit query
-        out = []
-        for i in range(0, len(x), batch_size):
-            chunk = x[i : i + batch_size].to(device)
-            out.append(model.bind(len(chunk), device).audit_labels(chunk).cpu())
-        return torch.cat(out)
+def _predict(model: nn.Module | LabelOracle, x: Tensor, device: torch.device) -> Tensor:
+    """Predicted labels of one batch, on the CPU (a black box's labels are counted as audit queries)."""
+    chunk = x.to(device, non_blocking=True)
+    if isinstance(model, LabelOracle):
+        return model.bind(len(chunk), device).audit_labels(chunk).cpu()
     with torch.no_grad():
-        return torch.cat(
-            [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-        )
+        return model(chunk).argmax(1).cpu()
+
+
+def _margins_of(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-example logit of ``labels`` minus the largest other logit (negative: misclassified), on the CPU."""
+    logits = logits.float()
+    label = labels.to(logits.device)[:, None]
+    own = logits.gather(1, label)[:, 0]
+    other = logits.scatter(1, label, -math.inf).amax(1)
+    return (own - other).cpu()
 
 
 def _margins(model: nn.Module, x: Tensor, labels: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """Per-example logit of ``labels`` minus the largest other logit (negative: misclassified), on the CPU."""
+    """:func:`_margins_of` the model's logits on ``x``, in batches."""
     parts = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            logits = model(x[start : start + batch_size].to(device)).float()
-            label = labels[start : start + batch_size].to(logits.device)[:, None]
-            own = logits.gather(1, label)[:, 0]
-            other = logits.scatter(1, label, -math.inf).amax(1)
-            parts.append((own - other).cpu())
+            logits = model(x[start : start + batch_size].to(device))
+            parts.append(_margins_of(logits, labels[start : start + batch_size]))
     return torch.cat(parts) if parts else torch.empty(0)
+
+
+@dataclass
+class _CleanPass:
+    """What one pass over the data gives: labels, clean predictions, margins, and a description for fingerprints."""
+
+    labels: Tensor
+    clean_pred: Tensor
+    margin: Tensor
+    description: str
+
+
+def _clean_pass(model: Any, examples: Examples, batch_size: int, device: torch.device) -> _CleanPass:
+    """Read every example once, in batches: check it, predict it, and (for a module) its margin."""
+    labels, preds, margins = [], [], []
+    total = 0.0
+    with torch.no_grad():
+        for rows, x, y in examples.in_order(batch_size):
+            x = examples.checked(x, rows)
+            total += float(x.double().sum())
+            labels.append(y)
+            if isinstance(model, nn.Module):
+                logits = model(x.to(device, non_blocking=True))
+                pred = logits.argmax(1).cpu()
+                margins.append(_margins_of(logits, pred))
+            else:  # an oracle's scores would cost counted queries: margins unknown
+                pred = _predict(model, x, device)
+                margins.append(torch.full((len(rows),), math.inf))
+            preds.append(pred)
+    description = f"{len(examples)} x {examples.image_shape} sum {total:.10e}"
+    return _CleanPass(torch.cat(labels), torch.cat(preds), torch.cat(margins), description)
 
 
 def _select(step: SuiteStep, index: int, unbroken: Tensor, state: CascadeState, margins_known: bool) -> Tensor:
@@ -311,7 +291,7 @@ def _select(step: SuiteStep, index: int, unbroken: Tensor, state: CascadeState, 
 
 @dataclass
 class Cascade:
-    """One evaluation's cascade: what every stage shares (the model as attacks see it, the data, the clean
+    """One evaluation's cascade: what every stage shares (the model as attacks see it, the examples, the clean
     predictions), and the :class:`CascadeState` the stages update and checkpoint.
 
     Under torchrun (an initialized process group), each process attacks every ``world``-th batch of a stage with
@@ -320,7 +300,7 @@ class Cascade:
     """
 
     model: Any  # nn.Module (possibly wrapped by the diagnostics) or a LabelOracle
-    x: Tensor
+    examples: Examples
     labels: Tensor
     clean_pred: Tensor
     threat: ThreatModel
@@ -339,8 +319,7 @@ class Cascade:
         cls,
         model: nn.Module | LabelOracle,
         attack_model: Any,
-        x: Tensor,
-        y: Tensor,
+        examples: Examples,
         threat: ThreatModel,
         suite: Suite,
         *,
@@ -350,27 +329,26 @@ class Cascade:
         checkpoint: str | Path | None,
         resume: bool,
         progress: bool,
+        store_path: str | Path | None = None,
     ) -> Cascade:
-        """Predict the clean labels, then resume the state saved at ``checkpoint`` for this evaluation (``model``'s
-        weights, the data, threat, suite and seed) or start a fresh one."""
+        """Predict the clean labels (one pass over the data), then resume the state saved at ``checkpoint`` for this
+        evaluation (``model``'s weights, the data, threat, suite and seed) or start a fresh one."""
         world, rank = process_group()
-        clean_pred = _predict(attack_model, x, batch_size, device)
-        margins_known = isinstance(attack_model, nn.Module)
+        clean = _clean_pass(attack_model, examples, batch_size, device)
         state_path = Path(checkpoint) if checkpoint is not None else None
-        identity = _fingerprint(model, x, threat, suite, seed)
+        identity = _fingerprint(model, clean.description, threat, suite, seed)
+        like = examples.data.x if examples.in_memory else None
+        store = open_store(examples, store_path, like=like)
         # stacklevel 3 from here: the warning names the line that called evaluate().
-        state = CascadeState.load(state_path, identity, stacklevel=3) if state_path is not None and resume else None
+        state = (
+            CascadeState.load(state_path, identity, store, stacklevel=3) if state_path is not None and resume else None
+        )
         if state is None:
-            margin = (
-                _margins(attack_model, x, clean_pred, batch_size, device)
-                if margins_known
-                else torch.full((len(x),), math.inf)  # an oracle's scores would cost counted queries
-            )
             reports = [StepReport(s.label, s.method, dict(s.options)) for s in suite.steps]
-            state = CascadeState.start(identity, x, margin, reports)
+            state = CascadeState.start(identity, len(examples), store, clean.margin, reports)
         return cls(
-            attack_model, x, y, clean_pred, threat, suite, state, state_path, batch_size, seed, device,
-            progress=progress and rank == 0, world=world, rank=rank,
+            attack_model, examples, clean.labels, clean.clean_pred, threat, suite, state, state_path, batch_size,
+            seed, device, progress=progress and rank == 0, world=world, rank=rank,
         )  # fmt: skip
 
     @property
@@ -402,28 +380,30 @@ class Cascade:
             state.remaining_at_start[index] = _select(step, index, unbroken, state, self.margins_known)
         remaining = state.remaining_at_start[index]
         batches = [remaining[i : i + self.batch_size] for i in range(0, len(remaining), self.batch_size)]
-        numbers = range(state.done.get(index, 0), len(batches))
-        mine: list[BatchOutcome] = []
-        for number in tqdm(numbers, desc=step.label, unit="batch", disable=not self.progress, leave=False):
-            if number % self.world != self.rank:
-                continue  # another process attacks this batch
-            outcome = self._attack_batch(step, index, number, batches[number])
+        mine = [n for n in range(state.done.get(index, 0), len(batches)) if n % self.world == self.rank]
+        loaded = self.examples.batches([batches[n] for n in mine])  # other processes attack the other batches
+        outcomes: list[BatchOutcome] = []
+        for number, (x, _) in zip(
+            tqdm(mine, desc=step.label, unit="batch", disable=not self.progress, leave=False), loaded
+        ):
+            outcome = self._attack_batch(step, index, number, batches[number], x)
             if self.world == 1:
                 state.merge(index, outcome)
                 state.save(self.state_path)
             else:
-                mine.append(outcome)
+                outcomes.append(outcome)
         if self.world > 1:
-            self._merge_shards(index, mine)
+            self._merge_shards(index, outcomes)
         record.robust_accuracy_after = float((self.clean_correct & ~state.broken).float().mean())
         return record
 
-    def _attack_batch(self, step: SuiteStep, index: int, number: int, rows: Tensor) -> BatchOutcome:
-        """Attack batch ``number`` of stage ``index``; its seed depends only on that position (exact resumes)."""
+    def _attack_batch(self, step: SuiteStep, index: int, number: int, rows: Tensor, x: Tensor) -> BatchOutcome:
+        """Attack batch ``number`` of stage ``index`` (examples ``rows``, images ``x``); its seed depends only on that
+        position (exact resumes). Adversarial examples go straight to a file store, before the state counts them."""
         started = time.perf_counter()
         clean_pred = self.clean_pred[rows]
         result = run_attack(
-            self.model, self.x[rows].to(self.device), clean_pred.to(self.device), self.threat, step.method,
+            self.model, x.to(self.device, non_blocking=True), clean_pred.to(self.device), self.threat, step.method,
             seed=self.seed + 1000 * index + number, **dict(step.options),
         )  # fmt: skip
         success = result.success.cpu()
@@ -432,19 +412,23 @@ class Cascade:
             # The attack's best point for each example it failed on: how close it came.
             failed = result.x_adv[~result.success]
             margin[~success] = _margins(self.model, failed, clean_pred[~success], self.batch_size, self.device)
+        found = result.x_adv.cpu()[success]
+        if isinstance(self.state.store, FileStore):
+            self.state.store.write(rows[success], found)
         return BatchOutcome(
             number=number,
             rows=rows,
             success=success,
             margin=margin,
-            x_adv=result.x_adv.cpu()[success],
+            x_adv=None if isinstance(self.state.store, FileStore) else found,
             seconds=time.perf_counter() - started,
             queries=result.queries.cpu(),
             gradients=int(result.gradients.sum()) if result.gradients is not None else 0,
         )
 
     def _merge_shards(self, index: int, mine: list[BatchOutcome]) -> None:
-        """Merge every process's batches of stage ``index`` in batch order; rank 0 saves the state."""
+        """Merge every process's batches of stage ``index`` in batch order; rank 0 saves the state. (A file store
+        already has every process's rows: each wrote its own before this exchange.)"""
         gathered: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(gathered, mine)
         for outcome in sorted((o for part in gathered for o in part), key=lambda o: o.number):
@@ -452,11 +436,26 @@ class Cascade:
         if self.rank == 0:
             self.state.save(self.state_path)
 
-    def verify(self) -> tuple[Tensor, Tensor]:
-        """Final re-verification: (broken, predictions on ``x_adv``). Only adversarial examples a fresh forward pass
-        confirms count as broken."""
-        final_pred = _predict(self.model, self.state.x_adv, self.batch_size, self.device)
+    def verify(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Final re-verification: (broken, predictions on the adversarial examples, distances). Only adversarial
+        examples a fresh forward pass confirms count as broken; the store ends with every example's final answer
+        (the adversarial example, or the clean input)."""
         claimed = self.state.broken
+        predictions, distances = [], []
+        store = self.state.store
+        for rows, x, _ in self.examples.in_order(self.batch_size):
+            index = torch.from_numpy(rows)
+            broken_here = claimed[index]
+            x_adv = x.clone()
+            if bool(broken_here.any()):
+                x_adv[broken_here] = store.read(index[broken_here]).to(x.dtype)
+            predictions.append(_predict(self.model, x_adv, self.device))
+            confirmed = broken_here & (predictions[-1] != self.clean_pred[index])
+            final = torch.where(rows_like(confirmed, x), x_adv, x)
+            distances.append(self.threat.distance(final, x).cpu())
+            if self.rank == 0:
+                store.write_final(rows, final)
+        final_pred, distance = torch.cat(predictions), torch.cat(distances)
         lost = claimed & ~(final_pred != self.clean_pred)
         if bool(lost.any()):
             warnings.warn(
@@ -464,7 +463,7 @@ class Cascade:
                 "they are counted as robust",
                 stacklevel=3,  # the line that called evaluate()
             )
-        return claimed & ~lost, final_pred
+        return claimed & ~lost, final_pred, distance
 
     def finish(self) -> None:
         """A finished evaluation leaves nothing to resume: remove the state file (rank 0)."""
@@ -476,32 +475,38 @@ class Cascade:
         diagnostics: list[Diagnostic],
         broken: Tensor,
         final_pred: Tensor,
+        distance: Tensor,
         curve: tuple[list[float], list[float]] | None,
         adbd: float | None,
         wall_time: float,
     ) -> EvaluationResult:
         """The :class:`EvaluationResult`: verified ``broken`` examples keep their adversarial example, the others
         the clean input."""
-        x_adv = torch.where(rows_like(broken, self.x), self.state.x_adv, self.x)
+        store = self.state.store
+        if self.world > 1 and isinstance(store, FileStore):
+            torch.distributed.barrier()  # process 0 has written every final row
+        adversarial = store.final(broken, self.examples.data.x if isinstance(store, MemoryStore) else None)
         broken_by = self.state.broken_by
         return EvaluationResult(
             threat=self.threat,
             suite=self.suite.name,
-            x=self.x,
             clean_pred=self.clean_pred,
             adv_pred=torch.where(broken, final_pred, self.clean_pred),
             labels=self.labels,
             clean_correct=self.clean_correct,
             broken=broken,
             robust=self.clean_correct & ~broken,
-            x_adv=x_adv,
             broken_by=torch.where(broken, broken_by, torch.full_like(broken_by, -1)),
-            distance=self.threat.distance(x_adv, self.x),
+            distance=distance,
             steps=self.state.steps,
             diagnostics=diagnostics,
             eps_curve=curve,
             adbd=adbd,
             wall_time=wall_time,
+            examples=self.examples.data,
+            adversarial=adversarial,
+            adversarial_file=store.path if isinstance(store, FileStore) else None,
+            store=store,
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +19,7 @@ __all__ = ["average_boundary_distance", "robust_accuracy_curve"]
 
 def robust_accuracy_curve(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    examples: Any,
     clean_pred: Tensor,
     threat: ThreatModel,
     values: Sequence[float],
@@ -27,51 +27,47 @@ def robust_accuracy_curve(
     device: torch.device,
     seed: int,
 ) -> tuple[list[float], list[float]]:
-    """Robust accuracy under APGD-CE (20 steps) at each eps of ``values``, in ``threat``'s norm and box."""
+    """Robust accuracy under APGD-CE (20 steps) at each eps of ``values``, in ``threat``'s norm and box, over the
+    evaluation's examples (:class:`~robustlab.evaluation.examples.Examples`, read in batches)."""
     robust = []
-    correct = clean_pred == y
     for eps in values:
         step = ThreatModel(threat.norm, eps, threat.lower, threat.upper)
-        broken = torch.zeros(len(x), dtype=torch.bool)
-        for start in range(0, len(x), batch_size):
-            rows = slice(start, start + batch_size)
-            result = run_attack(
-                model, x[rows].to(device), clean_pred[rows].to(device), step, "apgd", steps=20, seed=seed + start
-            )
-            broken[rows] = result.success.cpu()
-        robust.append(float((correct & ~broken).float().mean()))
+        robust_rows = []
+        for rows, x, y in examples.in_order(batch_size):
+            start = int(rows[0])
+            pred = clean_pred[start : start + len(rows)]
+            result = run_attack(model, x.to(device), pred.to(device), step, "apgd", steps=20, seed=seed + start)
+            robust_rows.append((pred == y) & ~result.success.cpu())
+        robust.append(float(torch.cat(robust_rows).float().mean()))
     return list(values), robust
 
 
 def average_boundary_distance(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    examples: Any,
     threat: ThreatModel,
     queries: int,
-    examples: int,
+    count: int,
     batch_size: int,
     device: torch.device,
     seed: int,
 ) -> float:
     """Average Linf decision-boundary distance found by RayS, over the correctly classified examples among the
-    first ``examples`` (NaN when none is)."""
+    first ``count`` of the evaluation's ``examples`` (NaN when none is)."""
     from robustlab.attacks.rays import average_boundary_distance as rays_average
 
     results = []
-    rows = torch.arange(min(len(x), examples))
-    for start in range(0, len(rows), batch_size):
-        part = rows[start : start + batch_size]
+    for rows, x, y in examples.in_order(batch_size, count):
         results.append(
             run_attack(
                 model,
-                x[part].to(device),
-                y[part].to(device),
+                x.to(device),
+                y.to(device),
                 threat,
                 "rays",
                 mode="adbd",
                 queries=queries,
-                seed=seed + start,
+                seed=seed + int(rows[0]),
             )
         )
     distances = torch.cat([r.extras["boundary_distance"].cpu() for r in results])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from robustlab.attacks.registry import get_attack
-from robustlab.evaluation.cascade import EvaluationResult
+from robustlab.evaluation.result import EvaluationResult
 from robustlab.oracles import Access
 from robustlab.report import Report, image_grid_figure, line_plot
 
@@ -77,7 +77,7 @@ def evaluation_section(report: Report, result: EvaluationResult, title: str = "R
     broken = result.broken.nonzero().flatten()[:10]
     if len(broken):
         figure = image_grid_figure(
-            [("clean", result.x[broken]), ("adversarial", result.x_adv[broken])],
+            [("clean", result.clean_images(broken)), ("adversarial", result.adversarial_images(broken))],
             captions=[
                 [f"pred {int(result.clean_pred[i])}" for i in broken],
                 [f"pred {int(result.adv_pred[i])} ({result.steps[int(result.broken_by[i])].method})" for i in broken],

@@ -1,6 +1,11 @@
 """The cascade's state: what an evaluation has found so far, saved after every attack batch so a killed evaluation
 resumes where it stopped and ends with the same numbers.
 
+The state holds per-example scalars (broken, the step that broke it, the smallest margin) and where each step
+stands. The adversarial examples themselves live in the evaluation's store (:mod:`robustlab.evaluation.examples`):
+for data held in memory the state file carries the broken examples' rows; for streamed data they are in a row file
+next to the state, written before the state that counts them is saved.
+
 A state file is read with ``torch.load(weights_only=True)`` (:mod:`robustlab.state_io`): it holds tensors, numbers,
 strings and plain containers only, never pickled objects, so a state someone else left in a run folder cannot run
 code. A file of another evaluation (another model, data, threat model, suite or seed) is ignored with a warning; a
@@ -24,7 +29,7 @@ from robustlab.state_io import load_state_file, save_atomic
 
 __all__ = ["STATE_FORMAT", "BatchOutcome", "CascadeState", "StepReport"]
 
-STATE_FORMAT = "robustlab-evaluation-state-v2"
+STATE_FORMAT = "robustlab-evaluation-state-v3"
 _FIX = "Delete it, or start over with resume=False (CLI: --no-resume)"
 
 
@@ -54,7 +59,7 @@ class BatchOutcome:
     rows: Tensor  # the examples attacked (indices into the data)
     success: Tensor  # per row: the attack changed the prediction
     margin: Tensor  # per row: the smallest margin at the attack's best point (inf where it succeeded)
-    x_adv: Tensor  # the adversarial examples of the successful rows only
+    x_adv: Tensor | None  # the adversarial examples of the successful rows (None: already written to a file store)
     seconds: float
     queries: Tensor  # per row
     gradients: int
@@ -67,7 +72,8 @@ class CascadeState:
     Attributes:
         identity: fingerprint of the evaluation (model, data, threat model, suite, seed) the state belongs to.
         broken: the prediction changed under some attack.
-        x_adv: the first adversarial example found per example (the clean input where none was).
+        store: where the first adversarial example found per example is kept (its rows are meaningful where
+            ``broken``).
         broken_by: index of the step that broke each example (-1: none).
         margin: smallest margin (clean prediction's logit minus the best other logit) seen at any point an attack
             returned; focused steps attack the examples where it is smallest.
@@ -81,7 +87,7 @@ class CascadeState:
 
     identity: str
     broken: Tensor
-    x_adv: Tensor
+    store: Any
     broken_by: Tensor
     margin: Tensor
     steps: list[StepReport]
@@ -89,14 +95,13 @@ class CascadeState:
     remaining_at_start: dict[int, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, identity: str, x: Tensor, margin: Tensor, steps: list[StepReport]) -> CascadeState:
-        """The state before any attack: nothing broken, ``x_adv`` the clean inputs."""
-        n = int(x.shape[0])
+    def start(cls, identity: str, count: int, store: Any, margin: Tensor, steps: list[StepReport]) -> CascadeState:
+        """The state before any attack: nothing broken."""
         return cls(
             identity=identity,
-            broken=torch.zeros(n, dtype=torch.bool),
-            x_adv=x.clone(),
-            broken_by=torch.full((n,), -1, dtype=torch.long),
+            broken=torch.zeros(count, dtype=torch.bool),
+            store=store,
+            broken_by=torch.full((count,), -1, dtype=torch.long),
             margin=margin,
             steps=steps,
         )
@@ -107,7 +112,8 @@ class CascadeState:
         rows, success = outcome.rows, outcome.success
         fresh = rows[success]
         self.broken[fresh] = True
-        self.x_adv[fresh] = outcome.x_adv
+        if outcome.x_adv is not None:
+            self.store.write(fresh, outcome.x_adv)
         self.broken_by[fresh] = index
         self.margin[rows] = torch.minimum(self.margin[rows], outcome.margin)
         record.attacked += len(rows)
@@ -122,15 +128,18 @@ class CascadeState:
         """Write the state atomically (nothing when ``path`` is None)."""
         if path is None:
             return
-        payload = {"format": self.FORMAT} | {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        payload = {"format": self.FORMAT} | {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "store"
+        }
         payload["steps"] = [dataclasses.asdict(s) for s in self.steps]
+        payload |= self.store.payload(self.broken)
         save_atomic(payload, path)
 
     @classmethod
-    def load(cls, path: Path, identity: str, *, stacklevel: int = 1) -> CascadeState | None:
-        """The state saved at ``path`` if it belongs to the evaluation ``identity``; None when there is none or it
-        is another evaluation's (with a warning attributed ``stacklevel`` frames up from the caller: 1 is the line
-        calling ``load``).
+    def load(cls, path: Path, identity: str, store: Any, *, stacklevel: int = 1) -> CascadeState | None:
+        """The state saved at ``path`` if it belongs to the evaluation ``identity`` (its adversarial examples restored
+        into ``store``); None when there is none, it is another evaluation's, or its adversarial examples are gone
+        (with a warning attributed ``stacklevel`` frames up from the caller: 1 is the line calling ``load``).
 
         Raises:
             StateFileError: the file cannot be read safely, or its records are damaged.
@@ -142,9 +151,10 @@ class CascadeState:
             warnings.warn(f"{path} holds the state of another evaluation; starting over", stacklevel=stacklevel + 1)
             return None
         try:
-            tensors = {name: saved[name] for name in ("broken", "x_adv", "broken_by", "margin")}
+            tensors = {name: saved[name] for name in ("broken", "broken_by", "margin")}
             state = cls(
                 identity=identity,
+                store=store,
                 **tensors,
                 steps=[StepReport(**s) for s in saved["steps"]],
                 done=dict(saved["done"]),
@@ -158,4 +168,13 @@ class CascadeState:
                 f"{path} is an evaluation state with damaged records ({detail}); delete it, or start over with "
                 "resume=False (CLI: --no-resume)"
             ) from exc
+        if not store.restore(saved, state.broken):
+            where = getattr(store, "path", None)
+            warnings.warn(
+                f"{path}: the adversarial examples it counts are gone"
+                + (f" ({where} was replaced or removed)" if where is not None else "")
+                + "; starting over",
+                stacklevel=stacklevel + 1,
+            )
+            return None
         return state
