@@ -176,8 +176,8 @@ def test_registry_builds_every_architecture() -> None:
 
 
 def test_registry_errors() -> None:
-    with pytest.raises(ConfigError, match=r"unknown architecture 'resnet50'.*lenet5.*smallcnn"):
-        build_model("resnet50")
+    with pytest.raises(ConfigError, match=r"unknown architecture 'vgg16'.*lenet5.*smallcnn"):
+        build_model("vgg16")
     with pytest.raises(ConfigError, match=r"takes the options \(in_channels, num_classes, width, hidden\)"):
         build_model("smallcnn", depth=3)
     with pytest.raises(ConfigError, match="num_classes must be a positive integer"):

@@ -6,7 +6,9 @@
   Randomized Smoothing", ICML 2019).
 - Architectures (:mod:`~robustlab.models.architectures`), registered by name (:mod:`~robustlab.models.registry`:
   :func:`build_model`, :func:`list_models`, :func:`register_model`): :class:`SmallCNN`, :class:`LeNet5`
-  (advertorch's MNIST model), :class:`PreActResNet18` and :class:`WideResNet` (``wrn-34-10``).
+  (advertorch's MNIST model), :class:`PreActResNet18`, :class:`WideResNet` (``wrn-34-10``) and :class:`ResNet`
+  (``resnet18``/``resnet50`` with the CIFAR stem, ``-imagenet`` with ImageNet's); ``build_model(name,
+  normalize=True)`` puts the architecture's input statistics in front of it.
 - :func:`save_checkpoint` / :func:`load_checkpoint` (:mod:`~robustlab.models.checkpoints`): a self-describing
   file (format tag, architecture name and options, weights, normalization) that loads with
   ``torch.load(weights_only=True)``.
@@ -18,7 +20,7 @@
 
 from __future__ import annotations
 
-from robustlab.models.architectures import LeNet5, PreActResNet18, SmallCNN, WideResNet, sequential_cnn
+from robustlab.models.architectures import LeNet5, PreActResNet18, ResNet, SmallCNN, WideResNet, sequential_cnn
 from robustlab.models.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -43,6 +45,7 @@ __all__ = [
     "NormalizedModel",
     "PreActResNet18",
     "PretrainedInfo",
+    "ResNet",
     "SmallCNN",
     "WideResNet",
     "build_model",
