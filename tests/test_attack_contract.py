@@ -13,7 +13,7 @@ from robustlab import Access, ThreatModel
 from robustlab.attacks.registry import AttackInfo
 from tests.toys import tiny_cnn
 
-EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0}
+EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0, "l0": 3.0}
 
 
 def fast_options(info: AttackInfo) -> dict:

@@ -24,25 +24,36 @@ __all__ = ["Norm", "ThreatModel"]
 
 
 class Norm(str, Enum):
-    """Norm of the perturbation ball."""
+    """Norm of the perturbation ball.
+
+    ``l0`` counts changed coordinates (eps is a number of coordinates). It is not a norm, its ball is not convex,
+    and only sparse minimum-norm attacks (``fmn``) search in it: it has a distance and an exact projection, but no
+    random start, steepest-ascent direction or dual norm.
+    """
 
     LINF = "linf"
     L2 = "l2"
     L1 = "l1"
+    L0 = "l0"
 
     @classmethod
     def parse(cls, value: str | Norm) -> Norm:
         if isinstance(value, Norm):
             return value
         key = str(value).strip().lower().replace("_", "").replace("-", "")
-        aliases = {"linf": "linf", "inf": "linf", "li": "linf", "l2": "l2", "2": "l2", "l1": "l1", "1": "l1"}
+        aliases = {
+            "linf": "linf", "inf": "linf", "li": "linf", "l2": "l2", "2": "l2", "l1": "l1", "1": "l1", "l0": "l0",
+            "0": "l0",
+        }  # fmt: skip
         if key not in aliases:
-            raise ConfigError(f"unknown norm {value!r}: choose one of linf, l2, l1")
+            raise ConfigError(f"unknown norm {value!r}: choose one of linf, l2, l1, l0")
         return cls(aliases[key])
 
     @property
     def dual(self) -> float:
         """Exponent of the dual norm (linf <-> l1, l2 <-> l2), as used by bound propagation."""
+        if self is Norm.L0:
+            raise ConfigError("l0 counts coordinates: it has no dual norm (bound propagation needs linf, l2 or l1)")
         return {Norm.LINF: 1.0, Norm.L2: 2.0, Norm.L1: math.inf}[self]
 
 
@@ -125,6 +136,8 @@ class ThreatModel:
             return d.abs().amax(dim=1)
         if self.norm is Norm.L2:
             return d.norm(p=2, dim=1)
+        if self.norm is Norm.L0:
+            return (d != 0).sum(dim=1).to(d.dtype)
         return d.abs().sum(dim=1)
 
     def contains(self, x_adv: Tensor, x: Tensor, *, rtol: float = 1e-5, atol: float = 1e-6) -> Tensor:
@@ -134,24 +147,36 @@ class ThreatModel:
         in_box = (f >= self.lower - atol).all(dim=1) & (f <= self.upper + atol).all(dim=1)
         return in_ball & in_box
 
-    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+    def project(self, x_adv: Tensor, x: Tensor, radius: Tensor | None = None) -> Tensor:
         """Exact Euclidean projection of ``x_adv`` onto {ball around ``x``} intersected with the box.
+
+        ``radius`` (``(n,)``, optional) gives each example a ball of its own radius instead of ``eps`` (a
+        minimum-norm attack's adaptive constraint); ``inf`` leaves only the box.
 
         ``x`` must lie in the box. For linf the set is a box and the projection a clamp. For l2 and l1 the
         projection is ``clip(t * d)`` or ``clip(soft_threshold(d, lam))`` of the perturbation ``d``; the scalar
         ``t`` or ``lam`` is found exactly from the sorted breakpoints of the piecewise norm function (one sort
-        per example), not by projecting onto the ball and then clipping, which is feasible but not nearest.
+        per example), not by projecting onto the ball and then clipping, which is feasible but not nearest. For l0
+        the nearest point keeps the ``floor(eps)`` coordinates whose clipping to the box saves the most.
         """
+        eps: float | Tensor = self.eps if radius is None else radius.to(x.dtype).reshape(-1, 1)
         if self.norm is Norm.LINF:
-            low, high = self.linf_bounds(x)
+            if radius is None:
+                low, high = self.linf_bounds(x)
+                return torch.clamp(x_adv, low, high)
+            flat_x = _flat(x)
+            low = torch.clamp(flat_x - eps, min=self.lower).reshape(x.shape)
+            high = torch.clamp(flat_x + eps, max=self.upper).reshape(x.shape)
             return torch.clamp(x_adv, low, high)
         delta = x_adv - x
         lo = _flat(self.lower - x)
         hi = _flat(self.upper - x)
         if self.norm is Norm.L2:
-            delta_flat = _project_l2_box(_flat(delta), lo, hi, self.eps)
+            delta_flat = _project_l2_box(_flat(delta), lo, hi, eps)
+        elif self.norm is Norm.L0:
+            delta_flat = _project_l0_box(_flat(delta), lo, hi, eps)
         else:
-            delta_flat = _project_l1_box(_flat(delta), lo, hi, self.eps)
+            delta_flat = _project_l1_box(_flat(delta), lo, hi, eps)
         return x + delta_flat.reshape(x.shape)
 
     def linf_bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,6 +196,7 @@ class ThreatModel:
 
         Moving into the box clips each coordinate toward ``x`` and so never leaves the ball.
         """
+        self._refuse_l0("a random start")
         n = x.shape[0]
         dim = x[0].numel()
         if self.norm is Norm.LINF:
@@ -198,6 +224,7 @@ class ThreatModel:
         makes poor progress; like SLIDE (Tramer & Boneh 2019) the step spreads over the coordinates whose
         magnitude is above the ``l1_sparsity`` quantile, with unit l1 norm.
         """
+        self._refuse_l0("a steepest-ascent direction")
         if self.norm is Norm.LINF:
             return grad.sign()
         g = _flat(grad)
@@ -217,6 +244,7 @@ class ThreatModel:
         coordinate of largest magnitude. The vertex is not clipped to the box; Frank-Wolfe clips its iterate.
         To minimize a function, pass the negative gradient.
         """
+        self._refuse_l0("a linear maximization oracle")
         if self.norm is Norm.LINF:
             return x + self.eps * direction.sign()
         d = _flat(direction)
@@ -227,8 +255,34 @@ class ThreatModel:
             step = torch.zeros_like(d).scatter_(1, index, d.gather(1, index).sign())
         return x + self.eps * step.reshape(x.shape)
 
+    def _refuse_l0(self, what: str) -> None:
+        if self.norm is Norm.L0:
+            raise ConfigError(f"the l0 threat model has no {what}: only minimum-norm attacks (fmn) support l0")
 
-def _project_l2_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
+
+def _project_l0_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float | Tensor) -> Tensor:
+    """Nearest point to each row of ``d`` with at most ``floor(eps)`` nonzero coordinates inside [lo, hi].
+
+    Coordinates are independent once the support is fixed: a kept one becomes ``clip(d_i)`` at squared cost
+    ``(d_i - clip(d_i))^2``, a dropped one 0 at cost ``d_i^2``, so the support is the coordinates that gain most.
+    """
+    boxed = torch.max(torch.min(d, hi), lo)
+    count = torch.floor(_radius(eps, d) + 1e-9).clamp(0, d.shape[1])
+    if bool((count >= d.shape[1]).all()):
+        return boxed
+    gain = d**2 - (d - boxed) ** 2
+    rank = gain.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    return torch.where(rank < count, boxed, torch.zeros_like(boxed))
+
+
+def _radius(eps: float | Tensor, d: Tensor) -> Tensor:
+    """The radius per row as an ``(n, 1)`` column of ``d``'s dtype."""
+    if isinstance(eps, Tensor):
+        return eps.to(d.dtype).reshape(-1, 1).expand(d.shape[0], 1)
+    return torch.full((d.shape[0], 1), float(eps), dtype=d.dtype, device=d.device)
+
+
+def _project_l2_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float | Tensor) -> Tensor:
     """Nearest point to each row of ``d`` in {||delta||_2 <= eps} intersected with [lo, hi] (lo <= 0 <= hi).
 
     The solution is ``clip(t * d, lo, hi)`` with the largest ``t`` in (0, 1] whose norm is at most eps.
@@ -236,7 +290,8 @@ def _project_l2_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
     ``sum_saturated c_i^2 + t^2 sum_free d_i^2``: monotone and piecewise quadratic in t, solved on its segment.
     """
     boxed = torch.max(torch.min(d, hi), lo)
-    inside = boxed.norm(dim=1) <= eps
+    radius = _radius(eps, d)
+    inside = boxed.norm(dim=1) <= radius[:, 0]
     if bool(inside.all()):
         return boxed
     magnitude = d.abs()
@@ -252,17 +307,18 @@ def _project_l2_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
     norm_sq_at_kink = saturated_sq + kink_sorted**2 * free_sq
     # Kinks capped at 1 lie beyond the segment of interest (the solution has t < 1 for rows not `inside`).
     norm_sq_at_kink = torch.where(kink_sorted < 1.0, norm_sq_at_kink, torch.full_like(norm_sq_at_kink, math.inf))
-    count = (norm_sq_at_kink <= eps**2).sum(dim=1, keepdim=True)
+    count = (norm_sq_at_kink <= radius**2).sum(dim=1, keepdim=True)
     zero = torch.zeros_like(saturated_sq[:, :1])
     saturated_before = torch.cat([zero, saturated_sq], dim=1).gather(1, count)
     free_before = torch.cat([mag_sq.sum(dim=1, keepdim=True), free_sq], dim=1).gather(1, count)
-    t = torch.sqrt((eps**2 - saturated_before).clamp_min(0) / free_before.clamp_min(1e-30)).clamp(max=1.0)
+    finite_sq = torch.where(torch.isfinite(radius), radius**2, torch.zeros_like(radius))  # inf rows are inside
+    t = torch.sqrt((finite_sq - saturated_before).clamp_min(0) / free_before.clamp_min(1e-30)).clamp(max=1.0)
     projected = torch.max(torch.min(t * d, hi), lo)
     projected = torch.where(inside[:, None], boxed, projected)
-    return _shrink_to_radius(projected, projected.norm(dim=1), eps)
+    return _shrink_to_radius(projected, projected.norm(dim=1), radius[:, 0])
 
 
-def _project_l1_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
+def _project_l1_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float | Tensor) -> Tensor:
     """Nearest point to each row of ``d`` in {||delta||_1 <= eps} intersected with [lo, hi] (lo <= 0 <= hi).
 
     The solution is ``sign(d) * min(max(|d| - lam, 0), c)`` (c = the bound on d's side). The l1 norm
@@ -273,7 +329,8 @@ def _project_l1_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
     cap = torch.where(d >= 0, hi, -lo)
     boxed_magnitude = torch.min(magnitude, cap)
     total = boxed_magnitude.sum(dim=1, keepdim=True)
-    inside = (total <= eps).squeeze(1)
+    radius = _radius(eps, d)
+    inside = (total <= radius).squeeze(1)
     if bool(inside.all()):
         return d.sign() * boxed_magnitude
     start = (magnitude - cap).clamp_min(0)
@@ -284,15 +341,16 @@ def _project_l1_box(d: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
     # g at the k-th kink: total - sum_{j<k} active_j * (kink_{j+1} - kink_j).
     drop = active[:, :-1] * (kinks_sorted[:, 1:] - kinks_sorted[:, :-1])
     g_at_kink = torch.cat([total, total - drop.cumsum(dim=1)], dim=1)
-    count = (g_at_kink > eps).sum(dim=1, keepdim=True).clamp(1, kinks.shape[1] - 1)
+    count = (g_at_kink > radius).sum(dim=1, keepdim=True).clamp(1, kinks.shape[1] - 1)
     prev = count - 1
-    lam = kinks_sorted.gather(1, prev) + (g_at_kink.gather(1, prev) - eps) / active.gather(1, prev).clamp_min(1)
+    finite = torch.where(torch.isfinite(radius), radius, total)  # inf rows are inside
+    lam = kinks_sorted.gather(1, prev) + (g_at_kink.gather(1, prev) - finite) / active.gather(1, prev).clamp_min(1)
     projected = d.sign() * torch.min((magnitude - lam).clamp_min(0), cap)
     projected = torch.where(inside[:, None], d.sign() * boxed_magnitude, projected)
-    return _shrink_to_radius(projected, projected.abs().sum(dim=1), eps)
+    return _shrink_to_radius(projected, projected.abs().sum(dim=1), radius[:, 0])
 
 
-def _shrink_to_radius(delta: Tensor, norm: Tensor, eps: float) -> Tensor:
+def _shrink_to_radius(delta: Tensor, norm: Tensor, eps: float | Tensor) -> Tensor:
     """Guard against rounding: rescale rows whose norm exceeds eps (shrinking toward 0 stays in the box)."""
     scale = torch.where(norm > eps, eps / norm.clamp_min(1e-30), torch.ones_like(norm))
     return delta * scale[:, None]

@@ -1,6 +1,23 @@
 """Attacks, one file per algorithm, all registered by name (see :mod:`robustlab.attacks.registry`)."""
 
-from robustlab.attacks import apgd, cw_pgd, fgsm, frank_wolfe, hsja, mifgsm, nes, pgd, rays, sign_opt, square, zo_fw  # noqa: F401  (importing registers them)
+from robustlab.attacks import (  # noqa: F401  (importing registers them)
+    apgd,
+    cw_l2,
+    cw_pgd,
+    ddn,
+    fab,
+    fgsm,
+    fmn,
+    frank_wolfe,
+    hsja,
+    mifgsm,
+    nes,
+    pgd,
+    rays,
+    sign_opt,
+    square,
+    zo_fw,
+)
 from robustlab.attacks.base import Attack, AttackConfig, AttackResult
 from robustlab.attacks.registry import AttackInfo, get_attack, list_attacks, register_attack
 
