@@ -445,6 +445,7 @@ class EndpointModel:
         import httpx
 
         self.spec = spec
+        self.url = spec.url  # what an evaluation's resumable state is tied to
         self.num_classes = spec.classes_count
         ledger_path = self._ledger_path(spec, spec_path, ledger)
         self.ledger = EndpointLedger(ledger_path, spec.identity(), spec.budget)

@@ -88,16 +88,34 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
+MODEL_HELP = (
+    "a TorchScript or ONNX (.onnx) file, a robustlab checkpoint, a state dict with --arch (RobustBench zoo files "
+    "too), robustbench:NAME, an HTTP endpoint spec (.json/.yaml: black-box only), the URL of a robustlab server, a "
+    "'package.module:function' factory, or a built-in pretrained name (advertorch-lenet5-clean, "
+    "advertorch-lenet5-adv); see docs/models.md"
+)
+
+
+def add_model_arguments(group: Any, *, model_help: str = MODEL_HELP) -> None:
+    """--model and what qualifies it: --arch, --normalize, --onnx-output, --token."""
+    group.add_argument("--model", required=True, help=model_help)
+    group.add_argument(
+        "--arch", help="architecture for a bare state-dict file (smallcnn, lenet5, preactresnet18, wrn-28-10, ...)"
+    )
+    group.add_argument(
+        "--normalize",
+        help="normalization in front of a state dict's, ONNX or TorchScript network: cifar10, cifar100, imagenet, "
+        "none, or MEAN,MEAN,MEAN/STD,STD,STD (inputs stay in [0, 1])",
+    )
+    group.add_argument(
+        "--onnx-output", help="which output of a multi-output ONNX graph holds the scores (name or index)"
+    )
+    group.add_argument("--token", help="bearer token when --model is the URL of a robustlab model server")
+
+
 def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
-    group.add_argument(
-        "--model",
-        required=True,
-        help="a TorchScript file, a robustlab checkpoint, a state dict with --arch, a 'package.module:function' "
-        "factory, or a built-in pretrained name (advertorch-lenet5-clean, advertorch-lenet5-adv)",
-    )
-    group.add_argument("--arch", help="architecture for a bare state-dict file (smallcnn, lenet5, preactresnet18, ...)")
-    group.add_argument("--token", help="bearer token when --model is the URL of a robustlab model server")
+    add_model_arguments(group)
     group.add_argument(
         "--data",
         required=True,
@@ -163,18 +181,90 @@ def is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
-def open_model(args: argparse.Namespace, device: Any, budget: int | None = None) -> tuple[Any, Any]:
-    """(the handle attacks get, a function giving clean scores or labels): a local module or a remote oracle."""
-    from robustlab.models import load_model
+def access_needed(args: argparse.Namespace) -> str:
+    """What the command asks of the model: "gradient", "scores" or "labels" (the weakest access it can work with)."""
+    from robustlab import get_attack
+    from robustlab.evaluation.suites import get_suite
 
-    if is_url(args.model):
+    command = getattr(args, "command", None)
+    if command == "attack":
+        return str(get_attack(args.method).access.value)
+    if command == "evaluate":
+        if args.attacks:
+            methods = [name.strip() for name in args.attacks.split(",") if name.strip()]
+        else:
+            methods = [step.method for step in get_suite(args.suite, args.norm).steps]
+        needs = {get_attack(method).access.value for method in methods}
+        return "gradient" if "gradient" in needs else ("scores" if "scores" in needs else "labels")
+    if command == "certify":
+        return "labels" if args.method == "smoothing" else "gradient"
+    if command == "denoise":
+        return "scores" if args.method.startswith("zo-") else "gradient"
+    return "gradient"
+
+
+def open_model(args: argparse.Namespace, device: Any, budget: int | None = None) -> tuple[Any, Any]:
+    """(the handle attacks get, a function giving clean scores or labels): a local module or an oracle.
+
+    A URL or an endpoint spec is always an oracle. An ONNX file is a module converted by onnx2torch (and checked
+    against onnxruntime) when the command needs gradients, else onnxruntime itself behind an oracle.
+    """
+    import sys
+
+    from robustlab.models import load_model
+    from robustlab.models.loading import is_endpoint_spec
+    from robustlab.models.onnx_model import OnnxTorchModule, is_onnx_file
+
+    spec = args.model
+    onnx_output = _onnx_output(getattr(args, "onnx_output", None))
+    normalize = getattr(args, "normalize", None)
+    if is_url(spec) or is_endpoint_spec(spec):
+        _no_weights_options(args, spec)
+        oracle = _remote_oracle(args, spec, budget)
+        args.close_on_exit.append(oracle.model)  # its HTTP connection (and ledger), closed by main() at the end
+        return oracle, oracle.model
+    if is_onnx_file(spec) and access_needed(args) != "gradient":
+        from robustlab.models.onnx_model import onnx_oracle
+
+        if getattr(args, "arch", None):
+            from robustlab.errors import ConfigError
+
+            raise ConfigError(f"{spec} is an ONNX graph and carries its own architecture; do not pass --arch")
+        oracle = onnx_oracle(spec, output=onnx_output, budget=budget, device=device, normalize=normalize)
+        return oracle, oracle.model
+    model = load_model(spec, arch=args.arch, device=device, normalize=normalize, onnx_output=onnx_output)
+    converted = model if isinstance(model, OnnxTorchModule) else getattr(model, "model", None)
+    if isinstance(converted, OnnxTorchModule):
+        print(f"{spec}: converted to PyTorch by onnx2torch for white-box access; max abs difference from "
+              f"onnxruntime {converted.max_abs_difference:.2g} on {converted.verified_on} sample inputs",
+              file=sys.stderr)  # fmt: skip
+    return model, model
+
+
+def _onnx_output(text: str | None) -> str | int | None:
+    return int(text) if text is not None and text.isdigit() else text
+
+
+def _no_weights_options(args: argparse.Namespace, spec: str) -> None:
+    from robustlab.errors import ConfigError
+
+    for flag in ("arch", "normalize", "onnx_output"):
+        if getattr(args, flag, None):
+            raise ConfigError(f"--{flag.replace('_', '-')} is for model files; {spec} is reached over HTTP")
+
+
+def _remote_oracle(args: argparse.Namespace, spec: str, budget: int | None) -> Any:
+    if is_url(spec):
         from robustlab.remote import connect
 
-        oracle = connect(args.model, token=getattr(args, "token", None), budget=budget)
-        args.close_on_exit.append(oracle.model)  # its HTTP connection, closed by main() when the command ends
-        return oracle, oracle.model
-    model = load_model(args.model, arch=args.arch, device=device)
-    return model, model
+        return connect(spec, token=getattr(args, "token", None), budget=budget)
+    from robustlab.vendor import connect_spec
+
+    if getattr(args, "token", None):
+        from robustlab.errors import ConfigError
+
+        raise ConfigError(f"{spec} names the environment variable that holds its token (token_env); drop --token")
+    return connect_spec(spec, budget=budget)
 
 
 def check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, device: Any) -> int | None:
@@ -187,17 +277,21 @@ def check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, devic
     from robustlab.errors import ModelError
     from robustlab.oracles import check_model_takes
 
+    names = {
+        "model_name": f"the model {args.model}",
+        "data_name": f"the images of {args.data}",
+        "hint": "Check that --data is the data the model was made for",
+    }
     if not isinstance(model, nn.Module):
-        # a server checks shapes itself and answers with a message; it declares its classes in /v1/info
-        classes = getattr(model, "num_classes", None)
-        return int(classes) if classes is not None else None
-    outputs = check_model_takes(
-        model,
-        data.x[:2].to(device),
-        model_name=f"the model {args.model}",
-        data_name=f"the images of {args.data}",
-        hint="Check that --data is the data the model was made for",
-    )
+        # A local ONNX graph is checked on two images for free. A server checks shapes itself and declares its
+        # classes (robustlab's in /v1/info, a vendor's in its spec); its first answer is checked too.
+        local_check = getattr(getattr(model, "model", None), "check_takes", None)
+        outputs = local_check(data.x[:2].to(device), **names) if local_check is not None else None
+        if outputs is None or outputs.dim() != 2:
+            classes = getattr(model, "num_classes", None)
+            return int(classes) if classes is not None else None
+    else:
+        outputs = check_model_takes(model, data.x[:2].to(device), **names)
     if outputs.shape[1] < data.num_classes:
         raise ModelError(
             f"the model {args.model} answers {outputs.shape[1]} classes but {args.data} has {data.num_classes}"

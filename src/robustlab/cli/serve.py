@@ -16,8 +16,14 @@ def add_parser(commands: Any) -> None:
         "black-box attacks, the evaluation and zeroth-order training at it with --model http://HOST:PORT.",
         formatter_class=common.HelpFormatter,
     )
-    serve.add_argument("--model", required=True, help="the model to serve (same forms as for attack)")
+    serve.add_argument(
+        "--model", required=True,
+        help="the model to serve: a TorchScript or ONNX file (run by onnxruntime), a checkpoint, a state dict with "
+        "--arch, robustbench:NAME, a factory or a pretrained name",
+    )  # fmt: skip
     serve.add_argument("--arch", help="architecture for a bare state-dict file")
+    serve.add_argument("--normalize", help="normalization in front of the network (cifar10, imagenet, M,M,M/S,S,S)")
+    serve.add_argument("--onnx-output", help="the output of a multi-output ONNX graph holding the scores")
     serve.add_argument("--mode", choices=["scores", "labels"], default="labels", help="what the server reveals")
     serve.add_argument("--data", help="a data set whose input shape and classes the server takes (e.g. mnist)")
     serve.add_argument("--input-shape", type=int, nargs="+", help="shape of one input, e.g. 1 28 28")
@@ -43,6 +49,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from robustlab.errors import ConfigError
     from robustlab.models import load_model
+    from robustlab.models.onnx_model import is_onnx_file, load_onnx
 
     try:
         from robustlab.serve import ServerConfig, check_port, create_app, run_server
@@ -50,8 +57,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"serving needs FastAPI and uvicorn: pip install 'robustlab[serve]' ({exc})") from None
     check_port(args.port)
     device = common.device_from(args.device)
-    model = load_model(args.model, arch=args.arch, device=device)
     shape, classes = args.input_shape, args.num_classes
+    model: Any
+    if is_onnx_file(args.model):  # a server answers scores or labels only: onnxruntime runs the graph as it is
+        if args.arch:
+            raise ConfigError(f"{args.model} is an ONNX graph and carries its own architecture; do not pass --arch")
+        output = int(args.onnx_output) if args.onnx_output and args.onnx_output.isdigit() else args.onnx_output
+        model = load_onnx(args.model, output=output, device=device, normalize=args.normalize)
+        declared = model.signature.image_shape
+        if not shape and not args.data and all(d is not None for d in declared):
+            shape = list(declared)
+    else:
+        model = load_model(args.model, arch=args.arch, device=device, normalize=args.normalize)
     if args.data:
         from robustlab.data import load_dataset
 

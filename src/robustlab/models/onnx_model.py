@@ -222,11 +222,21 @@ class OnnxModel:
     """
 
     def __init__(
-        self, path: PathLike, *, output: OutputChoice = None, layout: str = "auto", device: torch.device | str = "cpu"
+        self,
+        path: PathLike,
+        *,
+        output: OutputChoice = None,
+        layout: str = "auto",
+        device: torch.device | str = "cpu",
+        normalize: str | None = None,
     ) -> None:
         self.file = _check_file(path)
         self.session = _session(self.file, torch.device(device))
         self.signature = read_signature(self.session, self.file, output, layout)
+        self.normalize = _normalize_layer(normalize)
+        stat = self.file.stat()
+        # What the evaluation's resumable state is tied to: this file as it is now (a re-export is another model).
+        self.url = f"{self.file.resolve().as_uri()}?size={stat.st_size}&mtime_ns={stat.st_mtime_ns}"
         self._warned_padding = False
         self._checked_scores = False
 
@@ -272,6 +282,8 @@ class OnnxModel:
         return out.to(x.device)
 
     def _run(self, x: Tensor) -> Tensor:
+        if self.normalize is not None:
+            x = self.normalize(x.to("cpu"))
         images = x.permute(0, 2, 3, 1) if self.signature.channels_last else x
         array: np.ndarray = np.ascontiguousarray(images.to("cpu").numpy(), dtype=self.signature.input_dtype)
         try:
@@ -294,10 +306,28 @@ class OnnxModel:
 
 
 def load_onnx(
-    path: PathLike, *, output: OutputChoice = None, layout: str = "auto", device: torch.device | str = "cpu"
+    path: PathLike,
+    *,
+    output: OutputChoice = None,
+    layout: str = "auto",
+    device: torch.device | str = "cpu",
+    normalize: str | None = None,
 ) -> OnnxModel:
-    """The ONNX file in onnxruntime: a callable from images ``(n, C, H, W)`` to scores ``(n, classes)``."""
-    return OnnxModel(path, output=output, layout=layout, device=device)
+    """The ONNX file in onnxruntime: a callable from images ``(n, C, H, W)`` to scores ``(n, classes)``.
+
+    ``normalize`` (a name or ``"M,M,M/S,S,S"``, see :func:`robustlab.models.robustbench.normalization_stats`)
+    normalizes the images first, for a graph exported without its normalization."""
+    return OnnxModel(path, output=output, layout=layout, device=device, normalize=normalize)
+
+
+def _normalize_layer(normalize: str | None) -> nn.Module | None:
+    if normalize is None:
+        return None
+    from robustlab.models.normalization import Normalize
+    from robustlab.models.robustbench import normalization_stats
+
+    stats = normalization_stats(normalize)
+    return None if stats is None else Normalize(*stats)
 
 
 def onnx_oracle(
@@ -308,10 +338,11 @@ def onnx_oracle(
     budget: int | None = None,
     labels_only: bool = False,
     device: torch.device | str = "cpu",
+    normalize: str | None = None,
 ) -> ScoreOracle | LabelOracle:
     """A :class:`~robustlab.oracles.ScoreOracle` (or, with ``labels_only``, a LabelOracle) over the ONNX file in
     onnxruntime, counting every query and enforcing ``budget`` per example like any black-box handle."""
-    model = load_onnx(path, output=output, layout=layout, device=device)
+    model = load_onnx(path, output=output, layout=layout, device=device, normalize=normalize)
     oracle_type = LabelOracle if labels_only else ScoreOracle
     return oracle_type(model, num_classes=model.num_classes, budget=budget)
 

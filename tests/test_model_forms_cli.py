@@ -1,0 +1,130 @@
+"""--model in its received forms on the command line: ONNX files, endpoint specs, RobustBench files, serving ONNX."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustlab.cli import main
+from robustlab.models.onnx_model import load_onnx
+from tests.test_onnx_models import TwoHeads, export, images, small_cnn
+from tests.test_robustbench import randomize, zoo_module
+from tests.test_vendor import KEY, Vendor, serving, write_spec
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def onnx_files(tmp_path: Path) -> tuple[Path, Path]:
+    model = small_cnn()
+    x = images(6)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x.numpy(), y=model(x).argmax(1).numpy())
+    return export(model, tmp_path / "cnn.onnx"), data
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([*argv, "--quiet"] if argv[0] != "serve" else list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_attack_an_onnx_file_black_box_and_white_box(onnx_files, tmp_path: Path, capsys) -> None:
+    model, data = onnx_files
+    common = ["attack", "--model", str(model), "--data", str(data), "--eps", "0.3"]
+    code, _, err = run(capsys, *common, "--method", "square", "--queries", "40", "--out", str(tmp_path / "sq.json"))
+    assert code == 0, err
+    square = json.loads((tmp_path / "sq.json").read_text())
+    assert square["method"] == "square" and 0 < square["mean_queries"] <= 40
+    assert "onnx2torch" not in err  # a black-box attack runs the file in onnxruntime, no conversion
+    code, _, err = run(capsys, *common, "--method", "pgd", "--steps", "5", "--out", str(tmp_path / "pgd.json"))
+    assert code == 0, err
+    assert "converted to PyTorch by onnx2torch" in err and "max abs difference" in err
+    assert json.loads((tmp_path / "pgd.json").read_text())["mean_gradients"] > 0
+
+
+def test_onnx_mistakes_are_one_line_and_exit_2(onnx_files, tmp_path: Path, capsys) -> None:
+    _, data = onnx_files
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("<html>not a model</html>")
+    two = export(TwoHeads(small_cnn()).eval(), tmp_path / "two.onnx", outputs=["probs", "logits"], dynamic=False)
+    common = ["--data", str(data), "--eps", "0.3", "--method", "square", "--queries", "20"]
+    code, _, err = run(capsys, "attack", "--model", str(bad), *common)
+    assert code == 2 and "bad.onnx is not an ONNX model" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "attack", "--model", str(two), *common)
+    assert code == 2 and "--onnx-output" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "attack", "--model", str(two), "--onnx-output", "logits", *common)
+    assert code == 0, err
+    code, _, err = run(capsys, "serve", "--model", str(bad), "--port", "8765")
+    assert code == 2 and "not an ONNX model" in err
+
+
+def test_evaluate_an_onnx_file_with_black_box_attacks(onnx_files, tmp_path: Path, capsys) -> None:
+    model, data = onnx_files
+    # A large eps, so Square breaks every example in a few queries: the test is about the path, not the attack.
+    code, out, err = run(capsys, "evaluate", "--model", str(model), "--data", str(data), "--eps", "0.9",
+                         "--limit", "3", "--attacks", "square", "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert code == 0, err
+    assert "robust accuracy" in out and "onnx2torch" not in err
+
+
+def test_an_onnx_model_is_served_through_onnxruntime(onnx_files) -> None:
+    from fastapi.testclient import TestClient
+
+    from robustlab.remote import decode_array, encode_array
+    from robustlab.serve import ServerConfig, create_app
+
+    model, _ = onnx_files
+    runtime = load_onnx(model)
+    app = create_app(runtime, ServerConfig(mode="scores", input_shape=runtime.signature.image_shape))  # type: ignore[arg-type]
+    x = images(3)
+    answer = TestClient(app).post("/v1/predict", json={"data": encode_array(x.numpy()), "shape": list(x.shape)})
+    scores = decode_array(answer.json()["scores"], answer.json()["scores_shape"])
+    assert np.allclose(scores, small_cnn()(x).detach().numpy(), atol=1e-5)
+
+
+def test_attack_and_certify_through_an_endpoint_spec(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("VENDOR_KEY", KEY)
+    vendor = Vendor(small_cnn())
+    x = images(4)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x.numpy(), y=small_cnn()(x).argmax(1).numpy())
+    with serving(vendor) as url:
+        spec = write_spec(tmp_path, url, batch_size=8)
+        common = ["--model", str(spec), "--data", str(data)]
+        code, out, err = run(capsys, "attack", *common, "--eps", "0.3", "--method", "square", "--queries", "30")
+        assert code == 0, err
+        paid = vendor.images
+        assert paid > 0 and "mean queries" in out
+        code, _, err = run(capsys, "certify", *common, "--method", "smoothing", "--sigma", "0.25", "--n0", "5",
+                           "--n", "20", "--batch-size", "8")  # fmt: skip
+        assert code == 0, err
+        code, _, err = run(capsys, "attack", *common, "--eps", "0.3", "--method", "pgd")
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        broken = tmp_path / "broken.json"
+        broken.write_text(json.dumps({"url": url, "output": "scores"}))
+        code, _, err = run(capsys, "attack", "--model", str(broken), "--data", str(data), "--eps", "0.3",
+                           "--method", "square")  # fmt: skip
+        assert code == 2 and "missing field(s) response" in err and len(err.strip().splitlines()) == 1
+    assert KEY not in (tmp_path / "vendor.json.ledger.jsonl").read_text()
+
+
+def test_a_robustbench_file_with_arch_and_normalize(tmp_path: Path, capsys) -> None:
+    zoo = zoo_module("resnet")
+    torch.manual_seed(0)
+    theirs = randomize(zoo.PreActResNet(zoo.PreActBlock, [2, 2, 2, 2]))
+    checkpoint = tmp_path / "Wong2020Fast.pt"
+    torch.save({"module." + k: v for k, v in theirs.state_dict().items()}, checkpoint)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    data = tmp_path / "cifar.npz"
+    np.savez(data, x=x.numpy(), y=np.array([0, 1]))
+    code, _, err = run(capsys, "attack", "--model", str(checkpoint), "--arch", "preactresnet18", "--normalize",
+                       "cifar10", "--data", str(data), "--eps", "0.03", "--method", "fgsm")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(capsys, "attack", "--model", str(checkpoint), "--arch", "preactresnet18", "--normalize",
+                       "cifar11", "--data", str(data), "--eps", "0.03", "--method", "fgsm")  # fmt: skip
+    assert code == 2 and "unknown normalization 'cifar11'" in err
