@@ -65,7 +65,7 @@ from robustlab.certification.denoisers import (
     module_dtype,
 )
 from robustlab.checks import check_positive_int
-from robustlab.data import ArrayDataset
+from robustlab.data import ArrayDataset, in_order, iter_batches, read_batch
 from robustlab.errors import ConfigError, InvalidInputError
 from robustlab.oracles import LabelOracle, ScoreOracle, looks_like_probabilities, module_function
 from robustlab.state_io import load_state_file, save_atomic
@@ -257,18 +257,18 @@ def _trainable(
     return modules, parameters
 
 
-def _input_shape_check(data: ArrayDataset, denoiser: nn.Module, device: torch.device) -> None:
+def _input_shape_check(data: Any, denoiser: nn.Module, device: torch.device) -> None:
+    first, _ = read_batch(data, range(min(2, len(data))))
     with torch.no_grad():
         was = denoiser.training
         denoiser.eval()
         try:
-            out = denoiser(data.x[:2].to(device, module_dtype(denoiser)))
+            out = denoiser(first.to(device, module_dtype(denoiser)))
         finally:
             denoiser.train(was)
-    if out.shape != data.x[:2].shape:
+    if out.shape != first.shape:
         raise InvalidInputError(
-            f"the denoiser must return images of the input's shape {tuple(data.x.shape[1:])}, got "
-            f"{tuple(out.shape[1:])}"
+            f"the denoiser must return images of the input's shape {tuple(first.shape[1:])}, got {tuple(out.shape[1:])}"
         )
 
 
@@ -281,7 +281,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 # ------------------------------------------------------------------------------------------------ first order
 def train_denoiser(
     denoiser: nn.Module,
-    data: ArrayDataset,
+    data: Any,
     classifier: nn.Module | None = None,
     config: DenoisedConfig | None = None,
     *,
@@ -291,12 +291,15 @@ def train_denoiser(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: bool = True,
+    workers: int = 0,
 ) -> DenoiserTrainResult:
     """First-order denoised smoothing: FO-DS, or FO-AE-DS with ``encoder`` and ``decoder``.
 
     Args:
         denoiser: the denoiser to train (e.g. :class:`~robustlab.certification.denoisers.DnCNN`), in place.
-        data: training images (labels are not used: the stability objective uses the classifier's own).
+        data: training images (labels are not used: the stability objective uses the classifier's own): an
+            :class:`~robustlab.data.ArrayDataset` or any data set read by index, batch by batch (``workers``
+            processes reading ahead).
         classifier: the frozen white-box classifier (a ``torch.nn.Module``; not needed for ``"mse"``).
         config: :class:`DenoisedConfig` (sigma, objective, steps, learning rate, seed).
         encoder, decoder: the pre-trained autoencoder placed between denoiser and classifier (FO-AE-DS). The
@@ -327,8 +330,8 @@ def train_denoiser(
     )  # fmt: skip
     done = run.start(resume, config.total_steps(len(data)))
 
-    def step(index: Tensor) -> tuple[float, int]:
-        x = data.x[index].to(setup.device, setup.dtype)
+    def step(index: Tensor, images: Tensor) -> tuple[float, int]:
+        x = images.to(setup.device, setup.dtype)
         noise = torch.randn(x.shape, generator=setup.noise_generator, device=setup.device, dtype=x.dtype)
         out = denoiser(x + config.sigma * noise)
         if encoder is not None and decoder is not None:
@@ -349,7 +352,7 @@ def train_denoiser(
 
     frozen = (classifier, decoder, encoder if encoder is not None and not config.train_encoder else None)
     _run_steps(run, data, config, step, frozen=frozen, done=done, every=checkpoint_every,
-               desc=f"{result.method} ({config.objective})", progress=progress)  # fmt: skip
+               desc=f"{result.method} ({config.objective})", progress=progress, workers=workers)  # fmt: skip
     return result
 
 
@@ -364,7 +367,7 @@ class _Setup:
     noise_generator: torch.Generator
 
     @classmethod
-    def make(cls, denoiser: nn.Module, encoder: nn.Module | None, data: ArrayDataset, config: DenoisedConfig) -> _Setup:
+    def make(cls, denoiser: nn.Module, encoder: nn.Module | None, data: Any, config: DenoisedConfig) -> _Setup:
         device, dtype = module_device(denoiser), module_dtype(denoiser)
         check_training_data(data)
         _input_shape_check(data, denoiser, device)
@@ -392,18 +395,20 @@ def _checked_config(
 
 def _run_steps(
     run: _TrainingState,
-    data: ArrayDataset,
+    data: Any,
     config: DenoisedConfig,
-    step: Callable[[Tensor], tuple[float, int] | None],
+    step: Callable[[Tensor, Tensor], tuple[float, int] | None],
     *,
     frozen: tuple[nn.Module | None, ...],
     done: int,
     every: int,
     desc: str,
     progress: bool,
+    workers: int = 0,
 ) -> None:
-    """The loop both methods share: the seeded batch order from step ``done`` on, ``step(index)`` giving (loss,
-    queries) or None to stop, the progress bar, and a checkpoint every ``every`` steps and at the end."""
+    """The loop both methods share: the seeded batch order from step ``done`` on, the batches read from ``data``
+    (by ``workers`` processes ahead of the step, or here), ``step(index, images)`` giving (loss, queries) or None to
+    stop, the progress bar, and a checkpoint every ``every`` steps and at the end."""
     result = run.result
     started = time.perf_counter() - result.seconds
     with _frozen(*frozen):
@@ -411,10 +416,10 @@ def _run_steps(
             module.train()
         bar = _progress(config.total_steps(len(data)), desc, progress)
         bar.update(done)
-        for number, index in enumerate(batches(config, len(data))):
-            if number < done:  # the batch order is seeded: skipping reproduces the interrupted run's sequence
-                continue
-            outcome = step(index)
+        # The batch order is seeded: skipping the first ``done`` reproduces the interrupted run's sequence.
+        order = [index for number, index in enumerate(batches(config, len(data))) if number >= done]
+        for index, (images, _) in zip(order, iter_batches(data, order, workers=workers)):
+            outcome = step(index, images)
             if outcome is None:
                 break
             loss, queries = outcome
@@ -457,7 +462,7 @@ class _StabilityLoss:
 
 def train_denoiser_zo(
     denoiser: nn.Module,
-    data: ArrayDataset,
+    data: Any,
     black_box: ScoreOracle | nn.Module,
     estimator: GradientEstimator,
     config: DenoisedConfig | None = None,
@@ -468,6 +473,7 @@ def train_denoiser_zo(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 10,
     resume: bool = True,
+    workers: int = 0,
 ) -> DenoiserTrainResult:
     """Zeroth-order denoised smoothing: ZO-DS, or ZO-AE-DS with ``encoder`` and ``decoder``.
 
@@ -480,7 +486,7 @@ def train_denoiser_zo(
         denoiser: the denoiser to train, in place (e.g. a :class:`~robustlab.certification.denoisers.DnCNN`, the
             identity before training, as the reference trains it from scratch).
         data: training images (labels unused: targets are the black box's labels of the clean images, queried
-            once per training example).
+            once per training example), read batch by batch (``workers`` processes reading ahead).
         black_box: a :class:`~robustlab.oracles.ScoreOracle` (e.g. ``robustlab.remote.connect(url)``); a local
             module is wrapped into one and used only through it. A label-only oracle is refused: the estimators
             need scores. A per-example budget on the oracle applies to each training image over the whole run;
@@ -529,7 +535,7 @@ def train_denoiser_zo(
     )  # fmt: skip
     frozen = (decoder, encoder if encoder is not None and not config.train_encoder else None)
     _run_steps(run, data, config, step, frozen=frozen, done=done, every=checkpoint_every,
-               desc=f"{result.method} {type(estimator).__name__}", progress=progress)  # fmt: skip
+               desc=f"{result.method} {type(estimator).__name__}", progress=progress, workers=workers)  # fmt: skip
     return result
 
 
@@ -553,7 +559,7 @@ class _ZerothOrderStep:
 
     run: _TrainingState
     setup: _Setup
-    data: ArrayDataset
+    data: Any
     config: DenoisedConfig
     estimator: GradientEstimator
     denoiser: nn.Module
@@ -566,10 +572,10 @@ class _ZerothOrderStep:
         self.oracle: ScoreOracle = self.run.oracle
         self.loss = _StabilityLoss(self.targets)
 
-    def __call__(self, index: Tensor) -> tuple[float, int] | None:
+    def __call__(self, index: Tensor, images: Tensor) -> tuple[float, int] | None:
         setup, result = self.setup, self.run.result
         index = index.to(setup.device)
-        x = self.data.x[index.cpu()].to(setup.device, setup.dtype)
+        x = images.to(setup.device, setup.dtype)
         noise = torch.randn(x.shape, generator=setup.noise_generator, device=setup.device, dtype=x.dtype)
         z = self.denoiser(x + self.config.sigma * noise)
         if self.encoder is not None:
@@ -580,7 +586,7 @@ class _ZerothOrderStep:
             return None
         used_before = int(self.oracle.queries.sum())
         with torch.no_grad():
-            self._stability_targets(index)
+            self._stability_targets(index, x)
             estimate = estimate_with_oracle(
                 self.oracle, z.detach(), self.estimator, self.loss, index=index, generator=self.run.direction_generator,
                 center=True, decode=self.decode,
@@ -607,12 +613,14 @@ class _ZerothOrderStep:
             return False
         return True
 
-    def _stability_targets(self, index: Tensor) -> None:
-        """The black box's labels of the clean images seen for the first time (one query each, once per run)."""
-        fresh = index[self.targets[index] < 0]
+    def _stability_targets(self, index: Tensor, x: Tensor) -> None:
+        """The black box's labels of the clean images ``x`` (examples ``index``) seen for the first time (one query
+        each, once per run)."""
+        new = self.targets[index] < 0
+        fresh = index[new]
         if not fresh.numel():
             return
-        scores = self.oracle.scores(self.data.x[fresh.cpu()].to(self.setup.device, self.setup.dtype), fresh)
+        scores = self.oracle.scores(x[new], fresh)
         self.targets[fresh] = scores.argmax(dim=1).to(self.setup.device)
         if self.run.reference is None:  # kept to recognize the black box when the run is resumed
             self.run.reference = (int(fresh[0]), scores[0].detach().cpu())
@@ -620,7 +628,7 @@ class _ZerothOrderStep:
 
 
 def _check_same_black_box(
-    run: _TrainingState, oracle: ScoreOracle, data: ArrayDataset, device: torch.device, dtype: torch.dtype
+    run: _TrainingState, oracle: ScoreOracle, data: Any, device: torch.device, dtype: torch.dtype
 ) -> None:
     """Refuse to continue a zeroth-order run against a black box that answers differently than when it started.
 
@@ -631,7 +639,8 @@ def _check_same_black_box(
     if run.reference is None:
         return
     example, saved = run.reference
-    now = oracle.probe(data.x[example : example + 1].to(device, dtype))[0].detach().cpu().to(saved.dtype)
+    image, _ = read_batch(data, [example])
+    now = oracle.probe(image.to(device, dtype))[0].detach().cpu().to(saved.dtype)
     if now.shape != saved.shape or not torch.allclose(now, saved, rtol=1e-4, atol=1e-5):
         difference = float((now - saved).abs().max()) if now.shape == saved.shape else float("inf")
         raise ConfigError(
@@ -649,7 +658,7 @@ def _weights_fingerprint(module: nn.Module | None) -> str:
     return f"{[tuple(v.shape) for v in values]} {sum(float(v.double().sum()) for v in values):.12g}"
 
 
-def _run_identity(config: DenoisedConfig, method: str, data: ArrayDataset, modules: list[nn.Module]) -> str:
+def _run_identity(config: DenoisedConfig, method: str, data: Any, modules: list[nn.Module]) -> str:
     """What must match for a saved state to continue this run: options, method (estimator or first-order
     classifier), data and module shapes.
 
@@ -657,9 +666,20 @@ def _run_identity(config: DenoisedConfig, method: str, data: ArrayDataset, modul
     depend on it, so a finished run continued with more steps equals a run planned that long from the start.
     """
     shapes = [tuple(p.shape) for m in modules for p in m.parameters()]
-    fingerprint = f"{tuple(data.x.shape)} {float(data.x.double().sum()):.10g}"
+    fingerprint = _data_fingerprint(data)
     options = dataclasses.replace(config, epochs=1, max_steps=None)
     return f"{options!r} | {method} | {fingerprint} | {shapes}"
+
+
+def _data_fingerprint(data: Any) -> str:
+    """The training images' shape and the sum of their values: a state belongs to the data it was trained on. A data
+    set that is not in memory is read once for it, batch by batch."""
+    if isinstance(data, ArrayDataset):
+        return f"{tuple(data.x.shape)} {float(data.x.double().sum()):.10g}"
+    total = 0.0
+    for images, _ in iter_batches(data, in_order(len(data), 256)):
+        total += float(images.double().sum())
+    return f"{(len(data), *data.image_shape)} {total:.10g}"
 
 
 _STATE_FORMAT = "robustlab-zo-denoiser-state-1"  # first-order states too (their zeroth-order fields are None)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.checks import check_integer, check_number, check_positive_int
-from robustlab.data import ArrayDataset
+from robustlab.data import ArrayDataset, iter_batches
 from robustlab.errors import ConfigError, InvalidInputError, ModelError
 from robustlab.state_io import describe_load_failure
 
@@ -254,9 +254,13 @@ class FitResult:
         return len(self.losses)
 
 
-def check_training_data(data: ArrayDataset) -> None:
-    if not isinstance(data, ArrayDataset):
-        raise InvalidInputError(f"data must be a robustlab ArrayDataset, got {type(data).__name__}")
+def check_training_data(data: Any) -> None:
+    """Training images: an :class:`ArrayDataset` or any data set read by index (:class:`robustlab.data.ImageData`)."""
+    if not isinstance(data, ArrayDataset) and not (hasattr(data, "image_shape") and hasattr(data, "__getitem__")):
+        raise InvalidInputError(
+            "data must be a robustlab data set (an ArrayDataset, or one from robustlab.data.open_dataset), got "
+            f"{type(data).__name__}"
+        )
     if len(data) == 0:
         raise InvalidInputError("the training data is empty")
 
@@ -292,12 +296,13 @@ def module_dtype(*modules: nn.Module) -> torch.dtype:
 
 def _fit(
     modules: list[nn.Module],
-    data: ArrayDataset,
+    data: Any,
     config: FitConfig,
     loss_of: Callable[[Tensor, torch.Generator], Tensor],
     *,
     progress: bool = False,
     desc: str = "training",
+    workers: int = 0,
 ) -> FitResult:
     from tqdm.auto import tqdm
 
@@ -314,8 +319,8 @@ def _fit(
     for module in modules:
         module.train()
     bar = tqdm(total=config.total_steps(len(data)), desc=desc, unit="step", disable=not progress, leave=False)
-    for index in batches(config, len(data)):
-        x = data.x[index].to(device, dtype)
+    for images, _ in iter_batches(data, list(batches(config, len(data))), workers=workers):
+        x = images.to(device, dtype)
         loss = loss_of(x, noise)
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(f"the training loss became {float(loss)} at step {result.steps + 1}; lower lr")
@@ -336,9 +341,7 @@ def check_sigma(sigma: float, *, allow_zero: bool = False) -> float:
     return check_number("sigma", sigma, low=0, low_open=not allow_zero)
 
 
-def train_denoiser_mse(
-    denoiser: nn.Module, data: ArrayDataset, sigma: float, config: FitConfig | None = None
-) -> FitResult:
+def train_denoiser_mse(denoiser: nn.Module, data: Any, sigma: float, config: FitConfig | None = None) -> FitResult:
     """Train ``denoiser`` to remove Gaussian noise: minimize ``mean ||D(x + n) - x||^2``, ``n ~ N(0, sigma^2 I)``.
 
     The "denoising" (MSE) objective of Salman et al. 2020; no classifier is involved. Noise is not clipped to the
@@ -358,16 +361,18 @@ def train_denoiser_mse(
 def train_autoencoder(
     encoder: nn.Module,
     decoder: nn.Module,
-    data: ArrayDataset,
+    data: Any,
     config: FitConfig | None = None,
     *,
     sigma: float = 0.0,
     progress: bool = False,
+    workers: int = 0,
 ) -> FitResult:
     """Stage 1 of ZO-AE-DS: minimize the reconstruction loss ``mean ||Dec(Enc(x + n)) - x||^2`` (white box).
 
     ``sigma = 0`` (default) reconstructs clean images, as the reference's autoencoder pre-training. Both modules
-    are left in eval mode. ``progress`` shows a progress bar.
+    are left in eval mode. ``progress`` shows a progress bar. ``data`` is read batch by batch (``workers``
+    processes reading ahead).
     """
     sigma = check_sigma(sigma, allow_zero=True)
     for name, module in (("encoder", encoder), ("decoder", decoder)):
@@ -380,7 +385,9 @@ def train_autoencoder(
             inputs = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return F.mse_loss(decoder(encoder(inputs)), x)
 
-    return _fit([encoder, decoder], data, config or FitConfig(), loss_of, progress=progress, desc="autoencoder")
+    return _fit(
+        [encoder, decoder], data, config or FitConfig(), loss_of, progress=progress, desc="autoencoder", workers=workers
+    )
 
 
 # ------------------------------------------------------------------------------------------------ files

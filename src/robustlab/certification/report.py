@@ -77,42 +77,59 @@ def smoothing_section(
 
 def verified_vs_empirical(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | Any,
+    y: Tensor | None,
     threat: ThreatModel,
     methods: Sequence[Method] = ("ibp", "crown"),
     *,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Verified accuracy per bound-propagation method next to PGD-50 x 3 robust accuracy on the same examples.
+
+    ``(x, y)`` are tensors, or ``x`` is a data set (:class:`~robustlab.data.ImageData`, read batch by batch with
+    ``workers`` processes) and ``y`` is None. Batch ``i`` of PGD uses seed ``seed + i``
+    (as :func:`robustlab.attack_batches`).
 
     Raises:
         RuntimeError: an example verified by some method was broken by PGD (verification would be unsound).
     """
-    from robustlab.api import attack_batches
+    from tqdm.auto import tqdm
 
-    verified: dict[str, Tensor] = {}
-    seconds: dict[str, float] = {}
-    for method in methods:
-        started = time.perf_counter()
-        verified[method] = verify(model, x, y, threat, method).cpu()
-        seconds[method] = time.perf_counter() - started
-    pgd = attack_batches(
-        model, x, y, threat, "pgd", steps=50, restarts=3, early_stop=True, batch_size=batch_size, seed=seed,
-        progress=progress,
-    )  # fmt: skip
-    with torch.no_grad():
-        correct = torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(y), 500)]).cpu() == y.cpu()
-    empirical = correct & ~pgd.success.cpu()
+    from robustlab.api import attack
+    from robustlab.data import in_order, iter_batches
+    from robustlab.data.streams import TensorPairs
+
+    data = TensorPairs(x, y) if isinstance(x, Tensor) and y is not None else x
+    run_on = torch.device(device) if device is not None else _device_of(model, data)
+    parts: dict[str, list[Tensor]] = {method: [] for method in methods}
+    seconds: dict[str, float] = dict.fromkeys(methods, 0.0)
+    broken_by_pgd, correct_parts = [], []
+    index = in_order(len(data), batch_size)
+    loaded = iter_batches(data, index, workers=workers)
+    for number, (xb, yb) in enumerate(tqdm(loaded, total=len(index), desc="verify", disable=not progress)):
+        xb, yb = xb.to(run_on), yb.to(run_on)
+        for method in methods:
+            started = time.perf_counter()
+            parts[method].append(verify(model, xb, yb, threat, method).cpu())
+            seconds[method] += time.perf_counter() - started
+        pgd = attack(model, xb, yb, threat, "pgd", steps=50, restarts=3, early_stop=True, seed=seed + number)
+        broken_by_pgd.append(pgd.success.cpu())
+        with torch.no_grad():
+            correct_parts.append(model(xb).argmax(1).cpu() == yb.cpu())
+    verified = {method: torch.cat(masks) for method, masks in parts.items()}
+    correct = torch.cat(correct_parts)
+    empirical = correct & ~torch.cat(broken_by_pgd)
     broken = {method: int((mask & ~empirical).sum()) for method, mask in verified.items()}
     if any(broken.values()):
         raise RuntimeError(f"verified example(s) were broken by PGD, a soundness bug: {broken}")
     return {
         "norm": threat.norm.value,
         "eps": threat.eps,
-        "examples": len(y),
+        "examples": len(correct),
         "clean_accuracy": float(correct.float().mean()),
         "pgd_robust_accuracy": float(empirical.float().mean()),
         "pgd": {"steps": 50, "restarts": 3},
@@ -127,6 +144,14 @@ def verified_vs_empirical(
         # verify() already ran on every example and PGD found no break among the verified ones.
         "verified_subset_of_pgd_robust": True,
     }
+
+
+def _device_of(model: nn.Module, data: Any) -> torch.device:
+    if hasattr(data, "x") and isinstance(data.x, Tensor):
+        return data.x.device
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
 
 
 def bounds_section(

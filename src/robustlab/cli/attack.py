@@ -49,7 +49,11 @@ def add_parser(commands: Any) -> None:
     )
     output = attack.add_argument_group("output")
     output.add_argument("--out", help="write the result as JSON to this file")
-    output.add_argument("--save-adv", help="write the adversarial examples (x_adv, y, success) to this .npz file")
+    output.add_argument(
+        "--save-adv",
+        help="write the adversarial examples to this .npz file (arrays x, y, success; written batch by batch, "
+        "uncompressed, so open_dataset reads it back memory-mapped)",
+    )
     common.add_run_options(attack, seed="random seed")
 
 
@@ -74,12 +78,7 @@ def _attack_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from robustlab import ThreatModel, least_likely_targets, random_targets
-    from robustlab.api import attack_batches
-    from robustlab.data import load_dataset
-    from robustlab.errors import ConfigError
+    from robustlab import ThreatModel
 
     common.output_file(args.out, "--out")
     common.output_file(args.save_adv, "--save-adv")
@@ -87,43 +86,11 @@ def run(args: argparse.Namespace) -> int:
     options = _attack_options(args)
     device = common.device_from(args.device)
     model, predict = common.open_model(args, device, budget=options.get("queries"))
-    data = load_dataset(args.data, split=args.split, limit=args.limit)
+    data = common.open_data(args)
     model_classes = common.check_model_fits_data(model, data, args, device)
-    x, y = data.x, data.y
-    threat.check_inputs(x, name=f"data set {args.data!r}")
-
-    with torch.no_grad():
-        clean_out = torch.cat(
-            [predict(x[i : i + args.batch_size].to(device)).cpu() for i in range(0, len(x), args.batch_size)]
-        )
-    clean_labels = clean_out if clean_out.dim() == 1 else clean_out.argmax(1)
-    if clean_out.dim() == 2:
-        num_classes = int(clean_out.shape[1])
-    else:  # labels only: the server's declared classes, else the data's
-        num_classes = model_classes if model_classes is not None else data.num_classes
-    clean_correct = clean_labels == y
-    targets = None
-    if args.targeted == "random":
-        targets = random_targets(y, num_classes, torch.Generator().manual_seed(args.seed))
-    elif args.targeted == "least-likely":
-        if clean_out.dim() == 1:
-            raise ConfigError("--targeted least-likely needs scores; this model answers labels only")
-        targets = least_likely_targets(clean_out)
-        targets = torch.where(targets == y, (y + 1) % num_classes, targets)
-
-    result = attack_batches(
-        model,
-        x,
-        y,
-        threat,
-        args.method,
-        batch_size=args.batch_size,
-        targets=targets,
-        seed=args.seed,
-        device=device,
-        progress=not args.quiet,
-        **options,
-    )
+    clean = _clean_pass(data, predict, threat, args, device, model_classes)
+    result = _attack_in_batches(model, data, threat, clean.targets, options, args, device)
+    clean_correct = clean.labels == clean.y
     summary = result.summary()
     summary.update(
         {
@@ -133,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             "clean_accuracy": float(clean_correct.float().mean()),
         }
     )
-    if targets is None:
+    if clean.targets is None:
         summary["robust_accuracy"] = float((clean_correct & ~result.success).float().mean())
         summary["success_rate_on_correct"] = (
             float(result.success[clean_correct].float().mean()) if bool(clean_correct.any()) else None
@@ -142,14 +109,87 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    if args.save_adv:
-        import numpy as np
-
-        Path(args.save_adv).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.save_adv, "wb") as stream:  # a file object: numpy would append ".npz" to a bare name
-            np.savez_compressed(stream, x=result.x_adv.numpy(), y=y.numpy(), success=result.success.numpy())
     print(_human_summary(summary))
     return common.EXIT_OK
+
+
+@dataclasses.dataclass
+class _Clean:
+    """Per example: true labels, the model's clean labels, and the targets of a targeted attack (or None)."""
+
+    y: Any
+    labels: Any
+    targets: Any
+
+
+def _clean_pass(
+    data: Any, predict: Any, threat: Any, args: argparse.Namespace, device: Any, model_classes: int | None
+) -> _Clean:
+    """One pass over the data: inputs checked against the box, clean predictions, and the attack's targets."""
+    import torch
+
+    from robustlab import least_likely_targets, random_targets
+    from robustlab.data import in_order, iter_batches
+    from robustlab.errors import ConfigError
+
+    ys, labels, least = [], [], []
+    width = None
+    index = in_order(len(data), args.batch_size)
+    with torch.no_grad():
+        for rows, (x, y) in zip(index, iter_batches(data, index, workers=args.workers)):
+            threat.check_inputs(x, name=f"data set {args.data!r} (examples {int(rows[0])}..{int(rows[-1])})")
+            out = predict(x.to(device)).cpu()
+            width = int(out.shape[1]) if out.dim() == 2 else None
+            labels.append(out if out.dim() == 1 else out.argmax(1))
+            if out.dim() == 2 and args.targeted == "least-likely":
+                least.append(least_likely_targets(out))
+            ys.append(y)
+    y_all, clean_labels = torch.cat(ys), torch.cat(labels)
+    # scores: their width; labels only: the server's declared classes, else the data's
+    num_classes = width if width is not None else (model_classes if model_classes is not None else data.num_classes)
+    targets = None
+    if args.targeted == "random":
+        targets = random_targets(y_all, num_classes, torch.Generator().manual_seed(args.seed))
+    elif args.targeted == "least-likely":
+        if width is None:
+            raise ConfigError("--targeted least-likely needs scores; this model answers labels only")
+        targets = torch.cat(least)
+        targets = torch.where(targets == y_all, (y_all + 1) % num_classes, targets)
+    return _Clean(y_all, clean_labels, targets)
+
+
+def _attack_in_batches(
+    model: Any, data: Any, threat: Any, targets: Any, options: dict[str, Any], args: argparse.Namespace, device: Any
+) -> Any:
+    """The attack over the data, batch by batch; adversarial examples go to --save-adv as each batch finishes (an
+    .npz holding x, y and success, complete or absent), never all held in memory."""
+    import dataclasses as dc
+
+    from robustlab.api import iter_attack
+    from robustlab.attacks import AttackResult
+    from robustlab.data import NpzWriter
+
+    batches = iter_attack(
+        model, data, threat, args.method, batch_size=args.batch_size, targets=targets, seed=args.seed, device=device,
+        workers=args.workers, progress=not args.quiet, **options,
+    )  # fmt: skip
+    writer = NpzWriter(args.save_adv, "x", (len(data), *data.image_shape)) if args.save_adv else None
+    results, labels = [], []
+    try:
+        for batch in batches:
+            if writer is not None:
+                writer.add(batch.result.x_adv)
+            results.append(dc.replace(batch.result, x_adv=batch.result.x_adv[:0]))  # the images are not kept
+            labels.append(batch.labels)
+        merged = AttackResult.concat(results)
+        if writer is not None:
+            import torch
+
+            writer.finish(y=torch.cat(labels).numpy(), success=merged.success.numpy())
+    finally:
+        if writer is not None:
+            writer.abort()  # nothing half-written: a no-op once finished
+    return merged
 
 
 def _human_summary(summary: dict[str, Any]) -> str:

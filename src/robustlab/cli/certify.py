@@ -59,16 +59,19 @@ def add_parser(commands: Any) -> None:
     )
 
 
-def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: Any) -> tuple[Any, float, int]:
-    """Cohen et al.'s CERTIFY over chunks of images, each with its own seeded noise, finished chunks kept in a
-    state file (next to --out or in --report) so that a rerun skips them. A chunk's result does not depend on
-    --limit or on the chunks before it. Returns (certificate, seconds, images taken from the state)."""
+def _certify_in_chunks(smoothed: Any, data: Any, args: argparse.Namespace, device: Any) -> tuple[Any, float, int, Any]:
+    """Cohen et al.'s CERTIFY over chunks of images read from ``data`` one chunk at a time, each with its own seeded
+    noise, finished chunks kept in a state file (next to --out or in --report) so that a rerun skips them. A chunk's
+    result does not depend on --limit or on the chunks before it. Returns (certificate, seconds, images taken from
+    the state, labels)."""
     import dataclasses as dc
 
+    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     from robustlab.certification import Certificate
+    from robustlab.data import iter_batches
     from robustlab.state_io import save_atomic
 
     if args.checkpoint:
@@ -79,9 +82,11 @@ def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: 
         state_path = Path(args.report) / "certify_state.pt"
     else:
         state_path = None
-    model, data, denoiser = (common.file_stamp(spec) for spec in (args.model, args.data, args.denoiser))
+    model, denoiser = (common.file_stamp(spec) for spec in (args.model, args.denoiser))
+    # the data as named and read (not its --limit: a rerun with a larger limit reuses the chunks it shares)
+    stamp = f"{common.file_stamp(args.data)} {args.classes} {args.resize} {args.crop} {args.channels}"
     identity = (
-        f"{model} {data} {args.split} {denoiser} sigma={args.sigma} n0={args.n0} n={args.n} alpha={args.alpha} "
+        f"{model} {stamp} {args.split} {denoiser} sigma={args.sigma} n0={args.n0} n={args.n} alpha={args.alpha} "
         f"seed={args.seed} chunk={CERTIFY_CHUNK}"
     )
     chunks: dict[int, dict[str, Any]] = {}
@@ -91,19 +96,22 @@ def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: 
             chunks = saved["chunks"]
     reused = 0
     seconds = 0.0
-    parts = []
-    starts = range(0, x.shape[0], CERTIFY_CHUNK)
-    for start in tqdm(starts, desc="certify", unit="chunk", disable=args.quiet, leave=False):
-        rows = x[start : start + CERTIFY_CHUNK]
+    parts, labels = [], []
+    index = [np.arange(start, min(start + CERTIFY_CHUNK, len(data))) for start in range(0, len(data), CERTIFY_CHUNK)]
+    loaded = iter_batches(data, index, workers=args.workers)
+    for rows, (x, y) in tqdm(zip(index, loaded), total=len(index), desc="certify", unit="chunk", disable=args.quiet,
+                             leave=False):  # fmt: skip
+        start = int(rows[0])
+        labels.append(y)
         done = chunks.get(start)
-        if done is not None and done["fields"]["prediction"].shape[0] == rows.shape[0]:
+        if done is not None and done["fields"]["prediction"].shape[0] == len(rows):
             parts.append(Certificate(**{k: v.to(device) for k, v in done["fields"].items()}))
-            reused += rows.shape[0]
+            reused += len(rows)
             seconds += float(done["seconds"])
             continue
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + start)
         began = time.perf_counter()
-        part = smoothed.certify(rows, n0=args.n0, n=args.n, alpha=args.alpha, generator=generator)
+        part = smoothed.certify(x.to(device), n0=args.n0, n=args.n, alpha=args.alpha, generator=generator)
         spent = time.perf_counter() - began
         seconds += spent
         parts.append(part)
@@ -112,11 +120,10 @@ def _certify_in_chunks(smoothed: Any, x: Any, args: argparse.Namespace, device: 
         if state_path is not None:
             save_atomic({"identity": identity, "chunks": chunks}, state_path)
     merged = Certificate(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dc.fields(Certificate)})
-    return merged, seconds, reused
+    return merged, seconds, reused, torch.cat(labels)
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustlab.data import load_dataset
     from robustlab.errors import ConfigError
     from robustlab.models import load_model
     from robustlab.report import Report
@@ -131,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         model, _ = common.open_model(args, device)  # a local module or, for a URL, a remote oracle
     else:
         model = load_model(args.model, arch=args.arch, device=device)
-    data = load_dataset(args.data, split=args.split, limit=args.limit)
+    data = common.open_data(args)
     model_classes = common.check_model_fits_data(model, data, args, device)
     out: dict[str, Any] = {"model": args.model, "data": args.data, "split": args.split, "examples": len(data)}
     report = Report(f"robustlab certify: {args.method}")
@@ -160,7 +167,7 @@ def _smoothing(
         out["denoiser"] = args.denoiser
     # the model's classes, not the labels': a subset may hold one class, or miss the model's top class
     smoothed = RandomizedSmoothing(model, model_classes, args.sigma, batch_size=max(args.batch_size, 1000))
-    cert, seconds, reused = _certify_in_chunks(smoothed, data.x.to(device), args, device)
+    cert, seconds, reused, labels = _certify_in_chunks(smoothed, data, args, device)
     out["images_from_checkpoint"] = reused
     notes = (
         [f"Denoised smoothing: the smoothed base model is the model behind the denoiser {args.denoiser}."]
@@ -168,7 +175,7 @@ def _smoothing(
         else []
     )
     figures, _ = smoothing_section(
-        report, cert, data.y.to(device), sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+        report, cert, labels.to(device), sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
         radii=list(args.radii), seconds=seconds, notes=notes,
     )  # fmt: skip
     out.update(figures)
@@ -196,8 +203,8 @@ def _bound_propagation(args: argparse.Namespace, model: Any, data: Any, device: 
 
     threat = ThreatModel(args.norm, args.eps, *data.bounds)
     compared = verified_vs_empirical(
-        model, data.x.to(device), data.y.to(device), threat, [args.method], batch_size=args.batch_size,
-        seed=args.seed, progress=not args.quiet,
+        model, data, None, threat, [args.method], batch_size=args.batch_size, seed=args.seed,
+        progress=not args.quiet, device=device, workers=args.workers,
     )  # fmt: skip
     verified = compared["verified"][args.method]
     out = {

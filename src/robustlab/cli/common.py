@@ -70,6 +70,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(_number(text, int, "an integer"))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def radius(text: str) -> float:
     value = _number(text, float, "a number")
     if not 0 <= value < float("inf"):
@@ -116,15 +123,70 @@ def add_model_arguments(group: Any, *, model_help: str = MODEL_HELP) -> None:
 def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
     add_model_arguments(group)
-    group.add_argument(
-        "--data",
-        required=True,
-        help="a built-in data set (digits, mnist, fashion-mnist, cifar10-sample) or an .npz file with arrays x and y",
-    )
+    add_data_arguments(group)
+
+
+DATA_HELP = (
+    "a folder of class folders of images (PNG/JPEG; with train/ and test/ or val/ split folders, or one split), "
+    "CIFAR-10/100's python batches (their folder or .tar.gz), an .npz file with arrays x and y, x.npy with y.npy, "
+    "a folder of MNIST-style IDX files, or a built-in data set (digits, mnist, fashion-mnist, cifar10-sample, ...); "
+    "files and folders are read lazily, batch by batch"
+)
+
+
+def add_data_arguments(group: Any) -> None:
+    """--data and what qualifies it (split, limit, class list, preprocessing, workers), --device and --batch-size."""
+    group.add_argument("--data", required=True, help=DATA_HELP)
     group.add_argument("--split", default="test", choices=["train", "test"], help="data split")
     group.add_argument("--limit", type=positive_int, help="use only the first N examples")
+    group.add_argument(
+        "--classes", help="image folders: the class folders to read, comma-separated, in label order (default: all)"
+    )
+    group.add_argument(
+        "--resize", type=image_size, metavar="N|HxW", help="resize images: the shorter side to N, or to exactly HxW"
+    )
+    group.add_argument("--crop", type=image_size, metavar="N|HxW", help="centre crop (after --resize)")
+    group.add_argument(
+        "--channels", type=int, choices=[1, 3], help="read images as grayscale (1) or RGB (3); default: image files "
+        "as RGB, arrays as stored",
+    )  # fmt: skip
+    group.add_argument(
+        "--workers", type=non_negative_int, default=0,
+        help="processes reading and decoding the data ahead of the model (DataLoader workers; 0: none)",
+    )  # fmt: skip
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     group.add_argument("--batch-size", type=positive_int, default=256, help="examples per batch")
+
+
+def image_size(text: str) -> int | tuple[int, int]:
+    """``N`` or ``HxW``, positive."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive N or HxW, got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def open_data(args: argparse.Namespace, split: str | None = None) -> Any:
+    """The data set ``--data`` names, opened for reading in batches (robustlab.data.open_dataset)."""
+    from robustlab.data import Preprocess, open_dataset
+
+    sizes = (getattr(args, "resize", None), getattr(args, "crop", None), getattr(args, "channels", None))
+    preprocess = Preprocess(*sizes) if any(v is not None for v in sizes) else None
+    listed = getattr(args, "classes", None)
+    classes = [c.strip() for c in listed.split(",") if c.strip()] if listed else None
+    return open_dataset(args.data, split or args.split, limit=args.limit, classes=classes, preprocess=preprocess)
+
+
+def sample_images(data: Any, count: int) -> Any:
+    """The first ``count`` images of ``data`` (fewer when it has fewer), read now."""
+    from robustlab.data import read_batch
+
+    x, _ = read_batch(data, range(min(count, len(data))))
+    return x
 
 
 def device_from(name: str) -> Any:
@@ -286,12 +348,12 @@ def check_model_fits_data(model: Any, data: Any, args: argparse.Namespace, devic
         # A local ONNX graph is checked on two images for free. A server checks shapes itself and declares its
         # classes (robustlab's in /v1/info, a vendor's in its spec); its first answer is checked too.
         local_check = getattr(getattr(model, "model", None), "check_takes", None)
-        outputs = local_check(data.x[:2].to(device), **names) if local_check is not None else None
+        outputs = local_check(sample_images(data, 2).to(device), **names) if local_check is not None else None
         if outputs is None or outputs.dim() != 2:
             classes = getattr(model, "num_classes", None)
             return int(classes) if classes is not None else None
     else:
-        outputs = check_model_takes(model, data.x[:2].to(device), **names)
+        outputs = check_model_takes(model, sample_images(data, 2).to(device), **names)
     if outputs.shape[1] < data.num_classes:
         raise ModelError(
             f"the model {args.model} answers {outputs.shape[1]} classes but {args.data} has {data.num_classes}"

@@ -71,14 +71,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from robustlab.certification import DenoisedConfig, DnCNN, save_denoiser, train_denoiser, train_denoiser_zo
-    from robustlab.data import load_dataset
     from robustlab.errors import ConfigError
     from robustlab.oracles import ScoreOracle, module_function
     from robustlab.zeroth_order import CGE, RGE
 
     zeroth_order = _check_options(args)
     device = common.device_from(args.device)
-    data = load_dataset(args.data, split=args.split, limit=args.limit)
+    data = common.open_data(args)
     model, _ = common.open_model(args, device, budget=args.queries)
     common.check_model_fits_data(model, data, args, device)
     if zeroth_order and not common.is_url(args.model):  # a local model is still reached through scores only
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     encoder, decoder = _stage_one_autoencoder(args, data, device) if "-ae-" in args.method else (None, None)
     options = {
         "encoder": encoder, "decoder": decoder, "progress": not args.quiet, "checkpoint": _sibling(args.out, ".state"),
-        "checkpoint_every": args.checkpoint_every, "resume": not args.no_resume,
+        "checkpoint_every": args.checkpoint_every, "resume": not args.no_resume, "workers": args.workers,
     }  # fmt: skip
     if zeroth_order:
         estimator = CGE(mu=args.mu) if args.estimator == "cge" else RGE(args.q, args.mu, "sphere", "forward")
@@ -154,14 +153,14 @@ def _stage_one_autoencoder(args: argparse.Namespace, data: Any, device: Any) -> 
     )
     ae_file = _sibling(args.out, ".autoencoder")
     ae_config = FitConfig(epochs=args.ae_epochs, batch_size=128, lr=1e-3, seed=args.seed)
-    ae_key = f"{args.data} {args.split} {args.limit} {tuple(data.x.shape)} {ae_config!r}"
+    ae_key = f"{args.data} {args.split} {args.limit} {(len(data), *data.image_shape)} {ae_config!r}"
     saved = common.load_or_none(ae_file) if ae_file.exists() else None
     if isinstance(saved, dict) and saved.get("key") == ae_key and not args.no_resume:
         encoder.load_state_dict(saved["encoder"])
         decoder.load_state_dict(saved["decoder"])
         print(f"autoencoder: loaded from {ae_file}")
         return encoder, decoder
-    pre = train_autoencoder(encoder, decoder, data, ae_config, progress=not args.quiet)
+    pre = train_autoencoder(encoder, decoder, data, ae_config, progress=not args.quiet, workers=args.workers)
     print(f"autoencoder: {pre.steps} steps, reconstruction loss {pre.losses[0]:.4f} -> {pre.losses[-1]:.4f}")
     save_atomic({"key": ae_key, "encoder": encoder.state_dict(), "decoder": decoder.state_dict()}, ae_file)
     return encoder, decoder

@@ -15,7 +15,8 @@ def add_parser(commands: Any) -> None:
         help="how robust is the model, really? an attack cascade with masking diagnostics and a report",
         description="Run an attack suite as a cascade (each attack only on the examples still standing), with "
         "diagnostics for gradient masking that strengthen the suite when they fire. Writes report.json and "
-        "report.html; an interrupted evaluation resumes from its state file when run again.",
+        "report.html (and, for data read from files, adversarial.npy); an interrupted evaluation resumes from its "
+        "state file when run again.",
         formatter_class=common.HelpFormatter,
     )
     common.add_model_data_arguments(evaluate)
@@ -48,7 +49,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from robustlab import ThreatModel
-    from robustlab.data import load_dataset
+    from robustlab.data import ArrayDataset
     from robustlab.evaluation import Suite, evaluate, evaluation_section
     from robustlab.report import Report
 
@@ -56,17 +57,19 @@ def run(args: argparse.Namespace) -> int:
     threat = ThreatModel(args.norm, args.eps, *args.bounds)
     device = common.device_from(args.device)
     model, _ = common.open_model(args, device)
-    data = load_dataset(args.data, split=args.split, limit=args.limit)
+    data = common.open_data(args)
     common.check_model_fits_data(model, data, args, device)
     suite: str | Suite = args.suite
     if args.attacks:
         suite = Suite.custom([name.strip() for name in args.attacks.split(",") if name.strip()])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Streamed data: the adversarial examples go to a file in the output folder (one row per example).
+    adversarial = None if isinstance(data, ArrayDataset) else out / "adversarial.npy"
     result = evaluate(
         model, data, threat, suite, batch_size=args.batch_size, seed=args.seed, checkpoint=out / "evaluation_state.pt",
         resume=not args.no_resume, diagnostics=not args.no_diagnostics, bpda=args.bpda, eps_curve=args.eps_curve,
-        progress=not args.quiet, device=device,
+        progress=not args.quiet, device=device, workers=args.workers, adversarial_file=adversarial,
     )  # fmt: skip
     report = Report(f"robustlab evaluate: {args.model} on {args.data}")
     evaluation_section(report, result)
@@ -84,5 +87,7 @@ def run(args: argparse.Namespace) -> int:
     for diagnostic in result.diagnostics:
         if diagnostic.fired:
             print(f"  WARNING {diagnostic.name}: {diagnostic.evidence}. {diagnostic.action}")
+    if adversarial is not None:
+        print(f"adversarial examples (clean where none was found): {adversarial}")
     print(f"wrote {out / 'report.html'}")
     return common.EXIT_OK
