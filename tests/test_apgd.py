@@ -222,7 +222,7 @@ def test_registry_metadata() -> None:
     apgd, apgd_t = get_attack("apgd"), get_attack("apgd-t")
     assert apgd.cls is APGD and apgd_t.cls is APGDTargeted
     assert apgd.supports_targeted and not apgd_t.supports_targeted
-    assert {n.value for n in apgd.norms} == {"linf", "l2"} == {n.value for n in apgd_t.norms}
+    assert {n.value for n in apgd.norms} == {"linf", "l2", "l1"} == {n.value for n in apgd_t.norms}
     assert robustlab.Access.GRADIENT is apgd.access
 
 
@@ -389,5 +389,5 @@ def test_misuse_raises_config_error() -> None:
         robustlab.attack(model, x, y, ThreatModel("linf", 0.1), method="apgd-t", steps=2)
     with pytest.raises(ConfigError, match="untargeted"):
         robustlab.attack(model, x, y, ThreatModel("linf", 0.1), method="apgd-t", targets=(y + 1) % 3)
-    with pytest.raises(ConfigError, match="l1"):
-        robustlab.attack(model, x, y, ThreatModel("l1", 0.1), method="apgd")
+    with pytest.raises(ConfigError, match="l0"):
+        robustlab.attack(model, x, y, ThreatModel("l0", 2), method="apgd")

@@ -1,4 +1,4 @@
-"""Auto-PGD (APGD) and its targeted-DLR variant APGD-T, in the linf and l2 norms.
+"""Auto-PGD (APGD) and its targeted-DLR variant APGD-T, in the linf, l2 and l1 norms.
 
 Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free attacks",
 ICML 2020 (reference code: ``fra31/auto-attack``, ``autoattack/autopgd_base.py``). APGD is PGD with momentum and
@@ -30,6 +30,16 @@ APGD-T (``"apgd-t"``) is untargeted overall: for each of the ``n_target_classes`
 logits (true class excluded), it runs APGD on the targeted DLR loss toward that class on the examples still
 unbroken; success means any misclassification. Standard AutoAttack runs APGD-CE then APGD-T (9 targets).
 
+l1 (Croce & Hein, "Mind the box: l1-APGD for sparse adversarial attacks on image classifiers", ICML 2021; the
+reference's ``L1`` branch): the exact maximizer of a linear function over the l1 ball is one vertex, which makes poor
+progress, and a dense step wastes the budget on coordinates the box blocks. Each l1 step moves ``eta`` (l1 length,
+``eta = eps`` at first) along the signs of the gradient's largest coordinates — a fraction ``topk`` of them, 20% at
+first — and projects exactly onto the l1 ball intersected with the box; no momentum. Every ``max(int(0.04 * steps),
+1)`` steps, ``topk`` becomes the sparsity of the best point so far divided by 1.5; an example whose best point got
+sparser restarts from it with ``eta = eps``, the others divide ``eta`` by 1.5 (down to ``eps / 10``). The random
+start is a Gaussian draw projected onto ball and box (the reference's). ``eps_schedule`` adds the paper's (and
+AutoAttack's) schedule over 3 eps, 2 eps and eps.
+
 Differences from the reference code, on purpose:
 
 - the linf start is uniform in the ball (the reference rescales a uniform draw so one coordinate is at +-eps) and
@@ -37,7 +47,8 @@ Differences from the reference code, on purpose:
 - l2 steps use the exact projection onto ball and box (the reference projects on the ball, then clips);
 - the first checkpoint compares the loss after the first step with the loss at the start point, as the paper
   states (the reference compares it with an unfilled zero entry of its loss history);
-- examples stop early, and the generator passed in draws the random starts (no global seeding).
+- examples stop early, and the generator passed in draws the random starts (no global seeding);
+- the l1 projection onto ball and box is ``ThreatModel.project``'s exact one (the reference's is exact too).
 
 Example:
     >>> result = robustlab.attack(model, x, y, ThreatModel("linf", 8 / 255), method="apgd", loss="dlr")
@@ -101,18 +112,30 @@ class _APGDOptions(AttackConfig):
     restarts: int = 1
     rho: float = 0.75
     momentum: float = 0.75
-    initial_step: float = 2.0
+    initial_step: float | None = None
     random_start: bool = True
     early_stop: bool = True
+    eps_schedule: bool = False
+    eot_iter: int = 1
 
     def validate(self) -> None:
         check_positive_int("steps", self.steps)
         check_positive_int("restarts", self.restarts)
-        check_number("initial_step", self.initial_step, low=0, low_open=True)
+        if self.initial_step is not None:
+            check_number("initial_step", self.initial_step, low=0, low_open=True)
         check_number("rho", self.rho, low=0.0, high=1.0, low_open=True, high_open=True)
         check_number("momentum (1 means no momentum)", self.momentum, low=0.0, high=1.0, low_open=True)
         check_flag("random_start", self.random_start)
         check_flag("early_stop", self.early_stop)
+        check_flag("eps_schedule", self.eps_schedule)
+        check_positive_int("eot_iter", self.eot_iter)
+
+    def first_step(self, norm: Norm) -> float:
+        """The initial step size as a multiple of eps: ``initial_step``, else the reference's 2 (linf, l2) or 1
+        (l1)."""
+        if self.initial_step is not None:
+            return self.initial_step
+        return 1.0 if norm is Norm.L1 else 2.0
 
 
 @dataclass(frozen=True)
@@ -124,10 +147,18 @@ class APGDConfig(_APGDOptions):
         restarts: random restarts (1, as in standard AutoAttack); each runs on the examples still unbroken.
         rho: a step size is halved when at most a fraction ``rho`` (0.75) of the steps since the last checkpoint
             increased the loss (the reference tests ``count <= rho * interval``; the paper writes ``<``).
-        momentum: alpha, the weight of the new gradient step against the previous move (0.75).
-        initial_step: the initial step size as a multiple of eps (2).
-        random_start: start each restart from a uniform point in the ball (always on in the reference).
+        momentum: alpha, the weight of the new gradient step against the previous move (0.75; l1 steps have none,
+            as the reference).
+        initial_step: the initial step size as a multiple of eps (None: the reference's 2 for linf and l2, 1 for
+            l1).
+        random_start: start each restart from a random point (always on in the reference): uniform in the ball
+            for linf and l2, a Gaussian draw projected onto ball and box for l1 (the reference's).
         early_stop: stop each example at its first success and skip clean-misclassified ones (evaluation).
+        eps_schedule: l1 only (linf and l2 ignore it): the "Mind the box" schedule AutoAttack uses for l1
+            (``use_largereps``): 30% of the steps at 3 eps, 30% at 2 eps, the rest at eps, each stage starting
+            from the previous stage's best point; only the last stage's successes count.
+        eot_iter: gradients averaged per step (expectation over transformation for randomized models; 1). Each
+            is counted; the loss and logits are the last draw's, as the reference.
         loss: "ce" (default) or "dlr"; with explicit targets the goal makes them targeted (-CE of the target,
             targeted DLR).
     """
@@ -147,7 +178,7 @@ class APGDTargetedConfig(_APGDOptions):
     Attributes:
         steps: iterations per run (100); each run costs ``steps + 1`` gradient evaluations.
         restarts: runs per target class (1).
-        rho, momentum, initial_step, random_start, early_stop: as in :class:`APGDConfig`.
+        rho, momentum, initial_step, random_start, early_stop, eps_schedule, eot_iter: as in :class:`APGDConfig`.
         n_target_classes: how many target classes to try, in decreasing order of the clean logits (9); capped
             at the number of classes minus one.
     """
@@ -190,11 +221,26 @@ class _Record:
         return {"run": self.run, "iterations": self.iteration, "clean_success": clean}
 
 
+@dataclass
+class _Job:
+    """What one run needs besides its threat model: the oracle, the batch, the examples ``index``, the goal its loss
+    aims at (``loss_goal``) and the one that counts as success (``goal``; both for the rows of ``index``)."""
+
+    oracle: GradientOracle
+    x_all: Tensor
+    index: Tensor
+    loss_goal: Goal
+    goal: Goal
+    loss_fn: AttackLoss
+    record: _Record
+    run: int
+
+
 class _APGDBase(Attack[GradientOracle]):
     """What APGD and APGD-T share: one APGD run on a subset of the batch."""
 
     access = Access.GRADIENT
-    norms = frozenset({Norm.LINF, Norm.L2})
+    norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})
 
     config: _APGDOptions
 
@@ -213,12 +259,16 @@ class _APGDBase(Attack[GradientOracle]):
     ) -> None:
         """APGD on the examples ``index``: ``loss_goal`` defines the loss, ``goal`` (same rows) the success."""
         config = self.config
+        if threat.norm is Norm.L1:
+            job = _Job(oracle, x_all, index, loss_goal, goal, loss_fn, record, run)
+            self._l1_attack(job, threat, generator)
+            return
         x = x_all[index]
         x_adv = threat.random_start(x, generator) if config.random_start else x.clone()
-        loss, logits, grad = oracle.loss_and_grad(x_adv, loss_goal, loss_fn, index)
+        loss, logits, grad = self._gradient(oracle, x_adv, loss_goal, loss_fn, index)
         success = goal.is_success(logits)
         record.update(x_adv, success, loss, index, run, 0)
-        state = self._start_state(index, x, x_adv, loss, grad, config.initial_step * threat.eps)
+        state = self._start_state(index, x, x_adv, loss, grad, config.first_step(threat.norm) * threat.eps)
         checkpoints = apgd_checkpoints(config.steps)
         # Each checkpoint w_j (j >= 1) with the number of steps since the previous one.
         intervals = {point: point - previous for previous, point in itertools.pairwise(checkpoints)}
@@ -231,7 +281,7 @@ class _APGDBase(Attack[GradientOracle]):
                 state = {name: value[keep] for name, value in state.items()}
                 loss_goal, goal = loss_goal.subset(keep), goal.subset(keep)
             x_new = self._momentum_step(state, threat, 1.0 if i == 0 else config.momentum)
-            loss, logits, grad = oracle.loss_and_grad(x_new, loss_goal, loss_fn, state["index"])
+            loss, logits, grad = self._gradient(oracle, x_new, loss_goal, loss_fn, state["index"])
             success = goal.is_success(logits)
             record.update(x_new, success, loss, state["index"], run, i + 1)
             self._observe(state, x_new, loss, grad)
@@ -278,6 +328,113 @@ class _APGDBase(Attack[GradientOracle]):
         state["grad_max"] = _where(better, grad, state["grad_max"])
         state["loss_max"] = torch.where(better, loss, state["loss_max"])
         state["x_prev"], state["x_adv"], state["grad"] = state["x_adv"], x_new, grad
+
+    def _gradient(
+        self, oracle: GradientOracle, x: Tensor, goal: Goal, loss_fn: AttackLoss, index: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss, logits and gradient at ``x``; with ``eot_iter > 1`` the mean of that many gradients (the loss and
+        logits of the last draw, as the reference)."""
+        loss, logits, grad = oracle.loss_and_grad(x, goal, loss_fn, index)
+        for _ in range(self.config.eot_iter - 1):
+            loss, logits, more = oracle.loss_and_grad(x, goal, loss_fn, index)
+            grad = grad + more
+        return loss, logits, grad / self.config.eot_iter if self.config.eot_iter > 1 else grad
+
+    # ------------------------------------------------------------------------------------------- l1
+    def _l1_attack(self, job: _Job, threat: ThreatModel, generator: torch.Generator) -> None:
+        """One l1 run ("Mind the box"): from a random start, or through the 3 eps / 2 eps / eps schedule."""
+        config = self.config
+        x = job.x_all[job.index]
+        start = x.clone()
+        if config.random_start:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            first = threat.with_eps(3 * threat.eps) if config.eps_schedule else threat
+            start = first.project(x + noise, x)  # the reference: a Gaussian draw projected onto ball and box
+        if not config.eps_schedule:
+            self._l1_run(job, threat, config.steps, start, fresh=True, counts=True)
+            return
+        stages = [math.ceil(0.3 * config.steps), math.ceil(0.3 * config.steps)]
+        stages.append(config.steps - sum(stages))
+        for stage, (factor, steps) in enumerate(zip((3.0, 2.0, 1.0), stages, strict=True)):
+            stage_threat = threat.with_eps(factor * threat.eps)
+            start = stage_threat.project(start, x)
+            start = self._l1_run(job, stage_threat, steps, start, fresh=False, counts=stage == 2)
+
+    def _l1_run(
+        self, job: _Job, threat: ThreatModel, steps: int, start: Tensor, *, fresh: bool, counts: bool
+    ) -> Tensor:
+        """``steps`` sparse l1 steps from ``start`` inside ``threat``; successes are recorded when ``counts`` (the
+        eps stage). Returns each example's point of highest loss (for the next stage of the schedule).
+
+        Each step moves ``eta`` (l1) along the signs of the gradient's largest coordinates, a fraction ``topk``
+        of them (0.2 at a fresh start; else the start's sparsity / 1.5), then projects onto ball and box; no
+        momentum. Every ``max(int(0.04 * steps), 1)`` steps, an example whose best point became sparser (its
+        number of changed coordinates fell below 95% of the last check's) restarts from its best point with
+        ``eta = eps`` (times ``initial_step``, 1 by default); the others divide ``eta`` by 1.5 (not below a tenth of
+        that); ``topk`` becomes the best point's sparsity / 1.5.
+        """
+        x = job.x_all[job.index]
+        base = self.config.first_step(Norm.L1) * threat.eps
+        loss, logits, grad = self._gradient(job.oracle, start, job.loss_goal, job.loss_fn, job.index)
+        success = job.goal.is_success(logits) & counts
+        if counts:
+            job.record.update(start, success, loss, job.index, job.run, 0)
+        dim = float(x[0].numel())
+        changed = (start - x).reshape(x.shape[0], -1).ne(0).sum(dim=1).to(x.dtype)
+        state: State = {
+            "index": job.index, "x": x, "x_adv": start, "grad": grad, "x_max": start, "loss_max": loss,
+            "grad_max": grad, "eta": torch.full_like(loss, base),
+            "topk": torch.full_like(loss, 0.2) if fresh else changed / dim / 1.5,
+            "sparsity": torch.full_like(loss, dim) if fresh else changed,
+        }  # fmt: skip
+        loss_goal, goal = job.loss_goal, job.goal
+        interval = max(int(0.04 * steps), 1)
+        for i in range(steps):
+            if counts and self.config.early_stop and bool(success.any()):
+                keep = ~success
+                if not bool(keep.any()):
+                    break
+                state = {name: value[keep] for name, value in state.items()}
+                loss_goal, goal = loss_goal.subset(keep), goal.subset(keep)
+            x_new = self._l1_step(state, threat)
+            loss, logits, grad = self._gradient(job.oracle, x_new, loss_goal, job.loss_fn, state["index"])
+            success = goal.is_success(logits) & counts
+            if counts:
+                job.record.update(x_new, success, loss, state["index"], job.run, i + 1)
+            better = loss > state["loss_max"]
+            state["x_max"] = _where(better, x_new, state["x_max"])
+            state["grad_max"] = _where(better, grad, state["grad_max"])
+            state["loss_max"] = torch.where(better, loss, state["loss_max"])
+            state["x_adv"], state["grad"] = x_new, grad
+            if (i + 1) % interval == 0:
+                self._l1_checkpoint(state, base)
+        return state["x_max"]
+
+    @staticmethod
+    def _l1_step(state: State, threat: ThreatModel) -> Tensor:
+        """``P(x_k + eta * s / ||s||_1)`` with ``s`` the signs of the gradient's top-``topk`` coordinates."""
+        grad = state["grad"].reshape(state["grad"].shape[0], -1)
+        dim = grad.shape[1]
+        position = torch.clamp((1.0 - state["topk"]) * dim, min=0, max=dim - 1).long()
+        threshold = grad.abs().sort(dim=1).values.gather(1, position[:, None])
+        signs = (grad * (grad.abs() >= threshold)).sign()
+        direction = signs / (signs.abs().sum(dim=1, keepdim=True) + 1e-10)
+        x_adv = state["x_adv"]
+        return threat.project(x_adv + rows_like(state["eta"], x_adv) * direction.reshape(x_adv.shape), state["x"])
+
+    @staticmethod
+    def _l1_checkpoint(state: State, base: float) -> None:
+        """Adapt ``topk`` and ``eta`` (within ``[base / 10, base]``) to the best point's sparsity (see
+        :meth:`_l1_run`)."""
+        x = state["x"]
+        changed = (state["x_max"] - x).reshape(x.shape[0], -1).ne(0).sum(dim=1).to(x.dtype)
+        sparser = changed < 0.95 * state["sparsity"]
+        state["topk"] = changed / float(x[0].numel()) / 1.5
+        reset = torch.full_like(state["eta"], base)
+        state["eta"] = torch.where(sparser, reset, state["eta"] / 1.5).clamp(base / 10, base)
+        state["sparsity"] = changed
+        state["x_adv"] = _where(sparser, state["x_max"], state["x_adv"])
+        state["grad"] = _where(sparser, state["grad_max"], state["grad"])
 
     def _checkpoint(self, state: State, interval: int) -> None:
         """At a checkpoint ``interval`` steps after the previous one: halve the step size of an example that
