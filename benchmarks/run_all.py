@@ -12,6 +12,7 @@ BENCHMARKS = [
     ["benchmarks.fw_comparison"],
     ["benchmarks.pretrained_pgd40"],
     ["benchmarks.serving"],
+    ["benchmarks.model_access"],
     ["benchmarks.serving_abuse"],
     ["benchmarks.distributed"],
     ["benchmarks.hard_label"],
