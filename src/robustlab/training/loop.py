@@ -9,7 +9,12 @@ Fast-BAT, ...) over a data set with:
 - catastrophic-overfitting detection (:func:`catastrophic_overfitting`): validation PGD accuracy falling far below
   its best, or stuck near zero, while FGSM accuracy stays up; the policy warns, stops and restores the best
   weights, or switches to a stronger method;
-- learning-rate schedules (piecewise, cyclic, cosine, with warm-up), ``torch.autocast`` on CUDA;
+- any :class:`robustlab.data.ImageData` as data: a split in memory or a stream read batch by batch, in the calling
+  process or in ``DataLoader`` workers (``workers``), pinned on CUDA (:mod:`robustlab.training.data`);
+- per-example, seeded data augmentation (``augment``: random crop and flip, random-resized crop;
+  :mod:`robustlab.training.augment`), gradient accumulation (``grad_accumulation``), mixed precision
+  (``torch.autocast``: float16 with a gradient scaler on CUDA, bfloat16 on the CPU or CUDA);
+- learning-rate schedules (piecewise, cyclic, cosine, with warm-up);
 - checkpoints at every epoch (and every ``checkpoint_every`` steps) that resume *exactly*: model, optimizer,
   schedule, objective state (per-example buffers), every random generator and the position in the epoch;
 - a progress bar, scalars in JSON lines and, when TensorBoard is installed, TensorBoard event files.
@@ -23,13 +28,15 @@ catastrophic-overfitting criterion live in :mod:`robustlab.training.validation`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.checks import check_choice, check_fraction, check_number, check_positive_int
-from robustlab.data import ArrayDataset, train_val_split
-from robustlab.errors import ConfigError, InvalidInputError
+from robustlab.data import ImageData
+from robustlab.errors import ConfigError
 from robustlab.registry import normalize_name
 from robustlab.threat import ThreatModel
+from robustlab.training.augment import Augmentation, get_augmentation
+from robustlab.training.data import check_training_data, first_examples, split_training_data, training_batches
 from robustlab.training.objectives.base import Objective, StepContext, StepOutput, build_objective, objective_info
 from robustlab.training.schedules import lr_multiplier
 from robustlab.training.state import (
@@ -72,6 +81,7 @@ CO_POLICIES = ("warn", "stop", "switch")
 OPTIMIZERS = ("sgd", "adam", "lamb")
 VALIDATION_ATTACKS = ("quick", "pgd")
 SELECTIONS = ("robust", "last")
+AMP_DTYPES = ("auto", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -96,8 +106,18 @@ class TrainConfig:
             (see :func:`catastrophic_overfitting`: also PGD accuracy below ``co_drop / 2`` with FGSM accuracy more
             than ``co_drop`` above it, or FGSM accuracy more than ``2 * co_drop`` above PGD's).
         select: "robust" keeps the weights with the best validation robust accuracy, "last" the final ones.
-        seed: seeds the data order, the attacks and the model's own randomness (dropout).
-        amp: mixed precision with ``torch.autocast`` when training on CUDA.
+        seed: seeds the data order, the augmentation, the attacks and the model's own randomness (dropout).
+        amp, amp_dtype: mixed precision with ``torch.autocast``. ``amp_dtype="auto"``: float16 with a gradient
+            scaler on CUDA, none on the CPU; ``"bfloat16"``: bfloat16 on the CPU or CUDA (no scaler needed);
+            ``"float16"``: CUDA only. ``amp=False`` trains in float32 everywhere.
+        augment: a registered augmentation (:data:`~robustlab.training.augment.AUGMENTATIONS`: ``"none"``,
+            ``"flip"``, ``"crop-flip"``, ``"crop-flip-reflect"``, ``"random-resized-crop"``) or an
+            :class:`~robustlab.training.augment.Augmentation`; each example's draws depend only on (seed, epoch,
+            index), so workers and resumed runs see the same images.
+        workers: processes reading (and augmenting) batches ahead of training (0: the training process).
+        grad_accumulation: split each batch into this many micro-batches, each run through the method and
+            backpropagated, with one optimizer step per batch: the same batch and schedule in less memory (the
+            loss is the batch mean, as without accumulation; BatchNorm sees micro-batches).
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         stats_every: compute the loss-increase and gradient-norm statistics every this many steps.
         checkpoint_every: also checkpoint every this many optimizer steps (None: at epoch ends only).
@@ -124,14 +144,21 @@ class TrainConfig:
     select: str = "robust"
     seed: int = 0
     amp: bool = True
+    amp_dtype: str = "auto"
+    augment: str | Augmentation = "none"
+    workers: int = 0
+    grad_accumulation: int = 1
     grad_clip: float | None = None
     stats_every: int = 10
     checkpoint_every: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid option."""
-        for name in ("epochs", "batch_size", "val_examples", "val_attack_steps", "stats_every"):
+        for name in ("epochs", "batch_size", "val_examples", "val_attack_steps", "stats_every", "grad_accumulation"):
             check_positive_int(name, getattr(self, name))
+        check_positive_int("workers", self.workers, minimum=0)
+        check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
+        get_augmentation(self.augment)
         check_positive_int("checkpoint_every", self.checkpoint_every, allow_none=True)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_number("lr", self.lr, low=0, low_open=True)
@@ -292,8 +319,8 @@ class _TrainingRun:
     def __init__(
         self,
         model: nn.Module,
-        data: ArrayDataset,
-        val_data: ArrayDataset,
+        data: ImageData,
+        val_data: ImageData,
         objective: Objective,
         threat: ThreatModel,
         config: TrainConfig,
@@ -312,8 +339,9 @@ class _TrainingRun:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.optimizer = _make_optimizer(model, config)
         self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
-        self.use_amp = config.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
+        self.amp_dtype = _autocast_dtype(config, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.augmentation = get_augmentation(config.augment)
         # The data order, each rank's attacks and the global stream (dropout), all from the seed, in this order.
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.attack_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 7919 * self.rank)
@@ -332,6 +360,13 @@ class _TrainingRun:
             "batch_size": config.batch_size, "train_examples": len(data), "seed": config.seed,
             "world_size": self.world,
         }  # fmt: skip
+        # What changes the result beyond the above, only when not the default (so older states still resume).
+        if self.augmentation.active:
+            self.identity["augment"] = self.augmentation.describe()
+        if config.grad_accumulation > 1:
+            self.identity["grad_accumulation"] = config.grad_accumulation
+        if self.amp_dtype is not None and self.amp_dtype != torch.float16:
+            self.identity["amp_dtype"] = str(self.amp_dtype)
         self.state_path: Path | None = None
         self.log = ScalarLog(None)
         self.stopped_early = False
@@ -358,7 +393,7 @@ class _TrainingRun:
         return DistributedDataParallel(self.model, device_ids=device_ids)
 
     def _set_up_objective(self) -> None:
-        self.objective.setup(self.model, len(self.data), tuple(self.data.x.shape[1:]), self.device)
+        self.objective.setup(self.model, len(self.data), tuple(self.data.image_shape), self.device)
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
@@ -459,8 +494,8 @@ class _TrainingRun:
         )  # fmt: skip
         self.model.train()
         clock = time.perf_counter()
-        for batch in bar:
-            loss = self.train_step(epoch, batch, order)
+        for batch, (x, y, index) in zip(bar, self._batches(epoch, order, first_batch)):
+            loss = self.train_step(epoch, batch, x, y, index)
             step = epoch * self.steps_per_epoch + batch
             bar.set_postfix(loss=f"{self.totals.loss / self.totals.seen:.3f}")
             self.log.add("train/loss", loss, step)
@@ -475,37 +510,76 @@ class _TrainingRun:
         self.totals.seconds += time.perf_counter() - clock
         self.start_batch = 0
 
-    def train_step(self, epoch: int, batch: int, order: Tensor) -> float:
-        """One optimizer step on batch ``batch`` of the epoch's ``order``; returns its loss."""
-        cfg = self.config
-        index = order[batch * cfg.batch_size : (batch + 1) * cfg.batch_size][self.rank :: self.world]
-        x = self.data.x[index].to(self.device, non_blocking=True)
-        y = self.data.y[index].to(self.device, non_blocking=True)
-        step = epoch * self.steps_per_epoch + batch
-        context = StepContext(
-            index=index.to(self.device), epoch=epoch, step=step, epochs=cfg.epochs, generator=self.attack_generator,
-            progress=step / self.total_steps,
+    def _batches(self, epoch: int, order: Tensor, first_batch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """This process's share of the epoch's batches from ``first_batch``, augmented, with their positions."""
+        return training_batches(
+            self.data, order, first_batch=first_batch, batch_size=self.config.batch_size, rank=self.rank,
+            world=self.world, augmentation=self.augmentation, seed=self.config.seed, epoch=epoch,
+            workers=self.config.workers, pin_memory=self.device.type == "cuda",
         )  # fmt: skip
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.use_amp):
-            output: StepOutput = self.objective.step(self.train_model, x, y, context)
-        if not torch.isfinite(output.loss):
+
+    def train_step(self, epoch: int, batch: int, x: Tensor, y: Tensor, index: Tensor) -> float:
+        """One optimizer step on batch ``batch`` (images ``x``, labels ``y`` at positions ``index``); its loss.
+
+        With gradient accumulation the batch runs as micro-batches, each backpropagated with its share of the batch
+        mean (under DDP, gradients are exchanged after the last one only).
+        """
+        cfg = self.config
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        index = index.to(self.device)
+        step = epoch * self.steps_per_epoch + batch
+        parts = _micro_batches(len(y), cfg.grad_accumulation)
+        done: list[tuple[StepOutput, slice]] = []
+        for number, part in enumerate(parts):
+            context = StepContext(
+                index=index[part], epoch=epoch, step=step, epochs=cfg.epochs, generator=self.attack_generator,
+                progress=step / self.total_steps,
+            )  # fmt: skip
+            last = number == len(parts) - 1
+            with self._no_sync(not last):
+                with self._autocast():
+                    output: StepOutput = self.objective.step(self.train_model, x[part], y[part], context)
+                self._check_finite(output.loss, epoch, batch)
+                if number == 0:  # after the method's own passes, as without accumulation
+                    self.optimizer.zero_grad(set_to_none=True)
+                share = 1.0 if len(parts) == 1 else (part.stop - part.start) / len(y)
+                self._backward(output.loss if share == 1.0 else output.loss * share)
+            done.append((output, part))
+        measure = step % cfg.stats_every == 0
+        grad_norm = self._update_weights(measure)
+        for number, (output, part) in enumerate(done):
+            self._record_step(output, x[part], y[part], measure, grad_norm if number == 0 else None)
+        if len(done) == 1:
+            return float(done[0][0].loss.detach())
+        return sum(float(output.loss.detach()) * (part.stop - part.start) for output, part in done) / len(y)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP's gradient exchange skipped (for a micro-batch that is not the batch's last)."""
+        no_sync = getattr(self.train_model, "no_sync", None)
+        return no_sync() if skip and callable(no_sync) else contextlib.nullcontext()
+
+    def _check_finite(self, loss: Tensor, epoch: int, batch: int) -> None:
+        if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"the {self.objective.name} loss became {float(output.loss.detach())} at epoch {epoch + 1}, "
+                f"the {self.objective.name} loss became {float(loss.detach())} at epoch {epoch + 1}, "
                 f"step {batch + 1}; lower the learning rate"
             )
-        measure = step % cfg.stats_every == 0
-        grad_norm = self._update_weights(output.loss, measure)
-        self._record_step(output, x, y, measure, grad_norm)
-        return float(output.loss.detach())
 
-    def _update_weights(self, loss: Tensor, measure: bool) -> float | None:
-        """Backward, clip, optimizer and schedule step; the gradient norm when ``measure`` (or clipping)."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def _backward(self, loss: Tensor) -> None:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+
+    def _update_weights(self, measure: bool) -> float | None:
+        """Clip, optimizer and schedule step on the accumulated gradients; their norm when ``measure`` (or clipping)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm: float | None = None
         if self.config.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -556,7 +630,7 @@ class _TrainingRun:
         cfg = self.config
         metrics = validate_model(
             self.model, self.val_data, self.threat, steps=cfg.val_attack_steps, batch_size=500,
-            seed=cfg.seed + 1000 * epoch, world=self.world, rank=self.rank, attack=cfg.val_attack,
+            seed=cfg.seed + 1000 * epoch, world=self.world, rank=self.rank, attack=cfg.val_attack, workers=cfg.workers,
         )  # fmt: skip
         self.model.train()
         if self.world > 1:  # every rank logs and decides on the same, global numbers
@@ -641,26 +715,48 @@ def _objective_for(method: Objective | str, threat: ThreatModel, options: dict[s
     return objective
 
 
+def _micro_batches(size: int, parts: int) -> list[slice]:
+    """``size`` examples in ``parts`` contiguous, nearly equal, non-empty slices (fewer when ``size < parts``)."""
+    bounds = [round(k * size / parts) for k in range(parts + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast type of the run (None: float32), or a ConfigError for one the device cannot use."""
+    if not config.amp:
+        return None
+    if config.amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if config.amp_dtype == "float16":
+        if device.type != "cuda":
+            raise ConfigError("amp_dtype='float16' needs a CUDA device; on the CPU use amp_dtype='bfloat16'")
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bfloat16; use amp_dtype='float16' (or 'auto')")
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"bfloat16 autocast is supported on the CPU and CUDA, not on {device.type}")
+    return torch.bfloat16
+
+
 def _split_data(
-    data: ArrayDataset, val_data: ArrayDataset | None, threat: ThreatModel, config: TrainConfig
-) -> tuple[ArrayDataset, ArrayDataset]:
+    data: ImageData, val_data: ImageData | None, threat: ThreatModel, config: TrainConfig
+) -> tuple[ImageData, ImageData]:
     """(training part, validation examples): a held-out split of ``data`` unless ``val_data`` is given."""
-    if not isinstance(data, ArrayDataset):
-        raise InvalidInputError(f"data must be a robustlab ArrayDataset, got {type(data).__name__}")
-    threat.check_inputs(data.x[:512], name="training data")
-    if val_data is None:
-        data, val_data = train_val_split(data, config.val_fraction, seed=config.seed)
-    return data, val_data.head(config.val_examples)
+    check_training_data(data, threat)
+    if val_data is not None:
+        check_training_data(val_data, threat, "val_data")
+    data, val_data = split_training_data(data, val_data, config.val_fraction, config.seed)
+    return data, first_examples(val_data, config.val_examples)
 
 
 def train(
     model: nn.Module,
-    data: ArrayDataset,
+    data: ImageData,
     method: Objective | str,
     threat: ThreatModel,
     config: TrainConfig | None = None,
     *,
-    val_data: ArrayDataset | None = None,
+    val_data: ImageData | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -671,8 +767,9 @@ def train(
 
     Args:
         model: any classifier module returning logits; trained in place on the device of its parameters.
-        data: the training split (an :class:`ArrayDataset`); a validation part is held out from it unless
-            ``val_data`` is given.
+        data: the training split: any :class:`~robustlab.data.ImageData` (an :class:`~robustlab.data.ArrayDataset`
+            in memory, or a stream from :func:`robustlab.data.open_dataset` read batch by batch); a validation part
+            is held out from it unless ``val_data`` is given.
         method: a registered method name (``robustlab.training.list_objectives()``) or an Objective instance.
         threat: the threat model of the training attack and of validation.
         config: loop options (:class:`TrainConfig`).

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.data import ArrayDataset
+from robustlab.data import ImageData
 from robustlab.threat import ThreatModel
+from robustlab.training.data import validation_batches
 from robustlab.utils import model_device, model_mode, rows_like
 
 __all__ = ["catastrophic_overfitting", "validate_model"]
@@ -48,7 +49,7 @@ def _validation_attack(
 
 def validate_model(
     model: nn.Module,
-    data: ArrayDataset,
+    data: ImageData,
     threat: ThreatModel,
     *,
     steps: int,
@@ -57,6 +58,7 @@ def validate_model(
     world: int = 1,
     rank: int = 0,
     attack: str = "pgd",
+    workers: int = 0,
 ) -> dict[str, float]:
     """Clean, FGSM and robust accuracy and stability on ``data``.
 
@@ -64,7 +66,7 @@ def validate_model(
     per example) or PGD (``attack="pgd"``: ``steps`` steps of eps/4, early stop).
 
     With several processes each takes every ``world``-th batch and the counts are summed, so every rank gets the
-    single-process numbers.
+    single-process numbers. ``data`` is read batch by batch (by ``workers`` processes, or this one).
     """
     import robustlab  # the attacks, imported late to keep training importable on its own
 
@@ -72,11 +74,8 @@ def validate_model(
     correct = fgsm_correct = pgd_correct = robust = stable = 0
     total = len(data)
     with model_mode(model, "eval"):
-        for number, start in enumerate(range(0, total, batch_size)):
-            if number % world != rank:
-                continue
-            x = data.x[start : start + batch_size].to(device)
-            y = data.y[start : start + batch_size].to(device)
+        for start, (images, labels) in validation_batches(data, batch_size, rank=rank, world=world, workers=workers):
+            x, y = images.to(device), labels.to(device)
             with torch.no_grad():
                 clean_pred = model(x).argmax(1)
             pgd_broken, broken, x_adv = _validation_attack(model, x, y, threat, attack, steps, seed + start)
