@@ -58,7 +58,8 @@ class LazyImages(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(np.load(self.images, mmap_mode="r").shape[1:])  # type: ignore[return-value]
+        c, h, w = np.load(self.images, mmap_mode="r").shape[1:]
+        return int(c), int(h), int(w)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         self.largest_read = max(self.largest_read, 1)
@@ -224,7 +225,7 @@ def test_training_from_an_image_folder_on_disk(digits, tmp_path: Path) -> None:
 
 def test_training_data_must_be_image_data(digits) -> None:
     with pytest.raises(InvalidInputError, match=r"robustlab data set \(robustlab.data.ImageData.*open_dataset"):
-        train(tiny_model(), [(digits.x[0], digits.y[0])], "standard", THREAT, CONFIG, progress=False)
+        train(tiny_model(), [(digits.x[0], digits.y[0])], "standard", THREAT, CONFIG, progress=False)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------ accumulation and mixed precision

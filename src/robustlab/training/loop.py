@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.checks import check_choice, check_fraction, check_number, check_positive_int
-from robustlab.data import ImageData
+from robustlab.data import ArrayDataset, ImageData
 from robustlab.errors import ConfigError
 from robustlab.registry import normalize_name
 from robustlab.threat import ThreatModel
@@ -216,6 +216,10 @@ class TrainResult:
         }
 
 
+# What train() reads. ArrayDataset satisfies ImageData at run time; listed too because the protocol's attributes are
+# settable while a frozen dataclass's are not, which static type checkers hold against it.
+TrainingData = ImageData | ArrayDataset
+
 HISTORY_KEYS = (
     "epoch",
     "lr",
@@ -319,8 +323,8 @@ class _TrainingRun:
     def __init__(
         self,
         model: nn.Module,
-        data: ImageData,
-        val_data: ImageData,
+        data: TrainingData,
+        val_data: TrainingData,
         objective: Objective,
         threat: ThreatModel,
         config: TrainConfig,
@@ -739,8 +743,8 @@ def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | 
 
 
 def _split_data(
-    data: ImageData, val_data: ImageData | None, threat: ThreatModel, config: TrainConfig
-) -> tuple[ImageData, ImageData]:
+    data: TrainingData, val_data: TrainingData | None, threat: ThreatModel, config: TrainConfig
+) -> tuple[TrainingData, TrainingData]:
     """(training part, validation examples): a held-out split of ``data`` unless ``val_data`` is given."""
     check_training_data(data, threat)
     if val_data is not None:
@@ -751,12 +755,12 @@ def _split_data(
 
 def train(
     model: nn.Module,
-    data: ImageData,
+    data: TrainingData,
     method: Objective | str,
     threat: ThreatModel,
     config: TrainConfig | None = None,
     *,
-    val_data: ImageData | None = None,
+    val_data: TrainingData | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.data import ImageData
+from robustlab.data import ArrayDataset, ImageData
 from robustlab.threat import ThreatModel
 from robustlab.training.data import validation_batches
 from robustlab.utils import model_device, model_mode, rows_like
@@ -49,7 +49,7 @@ def _validation_attack(
 
 def validate_model(
     model: nn.Module,
-    data: ImageData,
+    data: ImageData | ArrayDataset,
     threat: ThreatModel,
     *,
     steps: int,
