@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import FastAPI, Request  # at module level, where FastAPI resolves the route's annotations
 
 import robustlab
 from benchmarks.common import markdown_table, setup_torch, write_docs_section
@@ -45,8 +46,6 @@ from robustlab.vendor import connect_spec
 
 
 def vendor_app(model: torch.nn.Module, counter: list[int]) -> Any:
-    from fastapi import FastAPI, Request
-
     app = FastAPI()
     lock = threading.Lock()
 
