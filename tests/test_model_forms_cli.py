@@ -128,3 +128,32 @@ def test_a_robustbench_file_with_arch_and_normalize(tmp_path: Path, capsys) -> N
     code, _, err = run(capsys, "attack", "--model", str(checkpoint), "--arch", "preactresnet18", "--normalize",
                        "cifar11", "--data", str(data), "--eps", "0.03", "--method", "fgsm")  # fmt: skip
     assert code == 2 and "unknown normalization 'cifar11'" in err
+
+
+def test_denoise_an_onnx_file_zeroth_order_and_first_order(onnx_files, tmp_path: Path, capsys) -> None:
+    model, data = onnx_files
+    common = ["denoise", "--model", str(model), "--data", str(data), "--depth", "2", "--width", "4",
+              "--batch-size", "6", "--steps", "1", "--sigma", "0.25"]  # fmt: skip
+    code, _, err = run(capsys, *common, "--method", "zo-ds", "--q", "2", "--queries", "200",
+                       "--out", str(tmp_path / "zo.pt"))  # fmt: skip
+    assert code == 0, err
+    assert "onnx2torch" not in err  # zeroth-order training queries onnxruntime through a score oracle
+    code, _, err = run(capsys, *common, "--method", "fo-ds", "--out", str(tmp_path / "fo.pt"))
+    assert code == 0, err
+    assert "converted to PyTorch by onnx2torch" in err
+
+
+def test_refused_credentials_on_the_command_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("VENDOR_KEY", "not-the-key")
+    x = images(2)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x.numpy(), y=np.array([0, 1]))
+    with serving(Vendor(small_cnn())) as url:
+        spec = write_spec(tmp_path, url)
+        code, _, err = run(capsys, "attack", "--model", str(spec), "--data", str(data), "--eps", "0.3",
+                           "--method", "square", "--queries", "10")  # fmt: skip
+    assert code == 2 and "refused the credentials (401)" in err and len(err.strip().splitlines()) == 1
+    assert "not-the-key" not in err
+    code, _, err = run(capsys, "denoise", "--model", str(spec), "--data", str(data), "--method", "fo-ds",
+                       "--out", str(tmp_path / "d.pt"))  # fmt: skip
+    assert code == 2 and "an endpoint spec does not allow" in err

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     data = common.open_data(args)
     model, _ = common.open_model(args, device, budget=args.queries)
     common.check_model_fits_data(model, data, args, device)
-    if zeroth_order and not common.is_url(args.model):  # a local model is still reached through scores only
+    if zeroth_order and isinstance(model, torch.nn.Module):  # a local module is still reached through scores only
         model = ScoreOracle(module_function(model), budget=args.queries)
     torch.manual_seed(args.seed)  # the modules' initial weights
     denoiser = DnCNN(data.image_shape[0], depth=args.depth, width=args.width).to(device)
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_options(args: argparse.Namespace) -> bool:
     """Refuse option combinations that cannot work, before any work; whether the method is zeroth-order."""
     from robustlab.errors import ConfigError
+    from robustlab.models.loading import is_endpoint_spec
 
     common.output_file(args.out, "--out")
     common.output_folder(args.report, "--report")
@@ -127,10 +128,10 @@ def _check_options(args: argparse.Namespace) -> bool:
         raise ConfigError(
             f"--objective mse goes with --method fo-ds (it does not involve the model), not {args.method}"
         )
-    if not zeroth_order and common.is_url(args.model):
+    if not zeroth_order and (common.is_url(args.model) or is_endpoint_spec(args.model)):
         raise ConfigError(
-            f"--method {args.method} back-propagates through the model, which a URL does not allow: "
-            "use --method zo-ae-ds or zo-ds for a model behind a server"
+            f"--method {args.method} back-propagates through the model, which a URL or an endpoint spec does not "
+            "allow: use --method zo-ae-ds or zo-ds for a model behind a server"
         )
     if not zeroth_order and args.queries is not None:
         raise ConfigError(f"--queries limits zeroth-order training; {args.method} makes no queries")
