@@ -14,6 +14,7 @@ The four jobs are top-level: :func:`attack`, :func:`evaluate`, :func:`train` and
 
 from robustlab.api import attack, attack_batches
 from robustlab.attacks import Attack, AttackConfig, AttackResult, get_attack, list_attacks, register_attack
+from robustlab.attacks.minimum_norm import minimum_norm
 from robustlab.certification import RandomizedSmoothing
 from robustlab.data import ArrayDataset, list_datasets, load_dataset, train_val_split
 from robustlab.errors import (
@@ -70,6 +71,7 @@ __all__ = [
     "list_suites",
     "load_dataset",
     "load_model",
+    "minimum_norm",
     "random_targets",
     "register_attack",
     "save_checkpoint",

@@ -20,7 +20,7 @@ def add_parser(commands: Any) -> None:
         formatter_class=common.HelpFormatter,
     )
     common.add_model_data_arguments(evaluate)
-    evaluate.add_argument("--norm", default="linf", help="linf, l2 or l1")
+    evaluate.add_argument("--norm", default="linf", help="linf, l2, l1 (l0: only with --attacks fmn)")
     evaluate.add_argument("--eps", type=common.positive_float, required=True, help="radius of the perturbation ball")
     evaluate.add_argument(
         "--bounds", nargs=2, type=float, default=(0.0, 1.0), metavar=("LOW", "HIGH"), help="input box"
@@ -40,6 +40,11 @@ def add_parser(commands: Any) -> None:
         help="name of a non-differentiable submodule to attack through with BPDA (repeatable)",
     )  # fmt: skip
     evaluate.add_argument("--eps-curve", type=float, nargs="+", help="also report robust accuracy at these eps")
+    evaluate.add_argument(
+        "--minimum-norm", metavar="METHOD",
+        help="also run this minimum-norm attack (fmn, fab, ddn, cw-l2) without eps: robust accuracy against eps as a "
+        "curve and the median smallest perturbation, from one run",
+    )  # fmt: skip
     evaluate.add_argument("--no-diagnostics", action="store_true", help="skip the masking checks (not advised)")
     evaluate.add_argument("--out", default="evaluation", help="directory for report.json, report.html and the state")
     common.add_run_options(
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         model, data, threat, suite, batch_size=args.batch_size, seed=args.seed, checkpoint=out / "evaluation_state.pt",
         resume=not args.no_resume, diagnostics=not args.no_diagnostics, bpda=args.bpda, eps_curve=args.eps_curve,
         progress=not args.quiet, device=device, workers=args.workers, adversarial_file=adversarial,
+        minimum_norm=args.minimum_norm,
     )  # fmt: skip
     report = Report(f"robustlab evaluate: {args.model} on {args.data}")
     evaluation_section(report, result)
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     clean, robust = 100 * summary["clean_accuracy"], 100 * summary["robust_accuracy"]
     stable = 100 * summary["perturbation_stability"]
     print(f"clean accuracy {clean:.2f}%  robust accuracy {robust:.2f}%  stability {stable:.2f}%  "
-          f"({summary['examples']} examples, {threat})")  # fmt: skip
+          f"({summary['examples']} examples, {threat}, suite {result.suite})")  # fmt: skip
     for step in result.steps:
         print(
             f"  {step.label:<40} broke {step.broken:>5} of {step.attacked:<5} "
@@ -87,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
     for diagnostic in result.diagnostics:
         if diagnostic.fired:
             print(f"  WARNING {diagnostic.name}: {diagnostic.evidence}. {diagnostic.action}")
+    if result.minimum_norm is not None:
+        smallest = result.minimum_norm
+        print(f"  minimum-norm view ({smallest.method}, no eps): median smallest {smallest.norm} perturbation "
+              f"{smallest.median_distance:.4g}, robust accuracy at eps {threat.eps:g} by it alone "
+              f"{100 * smallest.robust_accuracy(threat.eps):.2f}%")  # fmt: skip
     if adversarial is not None:
         print(f"adversarial examples (clean where none was found): {adversarial}")
     print(f"wrote {out / 'report.html'}")

@@ -29,9 +29,10 @@ from robustlab.evaluation.wrappers import ExpectationOverTransformation, LogOutp
 from robustlab.oracles import Access, LabelOracle, ScoreOracle, check_model_takes
 from robustlab.threat import Norm, ThreatModel
 
-__all__ = ["Adapted", "diagnose_and_adapt", "gradient_free_steps", "restrict_to_access"]
+__all__ = ["NOT_ADAPTED", "Adapted", "diagnose_and_adapt", "gradient_free_steps", "restrict_to_access"]
 
 PROBE_EXAMPLES = 64  # the checks look at the first examples only
+NOT_ADAPTED = "not applied: suite {suite!r} runs exactly as defined (choose suite='standard' to let it adapt)"
 
 
 @dataclass
@@ -55,7 +56,7 @@ def restrict_to_access(model: object, suite: Suite) -> Suite:
             f"no attack of suite {suite.name!r} works with {model.access.value} access; use a custom suite "
             "of score-based or hard-label attacks (e.g. Suite.custom(['square', 'rays']))"
         )
-    return Suite(suite.name, kept)
+    return suite.with_steps(kept)
 
 
 def diagnose_and_adapt(
@@ -99,6 +100,11 @@ def diagnose_and_adapt(
                 + ("" if bpda else "; name a non-differentiable layer with bpda=[...] to attack through it")
             )  # fmt: skip
         report.append(gradients)
+    if not suite.adaptive:  # checks reported, nothing changed (a user's bpda is a request, not an adaptation)
+        for verdict in report:
+            if verdict.fired and verdict.name != "train_mode":
+                verdict.action = NOT_ADAPTED.format(suite=suite.name) + f"; the adaptation would be: {verdict.action}"
+        return Adapted(with_bpda(model, bpda) if bpda and isinstance(model, nn.Module) else model, suite, report)
     return Adapted(attack_model, suite.plus(*extra_steps) if extra_steps else suite, report)
 
 

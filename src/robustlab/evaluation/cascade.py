@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from robustlab.api import attack as run_attack
 from robustlab.checks import check_integer, check_positive_int
 from robustlab.errors import ConfigError
-from robustlab.evaluation.adapt import diagnose_and_adapt, restrict_to_access
+from robustlab.evaluation.adapt import NOT_ADAPTED, diagnose_and_adapt, restrict_to_access
 from robustlab.evaluation.diagnostics import (
     Diagnostic,
     check_black_box_beats_white_box,
@@ -61,6 +61,7 @@ from robustlab.evaluation.diagnostics import (
 )
 from robustlab.evaluation.examples import Examples, FileStore, MemoryStore, open_store
 from robustlab.evaluation.extras import average_boundary_distance, robust_accuracy_curve
+from robustlab.evaluation.minimum_norm import minimum_norm_request, run_minimum_norm
 from robustlab.evaluation.result import EvaluationResult
 from robustlab.evaluation.state import STATE_FORMAT, BatchOutcome, CascadeState, StepReport
 from robustlab.evaluation.suites import FOCUS_MINIMUM, Suite, SuiteStep, get_suite
@@ -98,6 +99,7 @@ def evaluate(
     device: torch.device | str | None = None,
     workers: int = 0,
     adversarial_file: str | Path | None = None,
+    minimum_norm: str | tuple[str, dict[str, Any]] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model``'s robustness on ``data`` inside ``threat`` with an attack suite.
 
@@ -127,6 +129,9 @@ def evaluate(
             streamed data, ``<checkpoint>.adversarial.npy`` next to a checkpoint, else a temporary file that lives
             as long as the result; data in memory keeps them in memory. A resume needs the file of the run it
             resumes.
+        minimum_norm: also run this minimum-norm attack (``"fmn"``, ``"fab"``, ``"ddn"``, ``"cw-l2"``, or a
+            ``(name, options)`` pair) without eps on the correctly classified examples: robust accuracy against eps
+            as a curve and the median smallest perturbation, from one run (:mod:`robustlab.evaluation.minimum_norm`).
     """
     started = time.perf_counter()
     _check_options(batch_size, seed, eot_samples, extra_queries, adbd_queries, adbd_examples, workers)
@@ -134,6 +139,8 @@ def evaluate(
         raise ConfigError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
     check_positive_int("limit", limit, allow_none=True)
     base_suite = get_suite(suite, threat.norm)
+    if minimum_norm is not None:
+        minimum_norm_request(minimum_norm, threat.norm)  # a bad request fails now, not after the cascade
     if not isinstance(model, nn.Module):  # a black box: the attacks its access allows, no gradient checks
         base_suite, diagnostics = restrict_to_access(model, base_suite), False
     if adbd_queries is None and base_suite.name == "full":
@@ -144,7 +151,7 @@ def evaluate(
         adversarial_file = Path(str(checkpoint) + ".adversarial.npy")
     train_mode = check_train_mode(model) if isinstance(model, nn.Module) else None
     with model_mode(model, "eval") if isinstance(model, nn.Module) else contextlib.nullcontext():
-        probe_x, probe_y = examples.first(PROBE_EXAMPLES)
+        probe_x, probe_y = examples.first(PROBE_EXAMPLES if diagnostics else 2)  # 2: the model/data check
         adapted = diagnose_and_adapt(
             model, probe_x, probe_y, threat, base_suite, device=run_device, train_mode=train_mode,
             diagnostics=diagnostics, bpda=bpda, eot_samples=eot_samples, extra_queries=extra_queries,
@@ -169,9 +176,14 @@ def evaluate(
             curve = robust_accuracy_curve(
                 adapted.model, examples, cascade.clean_pred, threat, eps_curve, batch_size, run_device, seed
             )
+        smallest = None if minimum_norm is None else run_minimum_norm(
+            adapted.model, examples, cascade.clean_pred, threat, minimum_norm, batch_size, run_device, seed
+        )  # fmt: skip
     cascade.finish()
     elapsed = time.perf_counter() - started
-    return cascade.result(adapted.report, broken, final_pred, distance, curve, adbd, elapsed)
+    result = cascade.result(adapted.report, broken, final_pred, distance, curve, adbd, elapsed)
+    result.minimum_norm = smallest
+    return result
 
 
 def _check_options(
@@ -404,7 +416,7 @@ class Cascade:
         clean_pred = self.clean_pred[rows]
         result = run_attack(
             self.model, x.to(self.device, non_blocking=True), clean_pred.to(self.device), self.threat, step.method,
-            seed=self.seed + 1000 * index + number, **dict(step.options),
+            seed=self.seed if self.suite.same_seed else self.seed + 1000 * index + number, **dict(step.options),
         )  # fmt: skip
         success = result.success.cpu()
         margin = torch.full((len(rows),), math.inf)
@@ -520,7 +532,8 @@ def _escalate_black_box(cascade: Cascade, extra_queries: int) -> Diagnostic:
     """
     suite = cascade.suite
     verdict = check_black_box_beats_white_box(cascade.state.steps, suite)
-    if not verdict.fired:
+    if not verdict.fired or not suite.adaptive:
+        verdict.action = verdict.action or (NOT_ADAPTED.format(suite=suite.name) if verdict.fired else "")
         return verdict
     squares = [s for s in suite.steps if s.method == "square"]  # ran, so the access allows it
     square_budget = int(squares[-1].options.get("queries", extra_queries)) if squares else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from robustlab.attacks.registry import get_attack
+from robustlab.evaluation.minimum_norm import minimum_norm_section
 from robustlab.evaluation.result import EvaluationResult
 from robustlab.oracles import Access
 from robustlab.report import Report, image_grid_figure, line_plot
@@ -55,8 +56,10 @@ def evaluation_section(report: Report, result: EvaluationResult, title: str = "R
             line_plot(
                 {"APGD-CE (20 steps)": (eps, robust)}, xlabel=f"eps ({threat.norm.value})", ylabel="robust accuracy"
             ),
-            "Robust accuracy against eps",
+            "Robust accuracy against eps, by APGD-CE (20 steps) at each eps, not by the suite",
         )
+    if result.minimum_norm is not None:
+        minimum_norm_section(section, result.minimum_norm, threat)
     black = [s for s in result.steps if get_attack(s.method).access is not Access.GRADIENT and s.attacked]
     if black:
         series = {}

@@ -37,6 +37,8 @@ class EvaluationResult:
             for data held in memory, else a copy-on-write memory map of ``adversarial_file`` (rows are read from
             disk when touched).
         adversarial_file: the ``.npy`` file holding ``adversarial`` for streamed data (None for data in memory).
+        minimum_norm: the smallest perturbations a minimum-norm attack found, when asked
+            (:class:`~robustlab.evaluation.minimum_norm.MinimumNormSummary`: curve and median distance).
     """
 
     threat: ThreatModel
@@ -58,6 +60,7 @@ class EvaluationResult:
     adversarial: Tensor | None = None
     adversarial_file: Path | None = None
     store: Any = field(default=None, repr=False)  # keeps a temporary file of adversarial examples alive
+    minimum_norm: Any = None
 
     @property
     def x(self) -> Tensor:
@@ -114,4 +117,5 @@ class EvaluationResult:
             "eps_curve": None if self.eps_curve is None else {"eps": self.eps_curve[0], "robust": self.eps_curve[1]},
             "wall_time_s": self.wall_time,
             "adversarial_file": None if self.adversarial_file is None else str(self.adversarial_file),
+            "minimum_norm": None if self.minimum_norm is None else self.minimum_norm.summary(self.threat.eps),
         }

@@ -15,8 +15,24 @@ examples left. The built-in suites are registered in :data:`SUITES` (:func:`list
   budget where it can still succeed. When Square breaks more than 1% of what the gradient attacks left, the
   diagnostics (:mod:`robustlab.evaluation.diagnostics`) widen it to the next-weakest examples while it keeps
   finding more.
-- ``full`` — everything: adds APGD-DLR, APGD-T on 9 targets, CW-PGD with restarts, Frank-Wolfe, a longer Square
-  and, for Linf, RayS with a 10,000-query hard-label budget.
+  In l1, the APGD steps use the "Mind the box" schedule (3 eps, 2 eps, eps: ``eps_schedule``), which breaks far
+  more examples than a plain l1 run.
+- ``full`` — everything: adds APGD-DLR, APGD-T on 9 targets, FAB-T on 9 targets, CW-PGD with restarts,
+  Frank-Wolfe, a longer Square and, for Linf, RayS with a 10,000-query hard-label budget.
+- ``autoattack`` — AutoAttack's standard version exactly (Croce & Hein 2020, reference ``fra31/auto-attack``
+  ``autoattack.py``), for numbers comparable with RobustBench and the literature: APGD-CE (100 steps, 1 restart),
+  APGD-T (100 steps, 9 target classes), FAB-T (100 steps, 9 target classes) and Square (5,000 iterations,
+  p_init 0.8, the schedule of 10,000 queries as the reference's ``resc_schedule=False``), in that order, each on the
+  examples still robust, every attack call seeded with the evaluation's seed (the reference's policy). In l1 it is
+  APGD-CE (5 restarts) and APGD-T (5 targets) with the 3 eps / 2 eps / eps schedule, FAB-T and Square; robustlab has
+  no l1 Square, so this suite refuses l1 rather than run a different ensemble.
+- ``autoattack-rand`` — AutoAttack's version for randomized defenses: APGD-CE and APGD-DLR, 1 restart each, every
+  gradient the mean of 20 draws (EOT).
+
+The two AutoAttack suites are not adapted by the diagnostics (:attr:`Suite.adaptive` is False): the checks run and
+are reported, but the model is attacked as given (no log-outputs or EOT wrapper) and no attack is added, so the
+numbers are AutoAttack's. BPDA applies when the user names layers (``bpda=[...]``): that is a request, not an
+adaptation.
 
 A custom suite is a list of attack names or ``(name, options)`` pairs: ``Suite.custom([("apgd", {"steps": 50}),
 "square"])``, or of :class:`SuiteStep` objects, which can also focus a step on the weakest examples.
@@ -24,6 +40,7 @@ A custom suite is a list of attack names or ``(name, options)`` pairs: ``Suite.c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,30 +84,56 @@ class SuiteStep:
     options: Mapping[str, Any] = field(default_factory=dict)
     focus: float = 1.0
     fresh_examples: bool = False
+    # The norms the step is for (None: every norm its attack supports); not in the repr, so suites that predate it
+    # keep their fingerprints.
+    norms: frozenset[Norm] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_fraction("focus", self.focus, allow_one=True)
 
+    def applies_to(self, norm: Norm) -> bool:
+        """The step is meant for ``norm`` (whether or not its attack supports it)."""
+        return self.norms is None or norm in self.norms
+
     def supports(self, norm: Norm) -> bool:
-        return norm in get_attack(self.method).norms
+        return self.applies_to(norm) and norm in get_attack(self.method).norms
 
 
 @dataclass(frozen=True)
 class Suite:
-    """An ordered cascade of attacks."""
+    """An ordered cascade of attacks.
+
+    ``adaptive`` (True): the evaluation may answer its diagnostics by wrapping the model and adding attacks; False
+    keeps the suite exactly as defined (the AutoAttack suites). ``same_seed`` (False): every attack call gets the
+    evaluation's seed, as AutoAttack does, instead of a seed per stage and batch. ``complete`` (False): refuse a
+    norm for which one of the steps meant for it has no attack, instead of running the others.
+    """
 
     name: str
     steps: tuple[SuiteStep, ...]
+    adaptive: bool = field(default=True, repr=False)
+    same_seed: bool = field(default=False, repr=False)
+    complete: bool = field(default=False, repr=False)
 
     def for_norm(self, norm: Norm) -> Suite:
-        """The steps that support ``norm``; an error when none does."""
+        """The steps that support ``norm``; an error when none does (or, for a complete suite, when one does not)."""
+        missing = [step.label for step in self.steps if step.applies_to(norm) and not step.supports(norm)]
+        if self.complete and missing:
+            raise ConfigError(
+                f"suite {self.name!r} needs {', '.join(missing)} in the {norm.value} norm, which robustlab does not "
+                "have; it would not be the same ensemble: use suite='standard' or a custom suite"
+            )
         kept = tuple(step for step in self.steps if step.supports(norm))
         if not kept:
             raise ConfigError(f"no attack of suite {self.name!r} supports the {norm.value} norm")
-        return Suite(self.name, kept)
+        return dataclasses.replace(self, steps=kept)
 
     def plus(self, *steps: SuiteStep) -> Suite:
-        return Suite(self.name, self.steps + tuple(steps))
+        return dataclasses.replace(self, steps=self.steps + tuple(steps))
+
+    def with_steps(self, steps: Sequence[SuiteStep]) -> Suite:
+        """The same suite (name and flags) with other steps."""
+        return dataclasses.replace(self, steps=tuple(steps))
 
     @staticmethod
     def custom(steps: Sequence[str | tuple[str, Mapping[str, Any]] | SuiteStep], name: str = "custom") -> Suite:
@@ -112,26 +155,77 @@ class Suite:
 @dataclass(frozen=True)
 class SuiteInfo:
     """A built-in suite in the registry: its name, its steps (for every norm; :func:`get_suite` keeps those that
-    support the threat model's) and a one-line description."""
+    support the threat model's), a one-line description and the :class:`Suite` flags."""
 
     name: str
     steps: tuple[SuiteStep, ...]
     description: str
+    adaptive: bool = True
+    same_seed: bool = False
+    complete: bool = False
+
+    def suite(self) -> Suite:
+        return Suite(self.name, self.steps, self.adaptive, self.same_seed, self.complete)
 
 
 SUITES: Registry[SuiteInfo] = Registry("suite", hint="or build Suite.custom()")
 
 
+LINF_L2 = frozenset({Norm.LINF, Norm.L2})
+L1 = frozenset({Norm.L1})
+
+
+def _with_l1_twin(label: str, method: str, options: dict[str, Any], focus: float = 1.0) -> tuple[SuiteStep, ...]:
+    """A step for linf and l2, and its l1 twin with the "Mind the box" schedule (3 eps, 2 eps, eps)."""
+    return (
+        SuiteStep(label, method, options, focus, norms=LINF_L2),
+        SuiteStep(f"{label} [3/2/1 eps]", method, {**options, "eps_schedule": True}, focus, norms=L1),
+    )
+
+
 def _standard() -> tuple[SuiteStep, ...]:
     weakest = f"weakest {100 * STANDARD_FOCUS:g}%"
     return (
-        SuiteStep("APGD-CE", "apgd", {"steps": 100, "loss": "ce"}),
-        SuiteStep("APGD-T (3 targets)", "apgd-t", {"steps": 100, "n_target_classes": 3}),
-        SuiteStep(f"APGD-T (9 targets, {weakest})", "apgd-t", {"steps": 100, "n_target_classes": 9}, STANDARD_FOCUS),
-        SuiteStep(
+        *_with_l1_twin("APGD-CE", "apgd", {"steps": 100, "loss": "ce"}),
+        *_with_l1_twin("APGD-T (3 targets)", "apgd-t", {"steps": 100, "n_target_classes": 3}),
+        *_with_l1_twin(
+            f"APGD-T (9 targets, {weakest})", "apgd-t", {"steps": 100, "n_target_classes": 9}, STANDARD_FOCUS
+        ),
+        *_with_l1_twin(
             f"APGD-CE (3 restarts, {weakest})", "apgd", {"steps": 100, "loss": "ce", "restarts": 3}, STANDARD_FOCUS
         ),
         SuiteStep(f"Square (5,000 queries, {weakest})", "square", {"queries": 5000}, STANDARD_FOCUS),
+    )
+
+
+def _autoattack() -> tuple[SuiteStep, ...]:
+    """AutoAttack's standard version (``version='standard'`` of the reference's ``autoattack.py``)."""
+    # The reference's Square makes one query at its start and then 5,000 iterations of one query each, with the p
+    # schedule of 10,000 queries (resc_schedule=False); robustlab's queries count every query.
+    square = {"queries": 5001, "p_init": 0.8, "loss": "margin", "schedule_queries": 10_000}
+    apgd_t = {"steps": 100, "restarts": 1}
+    return (
+        SuiteStep("APGD-CE", "apgd", {"steps": 100, "restarts": 1, "loss": "ce"}, norms=LINF_L2),
+        SuiteStep(
+            "APGD-CE (5 restarts) [3/2/1 eps]", "apgd", {"steps": 100, "restarts": 5, "eps_schedule": True}, norms=L1
+        ),
+        SuiteStep("APGD-T (9 targets)", "apgd-t", {**apgd_t, "n_target_classes": 9}, norms=LINF_L2),
+        SuiteStep(
+            "APGD-T (5 targets) [3/2/1 eps]",
+            "apgd-t",
+            {**apgd_t, "n_target_classes": 5, "eps_schedule": True},
+            norms=L1,
+        ),
+        SuiteStep("FAB-T (9 targets)", "fab-t", {"steps": 100, "restarts": 1, "n_target_classes": 9}),
+        SuiteStep("Square (5,000 queries)", "square", square),
+    )
+
+
+def _autoattack_rand() -> tuple[SuiteStep, ...]:
+    """AutoAttack's version for randomized defenses (``version='rand'``): EOT over 20 draws."""
+    return (
+        SuiteStep("APGD-CE (EOT 20)", "apgd", {"steps": 100, "restarts": 1, "loss": "ce", "eot_iter": 20}),
+        SuiteStep("APGD-DLR (EOT 20)", "apgd", {"steps": 100, "restarts": 1, "loss": "dlr", "eot_iter": 20}),
     )
 
 
@@ -153,12 +247,30 @@ _BUILT_IN = (
             SuiteStep("APGD-CE", "apgd", {"steps": 100, "loss": "ce"}),
             SuiteStep("APGD-T (9 targets)", "apgd-t", {"steps": 100, "n_target_classes": 9}),
             SuiteStep("APGD-DLR", "apgd", {"steps": 100, "loss": "dlr"}),
+            SuiteStep("FAB-T (9 targets)", "fab-t", {"steps": 100, "n_target_classes": 9}),
             SuiteStep("CW-PGD (50 steps, 5 restarts)", "cw-pgd", {"steps": 50, "restarts": 5}),
             SuiteStep("Frank-Wolfe (100 steps)", "fw", {"steps": 100, "gamma": 0.5}),
             SuiteStep("Square (5,000 queries)", "square", {"queries": 5000}),
             SuiteStep("RayS (10,000 queries)", "rays", {"queries": 10_000}),
         ),
         "everything, each attack on every example left, and RayS with 10,000 queries for Linf",
+    ),
+    SuiteInfo(
+        "autoattack",
+        _autoattack(),
+        "AutoAttack's standard version exactly (APGD-CE, APGD-T 9 targets, FAB-T 9 targets, Square 5,000 queries), "
+        "not adapted by the diagnostics: numbers comparable with the literature",
+        adaptive=False,
+        same_seed=True,
+        complete=True,
+    ),
+    SuiteInfo(
+        "autoattack-rand",
+        _autoattack_rand(),
+        "AutoAttack's version for randomized models: APGD-CE and APGD-DLR with EOT over 20 draws, not adapted",
+        adaptive=False,
+        same_seed=True,
+        complete=True,
     ),
 )
 for _info in _BUILT_IN:
@@ -172,7 +284,7 @@ def get_suite(name: str | Suite, norm: Norm | str) -> Suite:
     if isinstance(name, Suite):
         return name.for_norm(norm)
     info = SUITES.get(name)  # an unknown name: a ConfigError listing the suites
-    return Suite(info.name, info.steps).for_norm(norm)
+    return info.suite().for_norm(norm)
 
 
 def list_suites() -> list[SuiteInfo]:
