@@ -92,8 +92,9 @@ def test_wide_resnet_without_classifier_bias_and_cifar100_classes(tmp_path: Path
     theirs = randomize(zoo.WideResNet(depth=10, widen_factor=2, num_classes=100, bias_last=False))
     file = tmp_path / "wrn.pt"
     torch.save(theirs.state_dict(), file)
-    ours = load_model(file, arch="wideresnet", arch_kwargs={"depth": 10, "widen_factor": 2})
-    assert isinstance(ours, WideResNet) and ours.fc.out_features == 100  # classes read from the classifier
+    ours = load_model(file, arch="wideresnet")  # depth, width and classes read from the weights
+    assert isinstance(ours, WideResNet) and ours.fc.out_features == 100
+    assert len(ours.block1.layer) == 1 and ours.conv1.out_channels == 16 and ours.fc.in_features == 128
     same_predictions(ours, theirs, cifar_images())
 
 

@@ -137,6 +137,16 @@ def _fit_wide_resnet(state: State) -> State:
     return out
 
 
+def _wide_resnet_size(state: State) -> dict[str, int]:
+    """``depth`` and ``widen_factor`` of a WideResNet state dict: ``(depth - 4) / 6`` blocks per group, the first
+    group ``16 * widen_factor`` wide."""
+    blocks = {k.split(".")[2] for k in state if k.startswith("block1.layer.") and k.count(".") >= 3}
+    first = state.get("block1.layer.0.conv1.weight")
+    if not blocks or first is None or first.shape[0] % 16:
+        return {}
+    return {"depth": 6 * len(blocks) + 4, "widen_factor": int(first.shape[0]) // 16}
+
+
 def _same_names(state: State) -> State:
     return dict(state)
 
@@ -193,6 +203,8 @@ def fit_zoo_state_dict(
     if key == "preactresnet18" and "bn.weight" not in fitted and "linear.weight" in fitted:
         key = "preactresnet18-v1"
     fitted = zoo_format.fit(fitted)
+    if key == "wideresnet":  # the generic name: depth and width are read from the weights unless given
+        options = {**_wide_resnet_size(fitted), **options}
     classifier = fitted.get(zoo_format.classifier)
     takes = inspect.signature(model_info(key).factory).parameters if key in MODELS else {}
     if classifier is not None and "num_classes" not in options and "num_classes" in takes:
