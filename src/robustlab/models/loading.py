@@ -104,6 +104,28 @@ def load_model(
             raise ConfigError(f"{text} is a {entry.arch}; do not pass another arch ({arch})")
         stats = _normalization(normalize if normalize is not None else entry.normalize)
         return _load_saved(zoo_file, target, arch=entry.arch, arch_kwargs=arch_kwargs, allow_pickle=False, stats=stats)
+    return _load_path(
+        text,
+        target,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        allow_pickle=allow_pickle,
+        stats=stats,
+        onnx_output=onnx_output,
+    )
+
+
+def _load_path(
+    text: str,
+    target: torch.device,
+    *,
+    arch: str | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    allow_pickle: bool,
+    stats: Stats | None,
+    onnx_output: OutputChoice,
+) -> nn.Module:
+    """A model from a file (or, when no file has that name, a ``module:function`` factory)."""
     file = Path(text).expanduser()
     if not file.exists():
         if _FACTORY.fullmatch(text):
