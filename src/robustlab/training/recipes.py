@@ -63,6 +63,8 @@ class Recipe:
         normalize: the input statistics the model normalizes with (a name for ``build_model(normalize=...)``:
             ``"cifar10"``, or ``"none"`` for raw ``[0, 1]`` inputs).
         loop: :class:`TrainConfig` fields the recipe sets; the others keep their defaults.
+        data: the data set it was published on (a built-in name: ``robustlab train --recipe`` without ``--data``
+            reads it from the cache folder, or downloads it).
     """
 
     name: str
@@ -75,6 +77,7 @@ class Recipe:
     normalize: str
     method_options: Mapping[str, Any] = field(default_factory=dict)
     loop: Mapping[str, Any] = field(default_factory=dict)
+    data: str = "cifar10"
 
     def config(self, **overrides: Any) -> TrainConfig:
         """The recipe's :class:`TrainConfig`, with ``overrides`` (any TrainConfig field) taking precedence."""
