@@ -377,6 +377,10 @@ def test_a_ledger_of_another_endpoint_or_a_pickle_is_refused(tmp_path: Path) -> 
     ledger.write_bytes(b"\x80\x04\x95 pickle")
     with pytest.raises(StateFileError, match="never unpickled"):
         connect_spec(spec)
+    header = {"format": "robustlab-endpoint-ledger", "version": 1, "endpoint": load_spec(spec).identity()}
+    ledger.write_text(json.dumps(header) + "\n" + json.dumps({"answered": "r1", "rows": 2}) + "\n{}\n")
+    with pytest.raises(StateFileError, match="malformed record at line 2"):
+        connect_spec(spec)
 
 
 def test_an_endpoint_rejecting_the_request_says_why(tmp_path: Path) -> None:

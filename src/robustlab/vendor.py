@@ -331,7 +331,12 @@ class EndpointLedger:
                 raise StateFileError(
                     f"the ledger {path} is damaged at line {number}: fix it, or move it away (its answers are lost)"
                 ) from None
-            self._replay(record, path, number)
+            try:
+                self._replay(record, path, number)
+            except (KeyError, TypeError, ValueError):
+                raise StateFileError(
+                    f"the ledger {path} has a malformed record at line {number}: fix it, or move it away"
+                ) from None
 
     def _replay(self, record: dict[str, Any], path: Path, number: int) -> None:
         if "format" in record:
