@@ -5,7 +5,7 @@ RayS (untargeted Linf eps 0.3, 2,000 queries per image, seed 0) on MNIST test im
 LeNet5, reached as:
 
 1. the module in-process, behind a label oracle (the floor);
-2. the same network exported to ONNX and run by onnxruntime (``robustlab.models.onnx_model.onnx_oracle``);
+2. the same network exported to ONNX and run by onnxruntime (``robustlab.model_access.onnx_oracle``);
 3. ``robustlab serve --mode labels`` on loopback (``robustlab.remote.connect``: base64 float32, one request per call);
 4. a vendor-style FastAPI endpoint with its own JSON shape (images as nested lists, labels under
    ``result.predictions[*].top``), through ``robustlab.vendor.connect_spec`` with a fresh ledger each round;
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -38,8 +39,8 @@ import robustlab
 from benchmarks.common import markdown_table, setup_torch, write_docs_section
 from benchmarks.serving import free_port, server
 from robustlab.data import load_dataset
+from robustlab.model_access import onnx_oracle
 from robustlab.models import load_model
-from robustlab.models.onnx_model import onnx_oracle
 from robustlab.oracles import LabelOracle, module_function
 from robustlab.remote import connect
 from robustlab.vendor import connect_spec
@@ -126,6 +127,7 @@ def main() -> None:
     data = load_dataset("mnist", split="test", limit=args.images)
     threat = robustlab.ThreatModel("linf", 0.3)
     budget = args.queries
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="model-access-"))
     onnx_file = export_onnx(model, work)
     billed = [0]
@@ -158,6 +160,7 @@ def main() -> None:
                 totals[name] = oracle.total_queries
                 if name == names[4]:
                     assert billed[0] == billed_before, "the replay asked the vendor again"
+    load_after = os.getloadavg()[0]
     rows, same = table_rows(names, seconds, results, totals)
     table = markdown_table(
         ["reached as", "seconds", "queries (attack + checks)", "queries/s", "overhead µs/query", "success"], rows
@@ -173,8 +176,11 @@ def main() -> None:
             "fresh ledger each round (so every query is an HTTP request and a ledger line); and that spec over the "
             "ledger of a finished run (a resumed run: no request at all). Same seed, same queries: results "
             f"identical on every side = {same}. One warm-up and {args.rounds} interleaved rounds (order rotated); "
-            "medians. Overhead per query is (seconds - in-process seconds) / queries. The machine was shared with "
-            "other work, which the interleaving and medians are meant to absorb.\n\n" + table
+            "medians. Overhead per query is (seconds - in-process seconds) / queries; a negative one means the side "
+            "was faster than the in-process module (onnxruntime runs this small CNN faster than torch here; the "
+            "replay computes nothing). The machine was shared with other work (1-minute load average "
+            f"{load_before:.1f} at the start, {load_after:.1f} at the end, on 2 cores), which the interleaving and "
+            "medians are meant to absorb; absolute seconds are inflated by it.\n\n" + table
         )
         write_docs_section("model_access", "Reaching a model: in-process, ONNX, robustlab's server, a vendor", body)
 

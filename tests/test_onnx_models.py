@@ -11,8 +11,9 @@ from torch import nn
 
 import robustlab
 from robustlab.errors import ConfigError, ModelError
+from robustlab.model_access import onnx_oracle
 from robustlab.models import load_model, sequential_cnn
-from robustlab.models.onnx_model import OnnxModel, OnnxTorchModule, convert_onnx, load_onnx, onnx_oracle
+from robustlab.models.onnx_model import OnnxModel, OnnxTorchModule, convert_onnx, load_onnx
 from robustlab.oracles import ScoreOracle, module_function
 
 pytest.importorskip("onnxruntime")

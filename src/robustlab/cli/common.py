@@ -286,7 +286,7 @@ def open_model(args: argparse.Namespace, device: Any, budget: int | None = None)
         args.close_on_exit.append(oracle.model)  # its HTTP connection (and ledger), closed by main() at the end
         return oracle, oracle.model
     if is_onnx_file(spec) and access_needed(args) != "gradient":
-        from robustlab.models.onnx_model import onnx_oracle
+        from robustlab.model_access import onnx_oracle
 
         if getattr(args, "arch", None):
             from robustlab.errors import ConfigError

@@ -64,7 +64,7 @@ def load_model(
     - an ONNX file (``.onnx``): converted to PyTorch by onnx2torch and checked against onnxruntime on sample inputs
       (:func:`~robustlab.models.onnx_model.convert_onnx`; the result's ``max_abs_difference`` says how close), for
       white-box attacks. A graph that cannot be converted faithfully is a ModelError that points to its black-box
-      handle, :func:`~robustlab.models.onnx_model.onnx_oracle`. ``onnx_output`` picks the output of a
+      handle, :func:`~robustlab.model_access.onnx_oracle`. ``onnx_output`` picks the output of a
       multi-output graph;
     - a robustlab checkpoint (:func:`~robustlab.models.save_checkpoint`): architecture, weights and normalization
       in one file;

@@ -3,10 +3,11 @@
 Models trained in TensorFlow, Keras, JAX or another team's PyTorch reach robustlab users as ONNX exports. Two ways
 in, chosen by the access an attack needs:
 
-- :func:`load_onnx` / :func:`onnx_oracle`: the file runs in onnxruntime (CPU, or its CUDA provider when present)
-  as a score or label oracle. The graph's input name, shape and dtype are read from the file; images arrive in
-  robustlab's ``(N, C, H, W)`` order and are transposed for graphs that take ``(N, H, W, C)`` (TensorFlow's order);
-  a graph exported with a fixed batch size gets chunks of that size, the last one padded (a warning says so once).
+- :func:`load_onnx`: the file runs in onnxruntime (CPU, or its CUDA provider when present), as a score or label
+  oracle through :func:`robustlab.model_access.onnx_oracle`. The graph's input name, shape and dtype are read
+  from the file; images arrive in robustlab's ``(N, C, H, W)`` order and are transposed for graphs that take
+  ``(N, H, W, C)`` (TensorFlow's order); a graph exported with a fixed batch size gets chunks of that size, the
+  last one padded (a warning says so once).
 - :func:`convert_onnx` (what :func:`robustlab.models.load_model` returns for ``.onnx`` files): the graph converted to
   a ``torch.nn.Module`` by onnx2torch, so gradient attacks run on it. The conversion is checked against onnxruntime
   on sample inputs before it is returned (its largest absolute difference is kept in ``max_abs_difference``); a
@@ -34,7 +35,6 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.errors import ConfigError, DataNotFoundError, InvalidInputError, ModelError
-from robustlab.oracles import LabelOracle, ScoreOracle, looks_like_probabilities
 
 __all__ = [
     "OnnxModel",
@@ -43,7 +43,6 @@ __all__ = [
     "convert_onnx",
     "is_onnx_file",
     "load_onnx",
-    "onnx_oracle",
     "read_signature",
 ]
 
@@ -184,6 +183,17 @@ def read_signature(session: Any, file: Path, output: OutputChoice = None, layout
     )  # fmt: skip
 
 
+def _looks_like_probabilities(scores: Tensor) -> bool:
+    """Rows that are non-negative and sum to one. (The same test as robustlab.oracles.looks_like_probabilities,
+    written here because the models layer imports only the foundation.)"""
+    sums = scores.sum(dim=1)
+    return (
+        scores.shape[1] >= 2
+        and bool((scores >= 0).all())
+        and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+    )
+
+
 def _in_batches(x: Tensor, fixed: int | None, run: Callable[[Tensor], Tensor]) -> Tensor:
     """``run`` over chunks of exactly ``fixed`` rows (the last one padded with copies of its first row)."""
     if fixed is None or x.shape[0] == fixed:
@@ -276,7 +286,7 @@ class OnnxModel:
         out = _in_batches(x.detach(), fixed, self._run)
         if not self._checked_scores:
             self._checked_scores = True
-            if looks_like_probabilities(out):
+            if _looks_like_probabilities(out):
                 warnings.warn(
                     f"{self.file}'s output {self.signature.output!r} looks like probabilities (non-negative rows "
                     "summing to 1); score attacks work on them, but a logits output, if the graph has one, is better",
@@ -332,23 +342,6 @@ def _normalize_layer(normalize: str | None) -> nn.Module | None:
 
     stats = normalization_stats(normalize)
     return None if stats is None else Normalize(*stats)
-
-
-def onnx_oracle(
-    path: PathLike,
-    *,
-    output: OutputChoice = None,
-    layout: str = "auto",
-    budget: int | None = None,
-    labels_only: bool = False,
-    device: torch.device | str = "cpu",
-    normalize: str | None = None,
-) -> ScoreOracle | LabelOracle:
-    """A :class:`~robustlab.oracles.ScoreOracle` (or, with ``labels_only``, a LabelOracle) over the ONNX file in
-    onnxruntime, counting every query and enforcing ``budget`` per example like any black-box handle."""
-    model = load_onnx(path, output=output, layout=layout, device=device, normalize=normalize)
-    oracle_type = LabelOracle if labels_only else ScoreOracle
-    return oracle_type(model, num_classes=model.num_classes, budget=budget)
 
 
 @contextlib.contextmanager
