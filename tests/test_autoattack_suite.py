@@ -1,0 +1,170 @@
+"""The autoattack suites: the reference's exact configuration, its seeds policy, and no adaptation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import robustlab
+from robustlab import ConfigError, ThreatModel
+from robustlab.evaluation import evaluation_section, get_suite
+from robustlab.report import Report
+from tests.toys import tiny_cnn
+
+# fra31/auto-attack, autoattack.py: the attacks' constructors in AutoAttack.__init__ and set_version("standard").
+REFERENCE_STANDARD: list[tuple[str, dict[str, Any]]] = [
+    ("apgd", {"steps": 100, "restarts": 1, "loss": "ce", "rho": 0.75, "eot_iter": 1}),
+    ("apgd-t", {"steps": 100, "restarts": 1, "n_target_classes": 9, "rho": 0.75, "eot_iter": 1}),
+    ("fab-t", {"steps": 100, "restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}),
+    # n_queries=5000 iterations after one initial query; resc_schedule=False: the schedule written for 10,000.
+    ("square", {"queries": 5001, "p_init": 0.8, "loss": "margin", "schedule_queries": 10_000}),
+]
+REFERENCE_RAND: list[tuple[str, dict[str, Any]]] = [
+    ("apgd", {"steps": 100, "restarts": 1, "loss": "ce", "eot_iter": 20}),
+    ("apgd", {"steps": 100, "restarts": 1, "loss": "dlr", "eot_iter": 20}),
+]
+
+
+def configured(name: str, norm: str) -> list[tuple[str, dict[str, Any]]]:
+    """Each step's attack and its full config (defaults included), as the cascade will build it."""
+    suite = get_suite(name, norm)
+    out = []
+    for step in suite.steps:
+        attack = robustlab.get_attack(step.method).cls(**dict(step.options))
+        out.append((step.method, attack.config.as_dict()))
+    return out
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_autoattack_is_the_reference_standard_version(norm: str) -> None:
+    steps = configured("autoattack", norm)
+    assert [method for method, _ in steps] == [method for method, _ in REFERENCE_STANDARD]
+    for (_, config), (_, expected) in zip(steps, REFERENCE_STANDARD, strict=True):
+        assert {key: config[key] for key in expected} == expected
+    apgd = steps[0][1]
+    assert apgd["momentum"] == 0.75 and apgd["random_start"] and not apgd["eps_schedule"]
+    suite = get_suite("autoattack", norm)
+    assert not suite.adaptive and suite.same_seed and suite.complete
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_autoattack_rand_is_the_reference_rand_version(norm: str) -> None:
+    steps = configured("autoattack-rand", norm)
+    assert [m for m, _ in steps] == ["apgd", "apgd"]
+    for (_, config), (_, expected) in zip(steps, REFERENCE_RAND, strict=True):
+        assert {key: config[key] for key in expected} == expected
+
+
+def test_autoattack_refuses_l1_rather_than_run_another_ensemble() -> None:
+    with pytest.raises(ConfigError, match=r"needs Square .* in the l1 norm"):
+        get_suite("autoattack", "l1")
+    assert next(s.label for s in get_suite("standard", "l1").steps).endswith("[3/2/1 eps]")
+
+
+class Softmaxed(nn.Module):
+    """A classifier returning probabilities (a diagnostic fires on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).softmax(dim=1)
+
+
+class Noisy(nn.Module):
+    """A randomized classifier (Gaussian noise on its input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x + 0.1 * torch.randn_like(x))
+
+
+def small_data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(6, 1, 6, 6, generator=g), torch.randint(0, 10, (6,), generator=g)
+
+
+@pytest.mark.parametrize(("model", "check", "suite"), [(Softmaxed, "probabilities", "autoattack"),
+                                                       (Noisy, "randomized", "autoattack-rand")])  # fmt: skip
+def test_the_autoattack_suites_report_diagnostics_but_do_not_adapt(
+    model: type[nn.Module], check: str, suite: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attacked: list[Any] = []
+    real = robustlab.evaluation.cascade.run_attack
+
+    def recording(target: Any, *args: Any, **kwargs: Any) -> Any:
+        attacked.append(target)
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr("robustlab.evaluation.cascade.run_attack", recording)
+    instance = model().eval()
+    x, y = small_data()
+    # The suite's flags with one short step (the checks are what is tested, not the attacks).
+    light = get_suite(suite, "linf").with_steps([robustlab.evaluation.SuiteStep("APGD-CE", "apgd", {"steps": 2})])
+    result = robustlab.evaluate(instance, (x, y), ThreatModel("linf", 0.05), light, progress=False)
+    verdict = next(d for d in result.diagnostics if d.name == check)
+    assert verdict.fired and verdict.action.startswith("not applied")
+    assert [s.label for s in result.steps] == ["APGD-CE"]  # nothing added
+    assert attacked and all(target is instance for target in attacked)  # the model as given, not wrapped
+    standard = robustlab.evaluate(
+        instance, (x, y), ThreatModel("linf", 0.05), robustlab.Suite.custom([("apgd", {"steps": 2})]), progress=False
+    )
+    other = next(d for d in standard.diagnostics if d.name == check)
+    assert other.fired and not other.action.startswith("not applied")  # an adaptive suite does adapt
+
+
+def test_every_attack_call_gets_the_evaluation_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    seeds: dict[bool, list[int]] = {True: [], False: []}
+    policy = [True]  # the policy of the evaluation running now
+    real = robustlab.evaluation.cascade.run_attack
+
+    def recording(*args: Any, seed: int, **kwargs: Any) -> Any:
+        seeds[policy[0]].append(seed)
+        return real(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr("robustlab.evaluation.cascade.run_attack", recording)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(10, 1, 6, 6, generator=g), torch.randint(0, 10, (10,), generator=g)
+    steps = [robustlab.evaluation.SuiteStep("APGD-CE", "apgd", {"steps": 1}),
+             robustlab.evaluation.SuiteStep("APGD-DLR", "apgd", {"steps": 1, "loss": "dlr"})]  # fmt: skip
+    for same in (True, False):
+        policy[0] = same
+        suite = robustlab.evaluation.Suite("s", tuple(steps), adaptive=False, same_seed=same)
+        robustlab.evaluate(tiny_cnn(), (x, y), ThreatModel("linf", 1e-4), suite, seed=7, batch_size=4, progress=False)
+    assert len(seeds[True]) >= 4 and set(seeds[True]) == {7}  # the reference's policy
+    assert len(set(seeds[False])) == len(seeds[False]) >= 4  # robustlab's: one per stage and batch
+
+
+def test_the_report_names_the_suite_and_the_minimum_norm_attack(tmp_path: Any) -> None:
+    x, y = small_data()
+    suite = robustlab.evaluation.Suite("autoattack", (robustlab.evaluation.SuiteStep("APGD-CE", "apgd", {"steps": 2}),))
+    result = robustlab.evaluate(
+        tiny_cnn(), (x, y), ThreatModel("linf", 0.05), suite, progress=False, diagnostics=False,
+        minimum_norm=("fmn", {"steps": 10}),
+    )  # fmt: skip
+    report = Report("r")
+    evaluation_section(report, result)
+    report.write(tmp_path)
+    text = (tmp_path / "report.html").read_text()
+    assert "Suite &#x27;autoattack&#x27;" in text or "Suite 'autoattack'" in text
+    assert "fmn (10 steps)" in text and "not by the suite" not in text  # no eps curve asked for
+    summary = result.summary()
+    assert summary["suite"] == "autoattack" and summary["minimum_norm"]["method"] == "fmn"
+    assert math.isfinite(summary["minimum_norm"]["robust_accuracy_at_eps"])
+
+
+def test_cli_evaluate_offers_the_suites_and_minimum_norm() -> None:
+    from robustlab.cli import build_parser
+
+    common = ["evaluate", "--model", "m.pt", "--data", "mnist", "--eps", "0.3"]
+    args = build_parser().parse_args([*common, "--suite", "autoattack", "--minimum-norm", "fmn"])
+    assert args.suite == "autoattack" and args.minimum_norm == "fmn"
+    assert build_parser().parse_args([*common, "--suite", "autoattack-rand"]).suite == "autoattack-rand"
