@@ -9,6 +9,7 @@ import sys
 # from tens of minutes to hours on 2 cores (evaluation, training and certification resume from bench-output/).
 BENCHMARKS = [
     ["benchmarks.pgd_speed"],
+    ["benchmarks.pgd_speed_large"],
     ["benchmarks.fw_comparison"],
     ["benchmarks.pretrained_pgd40"],
     ["benchmarks.serving"],
@@ -20,6 +21,7 @@ BENCHMARKS = [
     ["benchmarks.evaluation"],
     ["benchmarks.certification"],
     ["benchmarks.training"],
+    ["benchmarks.training_scale"],
 ]
 
 

@@ -107,6 +107,7 @@ AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation", hint="or build 
 for _preset in (
     Augmentation("none", summary="no augmentation"),
     Augmentation("flip", flip=True, summary="horizontal flip"),
+    Augmentation("crop", crop_padding=4, summary="random crop after 4-pixel zero padding, no flip (digits, text)"),
     Augmentation(
         "crop-flip", crop_padding=4, flip=True,
         summary="the CIFAR recipe: random 32x32 crop after 4-pixel zero padding, horizontal flip (TRADES, Fast-AT)",
