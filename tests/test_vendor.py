@@ -3,6 +3,7 @@ limits, retried 429 bursts, refused credentials, bad answers, and a killed run r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -80,6 +81,11 @@ class Vendor:
             if "instances" not in body:
                 return JSONResponse({"error": "the body has no instances"}, status_code=422)
             x = torch.tensor(body["instances"], dtype=torch.float32)
+            if self.mode == "slow":  # bills on receipt, answers too late
+                with self.lock:
+                    self.images += x.shape[0]
+                await asyncio.sleep(0.4)
+                return {"late": True}
             with torch.no_grad():
                 probs = torch.softmax(self.model(x), dim=1)
             if self.mode == "seven-classes":
@@ -390,3 +396,16 @@ def test_an_endpoint_rejecting_the_request_says_why(tmp_path: Path) -> None:
         with pytest.raises(InvalidInputError, match=r"rejected the request \(422\): .*the body has no instances"):
             endpoint(images(2)[0])
         endpoint.close()
+
+
+def test_a_timed_out_request_counts_as_maybe_billed_and_is_not_lost(tmp_path: Path) -> None:
+    vendor = Vendor(small_model())
+    vendor.mode = "slow"  # answers after 0.4 s, past the client's 0.1 s timeout, and bills the images anyway
+    x, _ = images(3)
+    with serving(vendor) as url:
+        endpoint = _endpoint(write_spec(tmp_path, url, timeout=0.1, retries=1, backoff=0.01))
+        with pytest.raises(ModelError, match=r"cannot reach the endpoint .*ReadTimeout"):
+            endpoint(x)
+        endpoint.close()
+    ledger = _endpoint(write_spec(tmp_path, url)).ledger
+    assert vendor.images == 6 == ledger.spent and ledger.paid == 0 and ledger.uncertain == 6

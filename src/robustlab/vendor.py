@@ -289,6 +289,7 @@ class EndpointLedger:
         self.budget = budget
         self.answers: dict[str, Any] = {}
         self.paid = 0
+        self.uncertain = 0  # images of attempts that were sent but never answered (a timeout): maybe billed
         self.hits = 0  # images answered from the ledger in this session
         self._open: dict[str, int] = {}  # request id -> images, sent and not yet resolved
         self._lock = threading.Lock()
@@ -307,8 +308,9 @@ class EndpointLedger:
 
     @property
     def spent(self) -> int:
-        """What the budget is charged with: answered images plus images whose requests never came back."""
-        return self.paid + self.unresolved
+        """What the budget is charged with: answered images, images of attempts that timed out after being sent,
+        and images whose requests never came back (in flight when a run was killed)."""
+        return self.paid + self.uncertain + self.unresolved
 
     def _read(self, path: Path) -> None:
         if not path.exists():
@@ -354,6 +356,8 @@ class EndpointLedger:
             self.paid += int(record["rows"])
         elif "refused" in record:
             self._open.pop(str(record["refused"]), None)
+        elif "uncertain" in record:
+            self.uncertain += int(record["rows"])
         else:
             raise StateFileError(f"the ledger {path} has an unknown record at line {number}")
 
@@ -371,7 +375,7 @@ class EndpointLedger:
             if self.budget is not None and self.spent + rows > self.budget:
                 raise QueryBudgetExceeded(
                     f"the endpoint budget of {self.budget} images is spent ({self.paid} answered"
-                    + (f", {self.unresolved} sent and never answered" if self.unresolved else "")
+                    + (f", {self.uncertain + self.unresolved} sent and not answered" if self.spent > self.paid else "")
                     + f"); {rows} more were asked"
                 )
             request_ids = []
@@ -388,6 +392,14 @@ class EndpointLedger:
             self.paid += rows
             self.answers.update(zip(keys, values))
             self._write({"answered": request_id, "rows": rows, "keys": list(keys), "values": list(values)})
+
+    def sent_unanswered(self, request_id: str) -> None:
+        """An attempt of the request reached the endpoint but its answer did not come back (a read timeout, a dropped
+        connection): the vendor may have billed it, so its images count against the budget; a retry is new."""
+        with self._lock:
+            rows = self._open.get(request_id, 0)
+            self.uncertain += rows
+            self._write({"uncertain": request_id, "rows": rows})
 
     def refused(self, request_id: str) -> None:
         """The endpoint refused the request (an error answer, nothing to pay for)."""
@@ -535,7 +547,7 @@ class EndpointModel:
         """One request with retries; its answers go to the ledger, or its refusal when it fails."""
         body = _fill(self.spec.body, values if self._batched else values[0])
         try:
-            document = self._post(body)
+            document = self._post(body, request_id)
         except BaseException:
             self.ledger.refused(request_id)  # refused, unreachable or failing: the vendor answered nothing
             raise
@@ -546,7 +558,7 @@ class EndpointModel:
             raise
         self.ledger.answered(request_id, keys, parsed)
 
-    def _post(self, body: Any) -> Any:
+    def _post(self, body: Any, request_id: str) -> Any:
         import httpx
 
         spec = self.spec
@@ -558,6 +570,8 @@ class EndpointModel:
             try:
                 response = self._client.request(spec.method, spec.url, json=body)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
+                if not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):  # sent, answer lost
+                    self.ledger.sent_unanswered(request_id)
                 if attempt == spec.retries:
                     raise ModelError(f"cannot reach the endpoint {spec.url}: {type(exc).__name__}: {exc}") from None
             else:
