@@ -28,9 +28,10 @@ attack, the evaluation and zeroth-order denoiser training run against it unchang
   sent and its answers when they arrive, keyed by a hash of exactly what was sent. A query whose image was answered
   before, in this run or an earlier one, is answered from the ledger without a request: an interrupted attack rerun
   with the same seed replays its queries from the ledger for free and pays only for the ones it had not made. A
-  request sent but never answered (the process was killed while it was in flight) counts against the budget, since
-  the vendor may have charged it; nothing is ever counted twice. Answers are reused only for the same endpoint
-  (URL, body, encoding, response path); remove the ledger when the vendor changes its model.
+  request sent but never answered (in flight when the process was killed, or its answer lost to a read timeout)
+  counts against the budget, since the vendor may have charged it; nothing is ever counted twice. Answers are
+  reused only for the same endpoint (URL, body, encoding, response path); remove the ledger when the vendor changes
+  its model.
 """
 
 from __future__ import annotations
