@@ -352,3 +352,16 @@ def test_evaluate_refuses_a_bad_minimum_norm_request_before_attacking(monkeypatc
         with pytest.raises(ConfigError, match=message):
             norm = "l1" if request == "ddn" else "l2"
             robustlab.evaluate(model, (x, y), ThreatModel(norm, 0.3), "quick", progress=False, minimum_norm=request)
+
+
+def test_evaluate_in_l0_with_fmn() -> None:
+    """l0 has no random start or APGD: the diagnostics probe it with an l1 ball and check a large eps with FMN."""
+    model, x, y = boxed_batch()
+    exact = binary_minimum(model, x, "l0")
+    eps = float(np.median(exact))
+    result = robustlab.evaluate(
+        model, (x, y), ThreatModel("l0", eps), robustlab.Suite.custom([("fmn", {"steps": 300})]), progress=False,
+        diagnostics=True,
+    )  # fmt: skip
+    assert {d.name for d in result.diagnostics} >= {"gradients", "large_eps"}
+    assert torch.equal(result.broken, torch.as_tensor(exact <= eps))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from robustlab.attacks.registry import get_attack
 from robustlab.evaluation.state import StepReport
 from robustlab.evaluation.suites import Suite
 from robustlab.oracles import Access, looks_like_probabilities
-from robustlab.threat import ThreatModel
+from robustlab.threat import Norm, ThreatModel
 
 __all__ = [
     "Diagnostic",
@@ -116,7 +117,8 @@ def check_gradients(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel)
     # Finite differences along a random direction in the ball: a non-differentiable layer shows a loss that
     # changes while the autograd directional derivative says it should not (or the reverse).
     g = torch.Generator(device=x.device).manual_seed(0)
-    direction = threat.random_start(x, g) - x
+    ball = threat if threat.norm is not Norm.L0 else _l0_probe(threat)
+    direction = ball.random_start(x, g) - x
     with torch.no_grad():
         changed = F.cross_entropy(model(x + direction), y, reduction="none") - loss.detach()
     predicted = (grad * direction).reshape(x.shape[0], -1).sum(dim=1)
@@ -136,6 +138,13 @@ def check_gradients(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel)
         "non-differentiable layers) they stop where they start, and the model looks robust without being so "
         "(obfuscated gradients, Athalye et al. 2018).",
     )
+
+
+def _l0_probe(threat: ThreatModel) -> ThreatModel:
+    """A ball to draw a random direction from for an l0 threat model (which has no random start): the l1 ball in
+    which changing ``eps`` coordinates by half the box each lies."""
+    span = threat.upper - threat.lower
+    return ThreatModel(Norm.L1, threat.eps * (0.5 * span if math.isfinite(span) else 1.0), threat.lower, threat.upper)
 
 
 def large_eps_radius(threat: ThreatModel) -> float:
@@ -178,8 +187,10 @@ def check_large_eps(
     radius = large_eps_radius(threat)
     big = ThreatModel(threat.norm, radius, threat.lower, threat.upper)
     count = min(len(x), 100)
+    # l0 has no APGD: FMN, the attack that searches it, with the same number of steps.
+    method, options = ("apgd", {"loss": "dlr"}) if threat.norm is not Norm.L0 else ("fmn", dict[str, Any]())
     result = run_attack(
-        model, x[:count].to(device), clean_pred[:count].to(device), big, "apgd", steps=50, seed=seed, loss="dlr"
+        model, x[:count].to(device), clean_pred[:count].to(device), big, method, steps=50, seed=seed, **options
     )
     survived = float((~result.success).float().mean())
     fired = survived > 0.05
