@@ -308,7 +308,7 @@ def _load_npy(path: Path, *, mmap: bool) -> np.ndarray:
     try:
         array: np.ndarray = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+        if any(text in str(exc) for text in ("allow_pickle", "Object arrays", "Python objects")):
             raise InvalidInputError(f"{path} {_PICKLE_REFUSAL}") from exc
         raise InvalidInputError(f"{path} is not a readable .npy file: {exc}") from exc
     except OSError as exc:

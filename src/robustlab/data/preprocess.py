@@ -168,7 +168,10 @@ class Preprocess:
 
 def uint8_to_tensor(chw: np.ndarray) -> Tensor:
     """8-bit pixels to float32 in ``[0, 1]``: ``uint8 -> float32``, then ``/ 255`` (the package's one rule)."""
-    return torch.from_numpy(np.ascontiguousarray(chw, dtype=np.uint8)).to(torch.float32).div_(255.0)
+    pixels = np.ascontiguousarray(chw, dtype=np.uint8)
+    if not pixels.flags.writeable:  # a view of a decoded image or a mapped file: torch wants its own bytes
+        pixels = pixels.copy()
+    return torch.from_numpy(pixels).to(torch.float32).div_(255.0)
 
 
 def array_batch_to_tensor(batch: np.ndarray, source: str) -> Tensor:

@@ -495,11 +495,14 @@ class Cascade:
         """The :class:`EvaluationResult`: verified ``broken`` examples keep their adversarial example, the others
         the clean input."""
         store = self.state.store
-        if self.world > 1 and isinstance(store, FileStore):
+        shared_file = self.world > 1 and isinstance(store, FileStore)
+        if shared_file:
             torch.distributed.barrier()  # process 0 has written every final row
         adversarial = store.final(broken, self.examples.data.x if isinstance(store, MemoryStore) else None)
+        if shared_file:
+            torch.distributed.barrier()  # every process has mapped the file before process 0 may remove a temporary one
         broken_by = self.state.broken_by
-        return EvaluationResult(
+        result = EvaluationResult(
             threat=self.threat,
             suite=self.suite.name,
             clean_pred=self.clean_pred,
@@ -520,6 +523,8 @@ class Cascade:
             adversarial_file=store.path if isinstance(store, FileStore) else None,
             store=store,
         )
+        store.close()  # the result maps the file on its own
+        return result
 
 
 def _escalate_black_box(cascade: Cascade, extra_queries: int) -> Diagnostic:
