@@ -14,13 +14,13 @@ import robustlab
 from robustlab.training import TrainConfig, train
 
 
-def run(method: str, optimizer: str) -> dict[str, torch.Tensor]:
+def run(method: str, optimizer: str, accumulation: int = 1) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     data = robustlab.load_dataset("digits", split="train").head(256)
     config = TrainConfig(
         epochs=2, batch_size=32, optimizer=optimizer, lr=0.05, schedule="constant", warmup=0.1, val_examples=32,
-        val_attack_steps=2, select="last",
+        val_attack_steps=2, select="last", grad_accumulation=accumulation,
     )  # fmt: skip
     options: dict[str, Any] = {"random_start": False, "steps": 2} if method == "pgd-at" else {}
     result = train(model, data, method, robustlab.ThreatModel("linf", 0.05), config, progress=False, **options)
@@ -83,6 +83,8 @@ if __name__ == "__main__":
         answer: object = evaluation()
     elif job == "resume":
         answer = killed_and_resumed(sys.argv[2])
+    elif job == "accumulate":  # each process splits its share of every batch into two micro-batches
+        answer = run("pgd-at", "sgd", accumulation=2)
     else:
         answer = run(job, sys.argv[2])
     if torch.distributed.get_rank() == 0:

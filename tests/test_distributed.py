@@ -45,6 +45,16 @@ def test_two_processes_match_one(tmp_path: Path, method: str, optimizer: str) ->
         assert torch.allclose(value, distributed[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_two_processes_accumulating_gradients_match_one_without(tmp_path: Path) -> None:
+    # Micro-batches exchange gradients only after the last one (DDP no_sync); with no BatchNorm or dropout the
+    # result is the gradient of the global batch's mean loss, as in one process without accumulation.
+    distributed = torchrun(tmp_path, "accumulate")
+    assert isinstance(distributed, dict)
+    single = run("pgd-at", "sgd")
+    for name, value in single.items():
+        assert torch.allclose(value, distributed[name], atol=1e-5, rtol=1e-4), name
+
+
 def test_two_processes_killed_and_resumed_end_as_an_uninterrupted_run(tmp_path: Path) -> None:
     answer = torchrun(tmp_path, "resume", str(tmp_path / "run"))
     assert isinstance(answer, dict)
