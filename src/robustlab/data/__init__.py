@@ -1,6 +1,16 @@
-"""Data sets as plain tensors: images in ``[0, 1]`` shaped ``(N, C, H, W)``, integer labels, a declared box.
+"""Data sets: images in ``[0, 1]`` shaped ``(C, H, W)``, integer labels, a declared box; in memory or read lazily.
 
-Everything robustlab evaluates or trains on is an :class:`ArrayDataset`. It comes from one of
+Every consumer (attacks over a data set, evaluation, certification, training) reads an :class:`ImageData` — a
+map-style, sized ``torch.utils.data.Dataset`` of ``(image, label)`` — in batches by index (:func:`iter_batches`,
+optionally from ``DataLoader`` worker processes). Two kinds satisfy it:
+
+- read lazily by :func:`open_dataset`, so memory does not grow with the data: a folder of class folders of images
+  (:class:`ImageFolder`, torchvision's layout), CIFAR-10/100's python batches or their ``.tar.gz``
+  (:func:`open_cifar`), ``.npy``/``.npz`` arrays memory-mapped (:func:`open_npz`, :func:`open_npy`), any
+  ``torch.utils.data.Dataset`` of ``(image, label)`` (:class:`DatasetImages`); resize, centre crop and channels are
+  declared once (:class:`Preprocess`);
+- held in memory: an :class:`ArrayDataset` (``x`` and ``y`` tensors), which :func:`load_dataset` returns. It comes
+  from one of
 
 - a built-in name (:func:`list_datasets`): ``digits``, ``mnist``, ``mnist-5k``, ``fashion-mnist``,
   ``cifar10`` and the 20-image samples ``mnist-sample``, ``fashion-mnist-sample``, ``cifar10-sample``,
@@ -24,7 +34,10 @@ Splits are fixed and documented per data set, so the same name and split always 
 validation split for model selection comes from the training split with :func:`train_val_split`, never from
 the test split.
 
-The package's parts: :mod:`~robustlab.data.dataset` (the data type, splits, batches),
+The package's parts: :mod:`~robustlab.data.opening`, :mod:`~robustlab.data.folders`, :mod:`~robustlab.data.cifar`,
+:mod:`~robustlab.data.arrayfiles`, :mod:`~robustlab.data.streams` and :mod:`~robustlab.data.loading` (streamed data),
+:mod:`~robustlab.data.rowfile` (results written as they are found), :mod:`~robustlab.data.dataset` (the data type,
+splits, batches),
 :mod:`~robustlab.data.convert` (arrays and torch data sets), :mod:`~robustlab.data.formats` (file readers),
 :mod:`~robustlab.data.sources` (cache, downloads, lookup order), :mod:`~robustlab.data.builtin` (the registry of
 built-in sets).
