@@ -92,7 +92,8 @@ def iter_batches(
     if workers == 0:
         for index in index_lists:
             x, y = read_batch(data, index)
-            yield (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
+            pin = pin_memory and x.device.type == "cpu"  # tensors already on a GPU stay as they are
+            yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
         return
     loader = torch.utils.data.DataLoader(
         _BatchReader(data),
