@@ -77,6 +77,7 @@ PROBE_EXAMPLES = 64  # the diagnostics look at the first examples only
 LARGE_EPS_EXAMPLES = 100  # examples of the large-eps check
 
 
+# evaluate() is over 80 lines because its docstring documents each of its options; the body is the phases, in order.
 def evaluate(
     model: nn.Module | LabelOracle,
     data: Any,
