@@ -54,6 +54,8 @@ def test_image_folder_reads_torchvisions_order_and_the_exact_pixels(tmp_path: Pa
     assert y.tolist() == [("C", "a", "b").index(f.parent.name) for f in order]
     item_x, item_y = data[4]
     assert torch.equal(item_x, x[4]) and item_y.dtype == torch.int64 and int(item_y) == int(y[4])
+    whole = robustlab.load_dataset(tmp_path)  # load_dataset keeps its meaning: the split read into memory
+    assert isinstance(whole, robustlab.ArrayDataset) and torch.equal(whole.x, x) and whole.classes == data.classes
 
 
 def test_jpeg_files_decode_as_pillow_decodes_them(tmp_path: Path) -> None:

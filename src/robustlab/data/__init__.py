@@ -52,7 +52,7 @@ from pathlib import Path
 
 from robustlab.checks import check_positive_int
 from robustlab.data.arrayfiles import ArrayImages, open_npy, open_npz
-from robustlab.data.builtin import CIFAR10_CLASSES, DATASETS, MNIST_MD5, DatasetInfo, list_datasets
+from robustlab.data.builtin import CIFAR10_CLASSES, DATASETS, DatasetInfo, list_datasets
 from robustlab.data.cifar import open_cifar
 from robustlab.data.convert import from_arrays, from_torch_dataset
 from robustlab.data.dataset import ArrayDataset, ImageData, batches, train_val_split
@@ -209,19 +209,24 @@ def _load_path(text: str, split: str, *, limit: int | None, shape: Sequence[int]
     )
 
 
+def _in_memory(data: StreamedImages) -> ArrayDataset:
+    """A streamed data set read whole into an :class:`ArrayDataset`."""
+    x, y = read_batch(data, range(len(data)))
+    return ArrayDataset(
+        x, y, data.name, data.num_classes, data.bounds, data.split, data.classes, getattr(data, "source", "")
+    )
+
+
 def _load_folder(path: Path, split: str, limit: int | None) -> ArrayDataset:
-    """A folder of MNIST-style IDX or CSV files, or of CIFAR-10's python batches."""
+    """A folder of MNIST-style IDX or CSV files or of CIFAR-10's python batches; any other folder
+    :func:`open_dataset` reads (class folders of images, ``.npy`` pairs, CIFAR-100), read whole into memory."""
     split = _check_split(split, SPLITS, str(path))
     found = read_mnist_style_dir(path, split)
     classes: tuple[str, ...] | None = None
     if found is None:
         folder = cifar_folder(path)
-        if folder is None:
-            raise DataNotFoundError(
-                f"{path} holds no data robustlab recognizes for the {split} split: expected "
-                f"MNIST-style IDX files ({', '.join(sorted(MNIST_MD5))}, any compression), "
-                f"mnist_{split}.csv, or CIFAR-10's cifar-10-batches-py"
-            )
+        if folder is None:  # any other folder open_dataset reads (image folders, .npy pairs), read whole
+            return _in_memory(open_dataset(path, split, limit=limit))
         found, classes = read_cifar_folder(folder, split), CIFAR10_CLASSES
     x, y, source = found
     return from_arrays(x, y, name=path.name, split=split, classes=classes, limit=limit, source=source)
