@@ -496,3 +496,56 @@ def test_robustlab_architectures_trace() -> None:
         x = torch.rand(2, *shape)
         with torch.no_grad():
             assert torch.allclose(graph.forward(x), model(x), atol=1e-5)
+
+
+class StridedResidual(nn.Module):
+    """Strided, dilated and grouped convolutions, a strided 1x1 projection on the skip path, BatchNorm: the layouts
+    where patches (local coefficients) differ most from a dense map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.dilated = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.project = nn.Conv2d(4, 4, 1, stride=2)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.relu(self.stem(x))
+        out = self.dilated(F.relu(self.bn(self.down(z))))
+        out = F.relu(out + self.project(z))
+        return self.head(torch.flatten(out, 1))
+
+
+@pytest.mark.parametrize("kind", ["residual", "strided", "mixed"])
+def test_patches_give_the_same_bounds_as_dense_coefficients(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from robustlab.certification.bounds import crown, patches
+
+    model: nn.Module
+    shape: tuple[int, ...]
+    if kind == "strided":
+        torch.manual_seed(4)
+        strided = StridedResidual()
+        randomize(strided.bn)
+        model, shape = strided.double().eval(), (1, 8, 8)
+    else:
+        model, shape = build(kind, seed=4)
+    x = torch.rand(5, *shape, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    y = model(x).argmax(1)
+    threat = robustlab.ThreatModel("linf", 0.03)
+    options = BoundOptions(alpha_steps=3)
+    local = {m: margin_bounds(model, x, y, threat, m, options=options).margins for m in ("crown", "alpha-crown")}
+    starts = 0
+    original_start = patches.start
+
+    def dense_start(*args: object, **kwargs: object) -> Tensor:
+        nonlocal starts
+        starts += 1
+        return patches.to_dense(original_start(*args, **kwargs))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(crown.patches, "start", dense_start)
+    for method, bound in local.items():
+        dense = margin_bounds(model, x, y, threat, method, options=options).margins  # type: ignore[arg-type]
+        assert torch.allclose(bound, dense, atol=1e-9), method
+    assert starts > 0  # the dense run really went through the replaced start

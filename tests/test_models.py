@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import importlib.util
 import sys
 import textwrap
@@ -164,7 +166,7 @@ def test_normalized_model_is_normalize_then_model() -> None:
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_builds_every_architecture() -> None:
     assert {"smallcnn", "lenet5", "preactresnet18", "wideresnet", "wrn-34-10"} <= {info.name for info in list_models()}
-    small = {"wideresnet": {"depth": 10, "widen_factor": 1}, "wrn-34-10": {"depth": 10, "widen_factor": 1},
+    small: dict[str, dict[str, Any]] = {"wideresnet": {"depth": 10, "widen_factor": 1}, "wrn-34-10": {"depth": 10, "widen_factor": 1},
              "wrn-28-10": {"depth": 10, "widen_factor": 1}}  # fmt: skip
     for name in (info.name for info in list_models()):
         assert isinstance(build_model(name, **small.get(name, {})), nn.Module)

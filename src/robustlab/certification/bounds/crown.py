@@ -21,8 +21,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from robustlab.certification.bounds import patches
 from robustlab.certification.bounds.ibp import node_interval
-from robustlab.certification.bounds.ops import ActivationOp, LinearOp, MaxPoolOp, rows_sum
+from robustlab.certification.bounds.ops import (
+    ActivationOp,
+    ChannelAffineOp,
+    ConvOp,
+    LinearOp,
+    MaxPoolOp,
+    SumOp,
+    rows_sum,
+)
 from robustlab.certification.bounds.relaxations import pool_backward, pool_lower_weight, relu_relaxation
 from robustlab.certification.bounds.state import BoundState
 from robustlab.threat import Norm
@@ -37,38 +46,108 @@ class Slopes:
     pool: dict[int, Tensor] = field(default_factory=dict)
 
 
-def backward_bound(state: BoundState, start: int, a: Tensor, slopes: Slopes | None = None) -> Tensor:
-    """Lower bound of ``<a, z_start>`` over the threat model, for each row of ``a`` (batch, rows, *shape)."""
+Coefficients = Tensor | patches.Patches
+
+
+def _accumulate(pending: dict[int, Coefficients], index: int, passed: Coefficients) -> None:
+    """Add coefficients reaching a node along one more path (a tensor read by several operations)."""
+    present = pending.get(index)
+    if present is None:
+        pending[index] = passed
+        return
+    if isinstance(present, patches.Patches) and isinstance(passed, patches.Patches):
+        joined = patches.add(present, passed)
+        if joined is not None:
+            pending[index] = joined
+            return
+    pending[index] = _dense(present) + _dense(passed)
+
+
+def _dense(c: Coefficients) -> Tensor:
+    return patches.to_dense(c) if isinstance(c, patches.Patches) else c
+
+
+def backward_bound(state: BoundState, start: int, a: Coefficients, slopes: Slopes | None = None) -> Tensor:
+    """Lower bound of ``<a, z_start>`` over the threat model, for each row of ``a`` (batch, rows, *shape), given as
+    a dense tensor or as patches."""
     graph = state.graph
-    pending: dict[int, Tensor] = {start: a}
-    total = torch.zeros(a.shape[:2], dtype=a.dtype, device=a.device)
-    at_input: Tensor | None = None
+    pending: dict[int, Coefficients] = {start: a}
+    values = a.values if isinstance(a, patches.Patches) else a
+    total = torch.zeros(values.shape[:2], dtype=values.dtype, device=values.device)
     for index in graph.ancestors(start):
         coefficients = pending.pop(index, None)
         if coefficients is None:
             continue
         node = graph.nodes[index]
-        op = node.op
-        if op.role == "input":
-            at_input = coefficients
-            continue
-        if isinstance(op, LinearOp):
-            constants = [None if graph.nodes[i].perturbed else state.constants[i] for i in node.inputs]
-            shapes = [graph.nodes[i].shape for i in node.inputs]
-            result = op.backward(coefficients, constants, shapes)
-            if result.bias is not None:
-                total = total + result.bias
-            for i, passed in zip(node.inputs, result.coefficients):
-                if passed is not None:
-                    pending[i] = pending[i] + passed if i in pending else passed
-            continue
-        passed, bias = _through_nonlinear(state, index, coefficients, slopes)
-        total = total + bias
-        source = node.inputs[0]
-        pending[source] = pending[source] + passed if source in pending else passed
-    if at_input is None:  # the start does not depend on the input
-        return total
-    return total + state.concretize(at_input)
+        if node.op.role == "input":
+            return total + _concretize(state, coefficients)
+        if isinstance(coefficients, patches.Patches):
+            local = _patches_step(state, index, coefficients, slopes)
+            if local is not None:
+                bias, passed = local
+                total = total + bias if bias is not None else total
+                for i, c in passed:
+                    _accumulate(pending, i, c)
+                continue
+            coefficients = patches.to_dense(coefficients)
+        bias, dense_passed = _dense_step(state, index, coefficients, slopes)
+        total = total + bias if bias is not None else total
+        for i, c in dense_passed:
+            _accumulate(pending, i, c)
+    return total  # the start does not depend on the input
+
+
+def _concretize(state: BoundState, c: Coefficients) -> Tensor:
+    if not isinstance(c, patches.Patches):
+        return state.concretize(c)
+    lower, upper = state.input_box()
+    dual = None if state.threat.norm is Norm.LINF else state.threat.norm.dual
+    return patches.concretize(c, lower, upper, state.x, state.threat.eps, dual)
+
+
+def _dense_step(
+    state: BoundState, index: int, a: Tensor, slopes: Slopes | None
+) -> tuple[Tensor | None, list[tuple[int, Coefficients]]]:
+    graph = state.graph
+    node = graph.nodes[index]
+    if isinstance(node.op, LinearOp):
+        constants = [None if graph.nodes[i].perturbed else state.constants[i] for i in node.inputs]
+        shapes = [graph.nodes[i].shape for i in node.inputs]
+        result = node.op.backward(a, constants, shapes)
+        passed: list[tuple[int, Coefficients]] = [
+            (i, c) for i, c in zip(node.inputs, result.coefficients) if c is not None
+        ]
+        return result.bias, passed
+    coefficients, bias = _through_nonlinear(state, index, a, slopes)
+    return bias, [(node.inputs[0], coefficients)]
+
+
+def _patches_step(
+    state: BoundState, index: int, p: patches.Patches, slopes: Slopes | None
+) -> tuple[Tensor | None, list[tuple[int, Coefficients]]] | None:
+    """One node of the backward pass on patches, or None where only the dense form is supported."""
+    node = state.graph.nodes[index]
+    op = node.op
+    source = node.inputs[0]
+    if isinstance(op, ConvOp):
+        done = patches.conv_backward(p, op, state.graph.nodes[source].shape)
+        if done is None:
+            return None
+        moved, bias = done
+    elif isinstance(op, ChannelAffineOp):
+        moved, bias = patches.affine_backward(p, op)
+    elif isinstance(op, SumOp):
+        signed = [patches.Patches(p.values * s, p.location, p.grid, p.stride, p.padding, p.shape) for s in op.signs]
+        return None, list(zip(node.inputs, signed))
+    elif isinstance(op, ActivationOp) and (slopes is None or index not in slopes.relu):
+        moved, bias = patches.activation_backward(p, state.relaxation(index))
+    elif isinstance(op, MaxPoolOp) and (slopes is None or index not in slopes.pool):
+        windows = state.windows(index)
+        moved, bias = patches.pool_backward(p, windows, pool_lower_weight(windows))
+    else:
+        return None
+    passed: Coefficients = patches.to_dense(moved) if moved.covers_map() else moved
+    return bias, [(source, passed)]
 
 
 def _through_nonlinear(state: BoundState, index: int, a: Tensor, slopes: Slopes | None) -> tuple[Tensor, Tensor]:
@@ -89,13 +168,12 @@ def _through_nonlinear(state: BoundState, index: int, a: Tensor, slopes: Slopes 
         lower_slope, upper_slope = relax.lower_slope.unsqueeze(1), relax.upper_slope.unsqueeze(1)
         lower_offset = relax.lower_offset.unsqueeze(1) if relax.lower_offset is not None else None
         upper_offset = relax.upper_offset.unsqueeze(1) if relax.upper_offset is not None else None
-    positive, negative = a.clamp(min=0), a.clamp(max=0)
-    passed = positive * lower_slope + negative * upper_slope
+    passed = torch.where(a >= 0, lower_slope, upper_slope) * a
     bias = torch.zeros(a.shape[:2], dtype=a.dtype, device=a.device)
     if lower_offset is not None:
-        bias = bias + rows_sum(positive * lower_offset)
+        bias = bias + rows_sum(a.clamp(min=0) * lower_offset)
     if upper_offset is not None:
-        bias = bias + rows_sum(negative * upper_offset)
+        bias = bias + rows_sum(a.clamp(max=0) * upper_offset)
     return passed, bias
 
 
@@ -141,20 +219,22 @@ def refine(state: BoundState, index: int, mask: Tensor) -> None:
     used = torch.arange(count, device=mask.device).unsqueeze(0) < mask.sum(dim=1, keepdim=True)
     new_lower, new_upper = lower.reshape(batch, -1).clone(), upper.reshape(batch, -1).clone()
     chunk = max(1, state.rows_per_pass(index) // 2)
+    local = len(node.shape) == 3  # a feature map: start with patches
     for begin in range(0, count, chunk):
         picked = order[:, begin : begin + chunk]
         rows = picked.shape[1]
-        a = torch.zeros(batch, 2 * rows, numel, dtype=lower.dtype, device=lower.device)
-        a[:, :rows].scatter_(2, picked.unsqueeze(2), 1.0)
-        a[:, rows:].scatter_(2, picked.unsqueeze(2), -1.0)
-        bound = backward_bound(state, index, a.reshape(batch, 2 * rows, *node.shape))
+        if local:
+            a: Coefficients = patches.start(node.shape, picked, (1.0, -1.0), lower.dtype)
+        else:
+            dense = torch.zeros(batch, 2 * rows, numel, dtype=lower.dtype, device=lower.device)
+            dense[:, :rows].scatter_(2, picked.unsqueeze(2), 1.0)
+            dense[:, rows:].scatter_(2, picked.unsqueeze(2), -1.0)
+            a = dense.reshape(batch, 2 * rows, *node.shape)
+        bound = backward_bound(state, index, a)
         keep = used[:, begin : begin + rows]
-        low = torch.where(
-            keep, torch.maximum(new_lower.gather(1, picked), bound[:, :rows]), new_lower.gather(1, picked)
-        )
-        high = torch.where(
-            keep, torch.minimum(new_upper.gather(1, picked), -bound[:, rows:]), new_upper.gather(1, picked)
-        )
+        old_low, old_high = new_lower.gather(1, picked), new_upper.gather(1, picked)
+        low = torch.where(keep, torch.maximum(old_low, bound[:, :rows]), old_low)
+        high = torch.where(keep, torch.minimum(old_high, -bound[:, rows:]), old_high)
         new_lower = new_lower.scatter(1, picked, low)
         new_upper = new_upper.scatter(1, picked, high)
     state.bounds[index] = (new_lower.reshape(lower.shape), new_upper.reshape(upper.shape))
