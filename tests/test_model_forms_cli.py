@@ -87,6 +87,62 @@ def test_an_onnx_model_is_served_through_onnxruntime(onnx_files) -> None:
     assert np.allclose(scores, small_cnn()(x).detach().numpy(), atol=1e-5)
 
 
+def test_robustlab_serve_serves_an_onnx_file(onnx_files, capsys, monkeypatch) -> None:
+    from fastapi.testclient import TestClient
+
+    import robustlab.serve
+    from robustlab.remote import encode_array
+
+    served: list = []
+    monkeypatch.setattr(robustlab.serve, "run_server", lambda app, **where: served.append((app, where)))
+    model, _ = onnx_files
+    code, out, err = run(capsys, "serve", "--model", str(model), "--mode", "labels", "--port", "8765")
+    assert code == 0, err
+    assert "onnx2torch" not in err and f"serving {model} (labels)" in out
+    ((app, where),) = served
+    assert where["port"] == 8765 and where["host"] == "127.0.0.1"
+    client = TestClient(app)
+    info = client.get("/v1/info").json()
+    assert info["input_shape"] == [1, 12, 12] and info["num_classes"] == 10  # read from the graph, not given
+    x = images(5, seed=3)
+    answer = client.post("/v1/predict", json={"data": encode_array(x.numpy()), "shape": list(x.shape)}).json()
+    assert answer["labels"] == small_cnn()(x).argmax(1).tolist() and answer["queries"] == 5
+
+
+def test_evaluate_and_denoise_through_a_yaml_endpoint_spec(tmp_path: Path, capsys, monkeypatch) -> None:
+    yaml = pytest.importorskip("yaml")
+    from robustlab.certification import load_denoiser
+    from robustlab.vendor import EndpointModel, connect_spec
+
+    monkeypatch.setenv("VENDOR_KEY", KEY)
+    model = small_cnn()
+    x = images(4)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x.numpy(), y=model(x).argmax(1).numpy())
+    vendor = Vendor(model)
+    with serving(vendor) as url:
+        spec = tmp_path / "vendor.yaml"
+        spec.write_text(yaml.safe_dump(json.loads(write_spec(tmp_path, url, batch_size=8).read_text())))
+        common = ["--model", str(spec), "--data", str(data)]
+        code, out, err = run(capsys, "evaluate", *common, "--eps", "0.9", "--attacks", "square",
+                             "--out", str(tmp_path / "eval"))  # fmt: skip
+        assert code == 0, err
+        assert "robust accuracy" in out and vendor.images > 0
+        evaluated = vendor.images
+        code, _, err = run(capsys, "denoise", *common, "--method", "zo-ds", "--q", "2", "--queries", "200",
+                           "--depth", "2", "--width", "4", "--batch-size", "4", "--steps", "1", "--sigma", "0.25",
+                           "--out", str(tmp_path / "zo.pt"))  # fmt: skip
+        assert code == 0, err
+        summary = load_denoiser(tmp_path / "zo.pt").extra["summary"]
+        # Every query was billed once, except the clean images' targets: evaluate asked about those images already,
+        # so the ledger answers them.
+        assert 0 < vendor.images - evaluated == summary["total_queries"] - summary["target_queries"]
+    endpoint = connect_spec(spec).model
+    assert isinstance(endpoint, EndpointModel)
+    endpoint.close()
+    assert endpoint.ledger.paid == vendor.images and endpoint.ledger.unresolved == 0  # every billed image recorded
+
+
 def test_attack_and_certify_through_an_endpoint_spec(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("VENDOR_KEY", KEY)
     vendor = Vendor(small_cnn())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from robustlab.errors import ConfigError, ModelError
 from robustlab.model_access import onnx_oracle
 from robustlab.models import load_model, sequential_cnn
 from robustlab.models.onnx_model import OnnxModel, OnnxTorchModule, convert_onnx, load_onnx
-from robustlab.oracles import ScoreOracle, module_function
+from robustlab.oracles import LabelOracle, ScoreOracle, module_function
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -74,18 +75,21 @@ def test_pgd_on_the_converted_module_agrees_with_pgd_on_the_original(tmp_path: P
     assert torch.equal(original.queries, through_onnx.queries)
 
 
-@pytest.mark.parametrize(("method", "options"), [("square", {"queries": 200}), ("rays", {"queries": 200})])
+@pytest.mark.parametrize(("method", "labels_only"), [("square", False), ("rays", True)])
 def test_black_box_attacks_through_onnxruntime_count_queries_exactly(
-    tmp_path: Path, monkeypatch, method: str, options
+    tmp_path: Path, monkeypatch, method: str, labels_only: bool
 ) -> None:
     model = small_cnn()
     file = export(model, tmp_path / "cnn.onnx")
     x = images(12)
     y = model(x).argmax(1)
     threat = robustlab.ThreatModel("linf", 0.3)
-    local = robustlab.attack(ScoreOracle(module_function(model), budget=options["queries"]), x, y, threat, method,
-                             seed=2, **options)  # fmt: skip
-    oracle = onnx_oracle(file, budget=options["queries"])
+    queries = 200
+    oracle_type = LabelOracle if labels_only else ScoreOracle  # RayS through labels only
+    local = robustlab.attack(oracle_type(module_function(model), budget=queries), x, y, threat, method,
+                             seed=2, queries=queries)  # fmt: skip
+    oracle = onnx_oracle(file, budget=queries, labels_only=labels_only)
+    assert type(oracle) is oracle_type
     runtime = oracle.model
     assert isinstance(runtime, OnnxModel)
     rows_run: list[int] = []
@@ -96,12 +100,12 @@ def test_black_box_attacks_through_onnxruntime_count_queries_exactly(
         return run(batch)
 
     monkeypatch.setattr(runtime, "_run", counted)
-    remote = robustlab.attack(oracle, x, y, threat, method, seed=2, **options)
+    remote = robustlab.attack(oracle, x, y, threat, method, seed=2, queries=queries)
     assert torch.equal(local.success, remote.success)
     assert torch.equal(local.queries, remote.queries)
-    assert int(remote.queries.max()) <= options["queries"]
+    assert int(remote.queries.max()) <= queries
     # every row onnxruntime ran is a counted query or a counted audit (the success re-check, a class probe)
-    assert sum(rows_run) == oracle.total_queries
+    assert sum(rows_run) == oracle.total_queries == int(remote.queries.sum() + remote.audits.sum())
     assert torch.allclose(local.x_adv, remote.x_adv, atol=1e-5)
 
 
@@ -114,8 +118,48 @@ def test_a_fixed_batch_export_is_split_and_padded_with_a_message(tmp_path: Path)
     with pytest.warns(UserWarning, match="fixed batch size of 4"):
         scores = runtime(x)
     assert scores.shape == (10, 10) and torch.allclose(scores, model(x), atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the message is given once, not on every call
+        assert torch.allclose(runtime(images(3, seed=1)), model(images(3, seed=1)), atol=1e-5)
+    # Padding rows are onnxruntime's work, not queries: an oracle counts the images it was asked about.
+    oracle = onnx_oracle(file).bind(10, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(oracle.labels(x), model(x).argmax(1))
+    assert oracle.total_queries == 10 and oracle.queries.tolist() == [1] * 10
     converted = convert_onnx(file)
     assert torch.allclose(converted(x), model(x), atol=1e-5)
+
+
+class Float64Input(nn.Module):
+    """A graph whose input is float64 (as some converters export), cast to float32 inside."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float())
+
+
+def test_the_input_dtype_is_read_from_the_graph(tmp_path: Path) -> None:
+    model = small_cnn()
+    file = tmp_path / "double.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Float64Input(model).eval(), (torch.rand(2, 1, 12, 12, dtype=torch.float64),), str(file),
+            input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}}, dynamo=False,
+            opset_version=17,  # Cast as onnx2torch converts it (it has no converter for opset 19's Cast)
+        )  # fmt: skip
+    runtime = load_onnx(file)  # onnxruntime refuses a float32 array for this input: the graph's dtype is used
+    assert runtime.signature.input_dtype is np.float64
+    x = images(5)
+    with torch.no_grad():
+        expected = model(x)
+    scores = runtime(x)
+    assert scores.dtype == torch.float32 and torch.allclose(scores, expected, atol=1e-5)
+    assert torch.allclose(convert_onnx(file)(x), expected, atol=1e-5)
 
 
 class ChannelsLast(nn.Module):

@@ -52,8 +52,13 @@ class Vendor:
         self.images = 0
         self.requests = 0
         self.arrivals: list[float] = []
-        self.busy_left = 0  # answer this many requests with 429 first
+        self.busy_left = 0  # answer this many requests with busy_status first
+        self.busy_status = 429
+        self.retry_after: str | None = "0.05"  # None: no Retry-After header
         self.mode = "ok"  # or "html", "seven-classes"
+        self.delay = 0.0  # seconds each classification takes (other requests are served meanwhile)
+        self.client_ports: set[int] = set()  # one per TCP connection the clients opened
+        self.in_flight = self.most_in_flight = 0
         self.lock = threading.Lock()
 
     def app(self) -> Any:
@@ -63,11 +68,14 @@ class Vendor:
             with self.lock:
                 self.requests += 1
                 self.arrivals.append(time.monotonic())
+                if request.client is not None:
+                    self.client_ports.add(request.client.port)
                 if request.headers.get("x-api-key") != KEY:
                     return JSONResponse({"error": "bad key"}, status_code=401)
                 if self.busy_left > 0:
                     self.busy_left -= 1
-                    return JSONResponse({"error": "slow down"}, status_code=429, headers={"Retry-After": "0.05"})
+                    headers = {} if self.retry_after is None else {"Retry-After": self.retry_after}
+                    return JSONResponse({"error": "slow down"}, status_code=self.busy_status, headers=headers)
             return None
 
         @app.post("/classify")
@@ -86,6 +94,13 @@ class Vendor:
                     self.images += x.shape[0]
                 await asyncio.sleep(0.4)
                 return {"late": True}
+            if self.delay:
+                with self.lock:
+                    self.in_flight += 1
+                    self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                await asyncio.sleep(self.delay)
+                with self.lock:
+                    self.in_flight -= 1
             with torch.no_grad():
                 probs = torch.softmax(self.model(x), dim=1)
             if self.mode == "seven-classes":
@@ -238,6 +253,36 @@ def test_a_429_burst_is_retried_honouring_retry_after_and_not_paid_twice(tmp_pat
     assert torch.allclose(scores, probabilities(model)(x), atol=1e-6)
     assert endpoint.retried == 5 and vendor.requests == 2 + 5 and vendor.images == 8 == endpoint.ledger.paid
     assert 5 * 0.05 <= elapsed < 2.0  # Retry-After's 0.05 s, not the 1 s back-off
+
+
+def test_5xx_answers_are_retried_with_exponential_back_off(tmp_path: Path) -> None:
+    model = small_model()
+    vendor = Vendor(model)
+    vendor.busy_left, vendor.busy_status, vendor.retry_after = 2, 503, None
+    x, _ = images(4)
+    with serving(vendor) as url:
+        endpoint = _endpoint(write_spec(tmp_path, url, concurrency=1, backoff=0.15))
+        started = time.monotonic()
+        scores = endpoint(x)
+        elapsed = time.monotonic() - started
+        endpoint.close()
+    assert torch.allclose(scores, probabilities(model)(x), atol=1e-6)
+    assert endpoint.retried == 2 and vendor.requests == 3 and vendor.images == 4 == endpoint.ledger.paid
+    assert elapsed >= 0.15 + 0.3  # waited backoff, then twice that
+
+
+def test_requests_share_connections_and_stay_within_the_concurrency_limit(tmp_path: Path) -> None:
+    model = small_model()
+    vendor = Vendor(model)
+    vendor.delay = 0.1  # long enough for requests to overlap
+    x, _ = images(24)
+    with serving(vendor) as url:
+        endpoint = _endpoint(write_spec(tmp_path, url, concurrency=3, batch_size=2))
+        scores = torch.cat([endpoint(x[:12]), endpoint(x[12:])])  # two calls of 6 requests each
+        endpoint.close()
+    assert torch.allclose(scores, probabilities(model)(x), atol=1e-6)
+    assert vendor.requests == 12 and 2 <= vendor.most_in_flight <= 3
+    assert len(vendor.client_ports) <= 3  # 12 requests over at most 3 kept-alive connections, not one each
 
 
 def test_bad_answers_and_refused_credentials_are_one_clear_error(tmp_path: Path, monkeypatch) -> None:
