@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -115,74 +115,71 @@ class PostAffine:
     shift: Callable[[], Tensor]
 
 
-class DenseOp(LinearOp):
-    """``nn.Linear`` (``post``: a BatchNorm1d folded in)."""
+LayerT = TypeVar("LayerT", nn.Linear, nn.Conv2d)
 
-    def __init__(self, module: nn.Linear, post: PostAffine | None = None) -> None:
-        self.module = module
+
+class FoldableLayerOp(LinearOp, Generic[LayerT]):
+    """A layer with a weight whose first dimension is the output channel, and optionally a BatchNorm (``post``)
+    folded in by :mod:`.convert`."""
+
+    layer_name: ClassVar[str]
+
+    def __init__(self, module: LayerT, post: PostAffine | None = None) -> None:
+        self.module: LayerT = module
         self.post = post
 
     def describe(self) -> str:
-        return "Linear" + ("+BatchNorm" if self.post is not None else "")
+        return self.layer_name + ("+BatchNorm" if self.post is not None else "")
 
     def parameters(self) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias with ``post`` folded in: output channel ``i`` scaled by ``scale[i]``, then shifted
+        by ``shift[i]``."""
         weight, bias = self.module.weight, self.module.bias
         if self.post is None:
             return weight, bias
         scale, shift = self.post.scale(), self.post.shift()
         base = bias if bias is not None else torch.zeros_like(shift)
-        return weight * scale[:, None], base * scale + shift
+        return weight * channel_view(scale, weight.dim(), channel_dim=0), base * scale + shift
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's map with the given weight and bias."""
+        raise NotImplementedError
 
     def forward(self, *inputs: Tensor) -> Tensor:
         weight, bias = self.parameters()
-        return F.linear(inputs[0], weight, bias)
+        return self.apply(inputs[0], weight, bias)
 
     def interval(self, inputs: Sequence[Bound]) -> Interval:
         lower, upper = inputs[0]
         weight, bias = self.parameters()
-        mid = F.linear((upper + lower) / 2, weight, bias)
-        spread = F.linear((upper - lower) / 2, weight.abs())
+        mid = self.apply((upper + lower) / 2, weight, bias)
+        spread = self.apply((upper - lower) / 2, weight.abs(), None)
         return mid - spread, mid + spread
+
+
+class DenseOp(FoldableLayerOp[nn.Linear]):
+    """``nn.Linear`` (``post``: a BatchNorm1d folded in)."""
+
+    layer_name = "Linear"
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
     def backward(self, a: Tensor, inputs: Sequence[Tensor | None], shapes: Sequence[tuple[int, ...]]) -> Backward:
         weight, bias = self.parameters()
         return Backward([a @ weight], rows_sum(a * bias) if bias is not None else None)
 
 
-class ConvOp(LinearOp):
+class ConvOp(FoldableLayerOp[nn.Conv2d]):
     """``nn.Conv2d`` (``post``: a BatchNorm2d folded in). The transpose is a transposed convolution."""
 
-    def __init__(self, module: nn.Conv2d, post: PostAffine | None = None) -> None:
-        self.module = module
-        self.post = post
+    layer_name = "Conv2d"
 
-    def describe(self) -> str:
-        return "Conv2d" + ("+BatchNorm" if self.post is not None else "")
-
-    def parameters(self) -> tuple[Tensor, Tensor | None]:
-        weight, bias = self.module.weight, self.module.bias
-        if self.post is None:
-            return weight, bias
-        scale, shift = self.post.scale(), self.post.shift()
-        base = bias if bias is not None else torch.zeros_like(shift)
-        return weight * scale[:, None, None, None], base * scale + shift
-
-    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         m = self.module
         if m.padding_mode != "zeros":
             return m._conv_forward(x, weight, bias)
         return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
-
-    def forward(self, *inputs: Tensor) -> Tensor:
-        weight, bias = self.parameters()
-        return self._conv(inputs[0], weight, bias)
-
-    def interval(self, inputs: Sequence[Bound]) -> Interval:
-        lower, upper = inputs[0]
-        weight, bias = self.parameters()
-        mid = self._conv((upper + lower) / 2, weight, bias)
-        spread = self._conv((upper - lower) / 2, weight.abs(), None)
-        return mid - spread, mid + spread
 
     def backward(self, a: Tensor, inputs: Sequence[Tensor | None], shapes: Sequence[tuple[int, ...]]) -> Backward:
         weight, bias = self.parameters()
@@ -191,7 +188,7 @@ class ConvOp(LinearOp):
         bias_term = rows_sum(a.sum(dim=(-2, -1)) * bias) if bias is not None else None
         padding = m.padding
         if m.padding_mode != "zeros" or not isinstance(padding, tuple):  # "same"/"valid", reflect...: autograd
-            return Backward([*_vjp(lambda z: self._conv(z, weight, None), a, shapes)], bias_term)
+            return Backward([*_vjp(lambda z: self.apply(z, weight, None), a, shapes)], bias_term)
         batch, rows = a.shape[:2]
         flat = a.reshape(batch * rows, *a.shape[2:])
         out_h, out_w = flat.shape[-2:]
