@@ -143,6 +143,30 @@ def test_evaluate_and_denoise_through_a_yaml_endpoint_spec(tmp_path: Path, capsy
     assert endpoint.ledger.paid == vendor.images and endpoint.ledger.unresolved == 0  # every billed image recorded
 
 
+def test_certify_bounds_on_an_onnx_file_behind_its_normalization(tmp_path: Path, capsys) -> None:
+    model = small_cnn()
+    file = export(model, tmp_path / "cnn.onnx")
+    x = images(8, seed=2)
+    with torch.no_grad():
+        labels = model((x - 0.5) / 0.25).argmax(1)  # the graph expects normalized inputs
+        plain = float((model(x).argmax(1) == labels).float().mean())
+    assert plain < 1  # without the normalization the model answers otherwise: the flag can be told apart
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x.numpy(), y=labels.numpy())
+    # eps 0.3: PGD (the empirical side of the comparison) breaks every example at once and stops early
+    common = ["certify", "--model", str(file), "--data", str(data), "--method", "crown", "--eps", "0.3"]
+    for normalize, clean in ((["--normalize", "0.5/0.25"], 1.0), ([], plain)):
+        code, _, err = run(capsys, *common, *normalize, "--out", str(tmp_path / "c.json"))
+        assert code == 0, err
+        assert "converted to PyTorch by onnx2torch" in err
+        result = json.loads((tmp_path / "c.json").read_text())
+        assert result["clean_accuracy"] == pytest.approx(clean)
+        assert result["verified_accuracy"] <= result["pgd_robust_accuracy"] <= result["clean_accuracy"]
+    spec = write_spec(tmp_path, "http://127.0.0.1:9")  # refused before any request
+    code, _, err = run(capsys, "certify", "--model", str(spec), "--data", str(data), "--method", "ibp", "--eps", "0.01")
+    assert code == 2 and "certify it with --method smoothing" in err and len(err.strip().splitlines()) == 1
+
+
 def test_attack_and_certify_through_an_endpoint_spec(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("VENDOR_KEY", KEY)
     vendor = Vendor(small_cnn())

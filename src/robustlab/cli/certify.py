@@ -139,7 +139,7 @@ def _certify_in_chunks(smoothed: Any, data: Any, args: argparse.Namespace, devic
 
 def run(args: argparse.Namespace) -> int:
     from robustlab.errors import ConfigError
-    from robustlab.models import load_model
+    from robustlab.models.loading import is_endpoint_spec
     from robustlab.report import Report
 
     common.output_file(args.out, "--out")
@@ -148,10 +148,14 @@ def run(args: argparse.Namespace) -> int:
     device = common.device_from(args.device)
     if args.denoiser is not None and args.method != "smoothing":
         raise ConfigError(f"--denoiser goes with --method smoothing (denoised smoothing), not {args.method}")
-    if args.method == "smoothing":
-        model, _ = common.open_model(args, device)  # a local module or, for a URL, a remote oracle
-    else:
-        model = load_model(args.model, arch=args.arch, device=device)
+    if args.method != "smoothing" and (common.is_url(args.model) or is_endpoint_spec(args.model)):
+        raise ConfigError(
+            f"--method {args.method} propagates bounds through the model's weights, and {args.model} is reached over "
+            "HTTP (black-box): certify it with --method smoothing"
+        )
+    # A local module (with --normalize, --onnx-output; an ONNX file converted and checked) or, for smoothing over
+    # HTTP, a remote oracle.
+    model, _ = common.open_model(args, device)
     data = common.open_data(args)
     model_classes = common.check_model_fits_data(model, data, args, device)
     out: dict[str, Any] = {"model": args.model, "data": args.data, "split": args.split, "examples": len(data)}
@@ -216,12 +220,14 @@ def _bound_propagation(args: argparse.Namespace, model: Any, data: Any, device: 
     from robustlab import ThreatModel
     from robustlab.certification import bounds_section, verified_vs_empirical
     from robustlab.certification.bounds import METHODS, BoundOptions
+    from robustlab.data import read_batch
 
     threat = ThreatModel(args.norm, args.eps, *data.bounds)
     chain = METHODS[: METHODS.index(args.method) + 1]
     options = BoundOptions(intermediate=args.intermediate, alpha_steps=args.alpha_steps, memory_mb=args.memory_mb)
+    x, y = read_batch(data, range(len(data)))  # streamed data (a file) has no .x/.y: read it, as data in memory is
     compared = verified_vs_empirical(
-        model, data.x.to(device), data.y.to(device), threat, chain, batch_size=args.batch_size, seed=args.seed,
+        model, x.to(device), y.to(device), threat, chain, batch_size=args.batch_size, seed=args.seed,
         progress=not args.quiet, options=options,
     )  # fmt: skip
     verified = compared["verified"][args.method]

@@ -392,7 +392,8 @@ class OnnxTorchModule(nn.Module):
 
     def __init__(self, graph: nn.Module, signature: OnnxSignature, output_index: int) -> None:
         super().__init__()
-        self.graph = graph
+        # Not "graph": torch.fx's GraphModule (bound propagation traces this module) keeps its own Graph there.
+        self.network = graph
         self.signature = signature
         self.output_index = output_index
         self.max_abs_difference = float("nan")
@@ -404,13 +405,15 @@ class OnnxTorchModule(nn.Module):
     def _run(self, x: Tensor) -> Tensor:
         images = x.permute(0, 2, 3, 1) if self.signature.channels_last else x
         dtype = torch.from_numpy(np.zeros(0, dtype=self.signature.input_dtype)).dtype
-        out = self.graph(images.to(dtype))
+        # Casts only when the dtypes differ: bound propagation (certify) traces this module and has no rule for a
+        # cast, and a no-op one would stop it.
+        out = self.network(images if images.dtype == dtype else images.to(dtype))
         if isinstance(out, (tuple, list)):
             out = out[self.output_index]
         rows = int(x.shape[0])
         if out.dim() != 2:
             out = out.reshape(rows, -1)
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _sample_inputs(signature: OnnxSignature, rows: int = 8) -> Tensor:
