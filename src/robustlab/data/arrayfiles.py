@@ -28,17 +28,14 @@ import torch
 from torch import Tensor
 
 from robustlab.data.convert import _check_shape_arg, _images_to_nchw, _labels_to_tensor
+from robustlab.data.formats import PICKLE_REFUSAL, npz_keys, npz_member, npz_metadata, open_npz_archive
 from robustlab.data.preprocess import Preprocess, array_batch_to_tensor
-from robustlab.data.streams import StreamedImages
+from robustlab.data.streams import LabelledImages
 from robustlab.errors import DataNotFoundError, InvalidInputError
 
 __all__ = ["ArrayImages", "find_npy_pair", "open_npy", "open_npz"]
 
 PathLike = str | os.PathLike[str]
-_PICKLE_REFUSAL = (
-    "holds pickled Python objects, which robustlab never loads because loading them can run arbitrary code; save "
-    "plain numeric arrays (images as float or uint8, labels as integers)"
-)
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ class MappedArray:
         return mapped
 
 
-class ArrayImages(StreamedImages):
+class ArrayImages(LabelledImages):
     """Images held in an array (memory-mapped or in memory) and their labels, converted one batch at a time.
 
     Args:
@@ -145,18 +142,6 @@ class ArrayImages(StreamedImages):
             self.__dict__["_view"] = view
         return view
 
-    def __len__(self) -> int:
-        return int(self._labels.shape[0])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self._shape
-
-    @property
-    def labels(self) -> Tensor:
-        """Every label, int64 ``(N,)`` (held in memory)."""
-        return self._labels
-
     def _item(self, position: int) -> tuple[Tensor, int]:
         row = np.asarray(self._x[position])
         where = f"image {position} of {self.source}"
@@ -203,7 +188,7 @@ def _stored_member(path: Path, member: str) -> MappedArray | None:
         shape, fortran_order, dtype = reader(stream)
         offset = stream.tell()
     if dtype.hasobject:
-        raise InvalidInputError(f"{path}: array {member[:-4]!r} {_PICKLE_REFUSAL}")
+        raise InvalidInputError(f"{path}: array {member[:-4]!r} {PICKLE_REFUSAL}")
     if int(np.prod(shape)) == 0:
         return None  # nothing to map; read it (empty) normally
     return MappedArray(str(path), offset, dtype.str, tuple(int(s) for s in shape), bool(fortran_order))
@@ -222,57 +207,20 @@ def open_npz(
     """An ``.npz`` of images ``x`` and labels ``y`` (or ``x_{split}``/``y_{split}``), images memory-mapped when stored
     uncompressed. Optional members ``shape``, ``num_classes`` and ``classes`` as :func:`robustlab.data.load_npz`
     reads them; arguments override them."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataNotFoundError(f"no such .npz file: {file}")
-    try:
-        archive = np.load(file, allow_pickle=False)
-        keys = set(archive.files)
-    except Exception as exc:
-        raise InvalidInputError(f"{file} is not a readable .npz file: {exc}") from exc
+    file, archive = open_npz_archive(path)
     with archive:
-        x_key, y_key = _npz_keys(keys, split, file)
-        labels = _member(archive, y_key, file)
-        if shape is None and "shape" in keys:
-            shape = [int(s) for s in _member(archive, "shape", file).reshape(-1)]
-        if num_classes is None and "num_classes" in keys:
-            num_classes = int(_member(archive, "num_classes", file))
-        classes = [str(c) for c in _member(archive, "classes", file).reshape(-1)] if "classes" in keys else None
+        x_key, y_key = npz_keys(archive, split, file)
+        labels = npz_member(archive, y_key, file)
+        shape, num_classes, classes = npz_metadata(archive, file, shape, num_classes)
         try:
             mapped = _stored_member(file, x_key + ".npy")
         except (zipfile.BadZipFile, ValueError, OSError) as exc:
             raise InvalidInputError(f"{file}: array {x_key!r} is damaged ({exc})") from exc
-        images: np.ndarray | MappedArray = mapped if mapped is not None else _member(archive, x_key, file)
-    if classes is not None and num_classes is not None and len(classes) != num_classes:
-        classes = None
+        images: np.ndarray | MappedArray = mapped if mapped is not None else npz_member(archive, x_key, file)
     return ArrayImages(
         images, labels, name=name or file.stem, split=split or "", num_classes=num_classes, shape=shape,
         classes=classes, source=str(file), limit=limit, preprocess=preprocess,
     )  # fmt: skip
-
-
-def _npz_keys(keys: set[str], split: str | None, file: Path) -> tuple[str, str]:
-    if {"x", "y"} <= keys:
-        return "x", "y"
-    if split is not None and {f"x_{split}", f"y_{split}"} <= keys:
-        return f"x_{split}", f"y_{split}"
-    per_split = sorted(k[2:] for k in keys if k.startswith("x_") and f"y_{k[2:]}" in keys)
-    hint = f"; it has splits {per_split}" if per_split else ""
-    raise InvalidInputError(
-        f"{file} must hold arrays named 'x' (images) and 'y' (labels); it holds {sorted(keys)}{hint}"
-    )
-
-
-def _member(archive: Any, key: str, file: Path) -> np.ndarray:
-    """One array of an open ``.npz`` read into memory; pickled objects refused, damage named."""
-    try:
-        return np.asarray(archive[key])
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise InvalidInputError(f"{file}: array {key!r} {_PICKLE_REFUSAL}") from exc
-        raise InvalidInputError(f"{file}: array {key!r} cannot be read: {exc}") from exc
-    except Exception as exc:  # a damaged member of the zip archive
-        raise InvalidInputError(f"{file}: array {key!r} is damaged ({type(exc).__name__}: {exc})") from exc
 
 
 # ------------------------------------------------------------------------------------------------ .npy files
@@ -309,7 +257,7 @@ def _load_npy(path: Path, *, mmap: bool) -> np.ndarray:
         array: np.ndarray = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as exc:
         if any(text in str(exc) for text in ("allow_pickle", "Object arrays", "Python objects")):
-            raise InvalidInputError(f"{path} {_PICKLE_REFUSAL}") from exc
+            raise InvalidInputError(f"{path} {PICKLE_REFUSAL}") from exc
         raise InvalidInputError(f"{path} is not a readable .npy file: {exc}") from exc
     except OSError as exc:
         raise InvalidInputError(f"{path} is not a readable .npy file: {exc}") from exc

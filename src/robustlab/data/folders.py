@@ -33,7 +33,7 @@ from torch import Tensor
 
 from robustlab.checks import check_positive_int
 from robustlab.data.preprocess import Preprocess
-from robustlab.data.streams import StreamedImages
+from robustlab.data.streams import LabelledImages
 from robustlab.errors import ConfigError, DataNotFoundError, InvalidInputError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "looks_like_image_folder"]
@@ -70,7 +70,7 @@ def _image_files(folder: Path) -> list[str]:
     return found
 
 
-class ImageFolder(StreamedImages):
+class ImageFolder(LabelledImages):
     """Class sub-folders of images (see the module's description), read lazily.
 
     Args:
@@ -160,18 +160,6 @@ class ImageFolder(StreamedImages):
                     f"{self.root / extra[0]} is not a class of {reference}; every split needs the same class folders"
                 )
         return names
-
-    def __len__(self) -> int:
-        return int(self._labels.shape[0])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self._shape
-
-    @property
-    def labels(self) -> Tensor:
-        """Every label, int64 ``(N,)``."""
-        return self._labels
 
     def file(self, position: int) -> Path:
         """The image file of the example at ``position``."""

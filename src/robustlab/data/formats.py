@@ -31,6 +31,10 @@ from robustlab.errors import DataNotFoundError, InvalidInputError
 __all__ = ["load_npz", "read_idx", "save_npz"]
 
 PathLike = str | os.PathLike[str]
+PICKLE_REFUSAL = (
+    "holds pickled Python objects, which robustlab never loads because loading them can run arbitrary code; save "
+    "plain numeric arrays (images as float or uint8, labels as integers)"
+)
 
 
 # ---------------------------------------------------------------------------------------------- npz files
@@ -49,33 +53,11 @@ def load_npz(
     (names). A file with ``x_train``/``y_train``/``x_test``/``y_test`` instead (Keras' ``mnist.npz``) is read for
     ``split``. Arguments override what the file declares. Files are read with ``allow_pickle=False``.
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataNotFoundError(f"no such .npz file: {file}")
-    try:
-        archive = np.load(file, allow_pickle=False)
-    except Exception as exc:
-        raise InvalidInputError(f"{file} is not a readable .npz file: {exc}") from exc
+    file, archive = open_npz_archive(path)
     with archive:
-        keys = set(archive.files)
-        if {"x", "y"} <= keys:
-            x_key, y_key = "x", "y"
-        elif split is not None and {f"x_{split}", f"y_{split}"} <= keys:
-            x_key, y_key = f"x_{split}", f"y_{split}"
-        else:
-            per_split = sorted(k[2:] for k in keys if k.startswith("x_") and f"y_{k[2:]}" in keys)
-            hint = f"; it has splits {per_split}, choose one with split=" if per_split and split is None else ""
-            raise InvalidInputError(
-                f"{file} must hold arrays named 'x' (images) and 'y' (labels); it holds {sorted(keys)}{hint}"
-            )
-        x, y = _npz_array(archive, x_key, file), _npz_array(archive, y_key, file)
-        if shape is None and "shape" in keys:
-            shape = [int(s) for s in _npz_array(archive, "shape", file).reshape(-1)]
-        if num_classes is None and "num_classes" in keys:
-            num_classes = int(_npz_array(archive, "num_classes", file))
-        classes = [str(c) for c in _npz_array(archive, "classes", file).reshape(-1)] if "classes" in keys else None
-    if classes is not None and num_classes is not None and len(classes) != num_classes:
-        classes = None
+        x_key, y_key = npz_keys(archive, split, file)
+        x, y = npz_member(archive, x_key, file), npz_member(archive, y_key, file)
+        shape, num_classes, classes = npz_metadata(archive, file, shape, num_classes)
     return from_arrays(
         x,
         y,
@@ -89,17 +71,58 @@ def load_npz(
     )
 
 
-def _npz_array(archive: Any, key: str, file: Path) -> np.ndarray:
-    """One array of an open ``.npz``; arrays of pickled Python objects are refused, never unpickled."""
+def open_npz_archive(path: PathLike) -> tuple[Path, Any]:
+    """The ``.npz`` at ``path`` opened with ``allow_pickle=False`` (the caller closes it), and its path."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataNotFoundError(f"no such .npz file: {file}")
+    try:
+        return file, np.load(file, allow_pickle=False)
+    except Exception as exc:
+        raise InvalidInputError(f"{file} is not a readable .npz file: {exc}") from exc
+
+
+def npz_keys(archive: Any, split: str | None, file: Path) -> tuple[str, str]:
+    """The names of the images and labels in an open ``.npz``: ``x``/``y``, else ``x_{split}``/``y_{split}``."""
+    keys = set(archive.files)
+    if {"x", "y"} <= keys:
+        return "x", "y"
+    if split is not None and {f"x_{split}", f"y_{split}"} <= keys:
+        return f"x_{split}", f"y_{split}"
+    per_split = sorted(k[2:] for k in keys if k.startswith("x_") and f"y_{k[2:]}" in keys)
+    hint = ""
+    if per_split:
+        hint = f"; it has splits {per_split}" + (", choose one with split=" if split is None else "")
+    raise InvalidInputError(
+        f"{file} must hold arrays named 'x' (images) and 'y' (labels); it holds {sorted(keys)}{hint}"
+    )
+
+
+def npz_metadata(
+    archive: Any, file: Path, shape: Sequence[int] | None, num_classes: int | None
+) -> tuple[Sequence[int] | None, int | None, list[str] | None]:
+    """``shape``, ``num_classes`` and class names as an open ``.npz`` declares them (optional members); the
+    arguments, when given, override the file. Names that disagree with the class count are dropped."""
+    keys = set(archive.files)
+    if shape is None and "shape" in keys:
+        shape = [int(s) for s in npz_member(archive, "shape", file).reshape(-1)]
+    if num_classes is None and "num_classes" in keys:
+        num_classes = int(npz_member(archive, "num_classes", file))
+    classes = [str(c) for c in npz_member(archive, "classes", file).reshape(-1)] if "classes" in keys else None
+    if classes is not None and num_classes is not None and len(classes) != num_classes:
+        classes = None
+    return shape, num_classes, classes
+
+
+def npz_member(archive: Any, key: str, file: Path) -> np.ndarray:
+    """One array of an open ``.npz`` read into memory; arrays of pickled Python objects are refused, never
+    unpickled, and damage is named."""
     try:
         return np.asarray(archive[key])
     except ValueError as exc:
-        if "allow_pickle" not in str(exc):
-            raise InvalidInputError(f"{file}: array {key!r} cannot be read: {exc}") from exc
-        raise InvalidInputError(
-            f"{file}: array {key!r} holds pickled Python objects, which robustlab never loads because loading them "
-            "can run arbitrary code; save plain numeric arrays (images as float or uint8, labels as integers)"
-        ) from exc
+        if "allow_pickle" in str(exc):
+            raise InvalidInputError(f"{file}: array {key!r} {PICKLE_REFUSAL}") from exc
+        raise InvalidInputError(f"{file}: array {key!r} cannot be read: {exc}") from exc
     except Exception as exc:  # a damaged member of the zip archive
         raise InvalidInputError(f"{file}: array {key!r} is damaged ({type(exc).__name__}: {exc})") from exc
 

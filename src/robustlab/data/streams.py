@@ -28,7 +28,7 @@ from robustlab.checks import check_positive_int
 from robustlab.data.preprocess import Preprocess, array_batch_to_tensor
 from robustlab.errors import ConfigError, InvalidInputError
 
-__all__ = ["DatasetImages", "Selection", "StreamedImages", "read_batch"]
+__all__ = ["DatasetImages", "LabelledImages", "Selection", "StreamedImages", "read_batch"]
 
 Indices = Sequence[int] | np.ndarray | Tensor
 
@@ -132,6 +132,26 @@ class StreamedImages(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         if positions.min() < 0 or positions.max() >= n:
             raise IndexError(f"indices out of range for {n} examples")
         return positions
+
+
+class LabelledImages(StreamedImages):
+    """A streamed source that holds every label in memory (``_labels``, int64 ``(N,)``) and knows the shape all its
+    images have (``_shape``); its subclass sets both in ``__init__`` and implements ``_item``."""
+
+    _labels: Tensor
+    _shape: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        return int(self._labels.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    @property
+    def labels(self) -> Tensor:
+        """Every label, int64 ``(N,)`` (held in memory)."""
+        return self._labels
 
 
 class Selection(StreamedImages):
