@@ -45,14 +45,13 @@ built-in sets).
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from robustlab.checks import check_positive_int
 from robustlab.data.arrayfiles import ArrayImages, open_npy, open_npz
-from robustlab.data.builtin import CIFAR10_CLASSES, DATASETS, DatasetInfo, list_datasets
+from robustlab.data.builtin import CIFAR10_CLASSES, DATASETS, DatasetInfo, list_datasets, unknown_source
 from robustlab.data.cifar import open_cifar
 from robustlab.data.convert import from_arrays, from_torch_dataset
 from robustlab.data.dataset import ArrayDataset, ImageData, batches, train_val_split
@@ -65,7 +64,6 @@ from robustlab.data.rowfile import NpzWriter, RowFile
 from robustlab.data.sources import SPLITS, DataRequest, default_cache_dir
 from robustlab.data.streams import DatasetImages, Selection, StreamedImages, read_batch
 from robustlab.errors import ConfigError, DataNotFoundError
-from robustlab.registry import normalize_name
 
 __all__ = [
     "DATASETS",
@@ -198,15 +196,7 @@ def _load_path(text: str, split: str, *, limit: int | None, shape: Sequence[int]
         return load_npz(path, split=split, shape=shape, limit=limit)
     if path.is_dir():
         return _load_folder(path, split, limit)
-    if os.sep in text or "/" in text or path.suffix:
-        raise DataNotFoundError(f"no such file or folder: {path}")
-    known = [spelling for info in DATASETS for spelling in (info.name, *info.aliases)]
-    close = difflib.get_close_matches(normalize_name(text), known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"unknown data set {text!r}{hint}; choose one of: {', '.join(DATASETS.names())}, or give a path to an "
-        ".npz file or a data folder"
-    )
+    raise unknown_source(text, "an .npz file or a data folder")
 
 
 def _in_memory(data: StreamedImages) -> ArrayDataset:

@@ -8,6 +8,8 @@ the order described in :mod:`robustlab.data.sources`.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,8 +37,8 @@ from robustlab.data.sources import (
     read_cache,
     write_cache,
 )
-from robustlab.errors import DataNotFoundError
-from robustlab.registry import Registry
+from robustlab.errors import ConfigError, DataNotFoundError
+from robustlab.registry import Registry, normalize_name
 from robustlab.utils import package_path
 
 __all__ = ["CIFAR10_CLASSES", "DATASETS", "FASHION_MNIST_CLASSES", "DatasetInfo", "list_datasets"]
@@ -104,6 +106,20 @@ class DatasetInfo:
 
 
 DATASETS: Registry[DatasetInfo] = Registry("data set", hint="or give a path to an .npz file or a data folder")
+
+
+def unknown_source(text: str, accepted: str) -> DataNotFoundError | ConfigError:
+    """The error for ``text`` that is neither an existing path nor a built-in name: a missing path when it looks
+    like one, else an unknown name with the closest built-in spelling; ``accepted`` says which paths would do."""
+    path = Path(text).expanduser()
+    if os.sep in text or "/" in text or path.suffix:
+        return DataNotFoundError(f"no such file or folder: {path}")
+    known = [spelling for info in DATASETS for spelling in (info.name, *info.aliases)]
+    close = difflib.get_close_matches(normalize_name(text), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(
+        f"unknown data set {text!r}{hint}; choose one of: {', '.join(DATASETS.names())}, or give a path to {accepted}"
+    )
 
 
 def list_datasets(**filters: Any) -> list[DatasetInfo]:

@@ -8,7 +8,6 @@ compressed ``.npz`` members, the stored uint8 pixels). A built-in name gives the
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from robustlab.checks import check_positive_int
 from robustlab.data.arrayfiles import ArrayImages, find_npy_pair, open_npy, open_npz
-from robustlab.data.builtin import DATASETS, MNIST_MD5
+from robustlab.data.builtin import DATASETS, MNIST_MD5, unknown_source
 from robustlab.data.cifar import find_cifar, open_cifar
 from robustlab.data.dataset import ArrayDataset
 from robustlab.data.folders import ImageFolder, looks_like_image_folder
@@ -25,7 +24,6 @@ from robustlab.data.preprocess import Preprocess
 from robustlab.data.sources import SPLITS, default_cache_dir
 from robustlab.data.streams import DatasetImages, StreamedImages, check_no_options
 from robustlab.errors import ConfigError, DataNotFoundError
-from robustlab.registry import normalize_name
 
 __all__ = ["open_dataset"]
 
@@ -166,15 +164,7 @@ def _open_path(
         )
     if path.is_dir():
         return _open_folder(path, split, classes, **arrays)
-    if os.sep in text or "/" in text or path.suffix:
-        raise DataNotFoundError(f"no such file or folder: {path}")
-    known = [spelling for info in DATASETS for spelling in (info.name, *info.aliases)]
-    close = difflib.get_close_matches(normalize_name(text), known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"unknown data set {text!r}{hint}; choose one of: {', '.join(DATASETS.names())}, or give a path to a folder "
-        "of images, a CIFAR archive, or an .npz/.npy file"
-    )
+    raise unknown_source(text, "a folder of images, a CIFAR archive, or an .npz/.npy file")
 
 
 def _open_folder(
