@@ -19,6 +19,7 @@ from torch import Tensor
 
 from robustlab.checks import check_positive_int
 from robustlab.data.dataset import ArrayDataset
+from robustlab.data.preprocess import check_float_pixel_range
 from robustlab.errors import ConfigError, InvalidInputError
 
 __all__ = ["from_arrays", "from_torch_dataset"]
@@ -99,16 +100,7 @@ def _images_to_tensor(x: np.ndarray, source: str) -> Tensor:
     if not np.isfinite(x).all():
         raise InvalidInputError(f"x in {source} contains NaN or Inf values")
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-6 or hi > 1.0 + 1e-6:
-        hint = (
-            "; pixels in 0..255 must be stored as an integer (uint8) array, or divided by 255"
-            if lo >= 0 and hi <= 255
-            else "; normalization belongs inside the model (robustlab.models.Normalize), not in the data"
-        )
-        raise InvalidInputError(
-            f"x in {source} is a floating array with values in [{lo:.4g}, {hi:.4g}]; floating images must "
-            f"be in [0, 1]{hint}"
-        )
+    check_float_pixel_range(lo, hi, f"x in {source} is a floating array with values")
     out = _tensor(np.ascontiguousarray(x, dtype=np.float32))
     return out.clamp(0.0, 1.0) if lo < 0 or hi > 1 else out  # never in place: `out` may share memory
 

@@ -174,6 +174,18 @@ def uint8_to_tensor(chw: np.ndarray) -> Tensor:
     return torch.from_numpy(pixels).to(torch.float32).div_(255.0)
 
 
+def check_float_pixel_range(low: float, high: float, what: str) -> None:
+    """Floating pixels must lie in ``[0, 1]`` (within 1e-6, which callers clamp); ``what`` says whose pixels, e.g.
+    ``"x in FILE is a floating array with values"``, and starts the error, followed by the range and a hint."""
+    if low < -1e-6 or high > 1.0 + 1e-6:
+        hint = (
+            "; pixels in 0..255 must be stored as an integer (uint8) array, or divided by 255"
+            if low >= 0 and high <= 255
+            else "; normalization belongs inside the model (robustlab.models.Normalize), not in the data"
+        )
+        raise InvalidInputError(f"{what} in [{low:.4g}, {high:.4g}]; floating images must be in [0, 1]{hint}")
+
+
 def array_batch_to_tensor(batch: np.ndarray, source: str) -> Tensor:
     """A batch of stored pixels ``(B, C, H, W)`` to float32 in ``[0, 1]`` by the package's conversion rules.
 
@@ -196,14 +208,6 @@ def array_batch_to_tensor(batch: np.ndarray, source: str) -> Tensor:
     if not np.isfinite(values).all():
         raise InvalidInputError(f"{source} contains NaN or Inf pixels")
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    if low < -1e-6 or high > 1.0 + 1e-6:
-        hint = (
-            "; pixels in 0..255 must be stored as integers (uint8), or divided by 255"
-            if low >= 0 and high <= 255
-            else "; normalization belongs inside the model (robustlab.models.Normalize), not in the data"
-        )
-        raise InvalidInputError(
-            f"{source} holds floating pixels in [{low:.4g}, {high:.4g}]; floating images must be in [0, 1]{hint}"
-        )
+    check_float_pixel_range(low, high, f"{source} holds floating pixels")
     out = torch.from_numpy(values.copy() if not values.flags.writeable or values is batch else values)
     return out.clamp(0.0, 1.0) if low < 0 or high > 1 else out
