@@ -129,15 +129,10 @@ def attack_batches(
     ``i`` uses seed ``seed + i``, so the outcome does not depend on how many batches ran before a resume. The result
     holds every adversarial example in memory; :func:`attack_dataset` writes them to a file instead.
     """
-    data = _as_data(x, y)
-    batches = iter_attack(
-        model, data, threat, method, batch_size=batch_size, targets=targets, seed=seed, device=device,
+    return attack_dataset(
+        model, _as_data(x, y), threat, method, batch_size=batch_size, targets=targets, seed=seed, device=device,
         workers=workers, progress=progress, **options,
     )  # fmt: skip
-    results = [batch.result for batch in batches]
-    if not results:
-        raise InvalidInputError("no examples to attack")
-    return AttackResult.concat(results)
 
 
 def attack_dataset(
@@ -164,19 +159,25 @@ def attack_dataset(
     ``x_adv`` is a copy-on-write memory map of it (pages are read when touched). Without ``save_adv`` the result
     holds ``x_adv`` in memory, as :func:`attack_batches` does.
     """
-    if save_adv is None:
-        return attack_batches(
-            model, data, None, threat, method, batch_size=batch_size, targets=targets, seed=seed, device=device,
-            progress=progress, workers=workers, **options,
-        )  # fmt: skip
     data = _as_data(data, None)
+    batches = iter_attack(
+        model, data, threat, method, batch_size=batch_size, targets=targets, seed=seed, device=device,
+        workers=workers, progress=progress, **options,
+    )  # fmt: skip
+    if save_adv is None:
+        results = [batch.result for batch in batches]
+        if not results:
+            raise InvalidInputError("no examples to attack")
+        return AttackResult.concat(results)
+    return _write_adversarial(batches, data, save_adv)
+
+
+def _write_adversarial(batches: Iterator[AttackBatch], data: Any, save_adv: str | os.PathLike[str]) -> AttackResult:
+    """Write each batch's adversarial examples to ``save_adv`` as it comes; the result maps them from the file."""
     results, labels = [], []
     dtype = data.x.cpu()[:0].numpy().dtype if isinstance(data, TensorPairs) else np.float32
     with NpzWriter(save_adv, "x", (len(data), *data.image_shape), dtype) as writer:
-        for batch in iter_attack(
-            model, data, threat, method, batch_size=batch_size, targets=targets, seed=seed, device=device,
-            workers=workers, progress=progress, **options,
-        ):  # fmt: skip
+        for batch in batches:
             writer.add(batch.result.x_adv)
             results.append(dataclasses.replace(batch.result, x_adv=batch.result.x_adv[:0]))
             labels.append(batch.labels)
