@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import importlib.util
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -166,8 +165,8 @@ def test_normalized_model_is_normalize_then_model() -> None:
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_builds_every_architecture() -> None:
     assert {"smallcnn", "lenet5", "preactresnet18", "wideresnet", "wrn-34-10"} <= {info.name for info in list_models()}
-    small: dict[str, dict[str, Any]] = {"wideresnet": {"depth": 10, "widen_factor": 1}, "wrn-34-10": {"depth": 10, "widen_factor": 1},
-             "wrn-28-10": {"depth": 10, "widen_factor": 1}}  # fmt: skip
+    tiny: dict[str, Any] = {"depth": 10, "widen_factor": 1}
+    small = {"wideresnet": tiny, "wrn-34-10": tiny, "wrn-28-10": tiny}
     for name in (info.name for info in list_models()):
         assert isinstance(build_model(name, **small.get(name, {})), nn.Module)
     assert isinstance(build_model("WRN_34_10", widen_factor=1), WideResNet)
