@@ -23,6 +23,14 @@ REFERENCE_STANDARD: list[tuple[str, dict[str, Any]]] = [
     # n_queries=5000 iterations after one initial query; resc_schedule=False: the schedule written for 10,000.
     ("square", {"queries": 5001, "p_init": 0.8, "loss": "margin", "schedule_queries": 10_000}),
 ]
+# set_version("standard") with norm="L1": APGD with 5 restarts and APGD-T on 5 targets, both with use_largereps (the
+# 3 eps / 2 eps / eps schedule); FAB-T and Square as in linf and l2.
+REFERENCE_STANDARD_L1: list[tuple[str, dict[str, Any]]] = [
+    ("apgd", {"steps": 100, "restarts": 5, "loss": "ce", "rho": 0.75, "eot_iter": 1, "eps_schedule": True}),
+    ("apgd-t", {"steps": 100, "restarts": 1, "n_target_classes": 5, "eot_iter": 1, "eps_schedule": True}),
+    REFERENCE_STANDARD[2],
+    REFERENCE_STANDARD[3],
+]
 REFERENCE_RAND: list[tuple[str, dict[str, Any]]] = [
     ("apgd", {"steps": 100, "restarts": 1, "loss": "ce", "eot_iter": 20}),
     ("apgd", {"steps": 100, "restarts": 1, "loss": "dlr", "eot_iter": 20}),
@@ -39,14 +47,15 @@ def configured(name: str, norm: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_autoattack_is_the_reference_standard_version(norm: str) -> None:
     steps = configured("autoattack", norm)
-    assert [method for method, _ in steps] == [method for method, _ in REFERENCE_STANDARD]
-    for (_, config), (_, expected) in zip(steps, REFERENCE_STANDARD, strict=True):
+    reference = REFERENCE_STANDARD_L1 if norm == "l1" else REFERENCE_STANDARD
+    assert [method for method, _ in steps] == [method for method, _ in reference]
+    for (_, config), (_, expected) in zip(steps, reference, strict=True):
         assert {key: config[key] for key in expected} == expected
     apgd = steps[0][1]
-    assert apgd["momentum"] == 0.75 and apgd["random_start"] and not apgd["eps_schedule"]
+    assert apgd["momentum"] == 0.75 and apgd["random_start"] and apgd["eps_schedule"] == (norm == "l1")
     suite = get_suite("autoattack", norm)
     assert not suite.adaptive and suite.same_seed and suite.complete
 
@@ -59,10 +68,14 @@ def test_autoattack_rand_is_the_reference_rand_version(norm: str) -> None:
         assert {key: config[key] for key in expected} == expected
 
 
-def test_autoattack_refuses_l1_rather_than_run_another_ensemble() -> None:
-    with pytest.raises(ConfigError, match=r"needs Square .* in the l1 norm"):
-        get_suite("autoattack", "l1")
-    assert next(s.label for s in get_suite("standard", "l1").steps).endswith("[3/2/1 eps]")
+def test_l1_is_a_full_citizen_of_the_standard_suite_and_l0_is_refused_by_autoattack() -> None:
+    """The standard suite in l1: every step of linf/l2, the APGD steps with the 3/2/1 eps schedule, Square in l1."""
+    l1 = get_suite("standard", "l1").steps
+    assert [s.method for s in l1] == [s.method for s in get_suite("standard", "linf").steps]
+    assert all(s.options.get("eps_schedule") for s in l1 if s.method.startswith("apgd"))
+    assert l1[-1].method == "square"
+    with pytest.raises(ConfigError, match=r"suite .autoattack. needs .* in the l0 norm"):
+        get_suite("autoattack", "l0")
 
 
 class Softmaxed(nn.Module):

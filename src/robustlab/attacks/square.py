@@ -1,4 +1,4 @@
-"""Square Attack: random search with square-shaped updates (score-based black box), linf and l2.
+"""Square Attack: random search with square-shaped updates (score-based black box), linf, l2 and l1.
 
 Andriushchenko, Croce, Flammarion, Hein. "Square Attack: a query-efficient black-box adversarial attack via random
 search", ECCV 2020 (reference code: ``max-andr/square-attack``, ``attack.py``; the same algorithm in
@@ -12,6 +12,11 @@ random sign per channel), redrawing the signs while the proposal would not chang
 l2: start from a 5 x 5 grid of "pseudo-Gaussian" bumps with random signs, rescaled to norm eps; each iteration moves
 the perturbation's mass from a second random window into the first one, which receives a fresh bump (odd side, at
 least 3) plus its old content, with the norms of the reference (per channel), and rescales to norm eps.
+
+l1 (Croce & Hein, "Mind the box", ICML 2021; the reference's ``L1`` branch, which AutoAttack's l1 version runs): the
+l2 scheme with l1 in place of l2 — bumps weighted ``1 / (k + 1)^4`` with unit l1 norm, window contents measured in
+l1, the new window's mass ``c * ((eps - ||delta||_1) / c + window mass)`` for ``c`` channels (the reference's
+formula) — and, instead of a rescaling, the exact projection onto the l1 ball intersected with the box.
 
 The fraction ``p`` of pixels changed follows the reference's piecewise-constant schedule: ``p_init`` for the first
 0.1% of the budget, then halved at 0.5%, 2%, 5%, 10%, 20%, 40%, 60% and 80% of it (the schedule is written for
@@ -128,28 +133,33 @@ def _random_signs(shape: tuple[int, ...], generator: torch.Generator, like: Tens
     return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype) * 2 - 1
 
 
-def _bump_rectangle(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The reference's ``eta_rectangles``: nested centred rectangles weighted 1 / (k + 1)^2, unit l2 norm."""
+def _bump_rectangle(rows: int, cols: int, dtype: torch.dtype, device: torch.device, norm: Norm = Norm.L2) -> Tensor:
+    """The reference's ``eta_rectangles``: nested centred rectangles weighted 1 / (k + 1)^2 (l2; 1 / (k + 1)^4 for
+    l1), unit norm."""
     delta = torch.zeros((rows, cols), dtype=dtype, device=device)
     if rows == 0 or cols == 0:
         return delta
+    power = 4 if norm is Norm.L1 else 2
     r, c = rows // 2, cols // 2
     for k in range(max(rows // 2 + 1, cols // 2 + 1)):
-        delta[max(r, 0) : min(r + 2 * k + 1, rows), max(c, 0) : min(c + 2 * k + 1, cols)] += 1.0 / (k + 1) ** 2
+        delta[max(r, 0) : min(r + 2 * k + 1, rows), max(c, 0) : min(c + 2 * k + 1, cols)] += 1.0 / (k + 1) ** power
         r, c = r - 1, c - 1
-    return delta / delta.norm().clamp_min(1e-12)
+    return delta / _norm(delta, (0, 1), norm).clamp_min(1e-12)
 
 
 @functools.lru_cache(maxsize=64)
-def _bump(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The reference's ``eta``: a positive bump over the top half, a negative one below, unit l2 norm."""
+def _bump(rows: int, cols: int, dtype: torch.dtype, device: torch.device, norm: Norm = Norm.L2) -> Tensor:
+    """The reference's ``eta``: a positive bump over the top half, a negative one below, unit norm (l2 or l1)."""
     delta = torch.zeros((rows, cols), dtype=dtype, device=device)
-    delta[: rows // 2] = _bump_rectangle(rows // 2, cols, dtype, device)
-    delta[rows // 2 :] = -_bump_rectangle(rows - rows // 2, cols, dtype, device)
-    return delta / delta.norm().clamp_min(1e-12)  # cached: never modified in place
+    delta[: rows // 2] = _bump_rectangle(rows // 2, cols, dtype, device, norm)
+    delta[rows // 2 :] = -_bump_rectangle(rows - rows // 2, cols, dtype, device, norm)
+    return delta / _norm(delta, (0, 1), norm).clamp_min(1e-12)  # cached: never modified in place
 
 
-def _norm(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+def _norm(t: Tensor, dims: tuple[int, ...], norm: Norm = Norm.L2) -> Tensor:
+    """The l2 norm (l1 when ``norm`` is l1) over ``dims``, kept as size-1 dimensions."""
+    if norm is Norm.L1:
+        return t.abs().sum(dim=dims, keepdim=True)
     return (t**2).sum(dim=dims, keepdim=True).sqrt()
 
 
@@ -159,7 +169,7 @@ class Square(Attack[ScoreOracle]):
 
     name = "square"
     access = Access.SCORES
-    norms = frozenset({Norm.LINF, Norm.L2})
+    norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})
     Config = SquareConfig
     config: SquareConfig
 
@@ -200,14 +210,14 @@ class Square(Attack[ScoreOracle]):
         """The initial point of the norm's variant, as images."""
         if threat.norm is Norm.LINF:
             return cls._linf_start(images, threat, generator)
-        return cls._l2_start(images, threat, generator)
+        return cls._bumps_start(images, threat, generator)
 
     @classmethod
     def _proposal(cls, x: Tensor, current: Tensor, p: float, threat: ThreatModel, generator: torch.Generator) -> Tensor:
         """One random change of ``current`` (the examples' best points) in the norm's variant, as images."""
         if threat.norm is Norm.LINF:
             return cls._linf_proposal(_as_images(x), _as_images(current), p, threat, generator)
-        return cls._l2_proposal(_as_images(x), _as_images(current), p, threat, generator)
+        return cls._bumps_proposal(_as_images(x), _as_images(current), p, threat, generator)
 
     # -------------------------------------------------------------------- linf
     @staticmethod
@@ -233,47 +243,61 @@ class Square(Attack[ScoreOracle]):
             proposal = threat.clip_to_box(torch.where(mask, x + threat.eps * signs, current))
         return proposal
 
-    # ---------------------------------------------------------------------- l2
+    # ----------------------------------------------------------------- l2 and l1
     @staticmethod
-    def _l2_start(images: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:
+    def _bumps_start(images: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:
+        """A 5 x 5 grid of bumps with random signs: rescaled to norm eps (l2), or left to the projection onto the
+        l1 ball and box that follows (l1, as the reference)."""
         n, ch, h, w = images.shape
         side = max(min(h, w) // 5, 1)
         tiles_h, tiles_w = min(5, h // side), min(5, w // side)
         top0, left0 = (h - side * tiles_h) // 2, (w - side * tiles_w) // 2
-        bump = _bump(side, side, images.dtype, images.device)
+        bump = _bump(side, side, images.dtype, images.device, threat.norm)
         delta = torch.zeros_like(images)
         for i in range(tiles_h):
             for j in range(tiles_w):
                 top, left = top0 + i * side, left0 + j * side
                 signs = _random_signs((n, ch, 1, 1), generator, images)
                 delta[:, :, top : top + side, left : left + side] += bump * signs
+        if threat.norm is Norm.L1:
+            return images + delta
         delta = delta / _norm(delta, (1, 2, 3)).clamp_min(1e-12) * threat.eps
         return threat.clip_to_box(images + delta)
 
     @staticmethod
-    def _l2_proposal(x: Tensor, current: Tensor, p: float, threat: ThreatModel, generator: torch.Generator) -> Tensor:
+    def _bumps_proposal(
+        x: Tensor, current: Tensor, p: float, threat: ThreatModel, generator: torch.Generator
+    ) -> Tensor:
+        """Move the mass of a second window into the first, which gets a fresh bump plus its old content (norms in
+        l2 or l1: module docstring)."""
         n, ch, h, w = x.shape
+        norm = threat.norm
         sh, sw = _window_sides(p, h, w, minimum=3, odd=True, below_edge=False)
         first = _window_masks(n, h, w, (sh, sw), generator, x.device)
         second = _window_masks(n, h, w, (sh, sw), generator, x.device)
         delta = current - x
         full = first.expand(n, ch, h, w)
         old = delta[full].reshape(n, ch, sh, sw)
-        norm_first = _norm(old, (2, 3))
-        norm_image = _norm(delta, (1, 2, 3))
-        norm_windows = _norm(delta * (first | second), (2, 3))
+        norm_first = _norm(old, (2, 3), norm)
+        norm_image = _norm(delta, (1, 2, 3), norm)
+        norm_windows = _norm(delta * (first | second), (2, 3), norm)
 
-        bump = _bump(sh, sw, x.dtype, x.device)
+        bump = _bump(sh, sw, x.dtype, x.device, norm)
         if sh == sw:
             transpose = torch.rand((n, 1, 1, 1), generator=generator, device=x.device) > 0.5
             bumps = torch.where(transpose, bump.T, bump).expand(n, ch, sh, sw)
         else:
             bumps = bump.expand(n, ch, sh, sw)
         new = bumps * _random_signs((n, ch, 1, 1), generator, x) + old / (1e-10 + norm_first)
-        target_norm = ((threat.eps**2 - norm_image**2).clamp_min(0) / ch + norm_windows**2).sqrt()
-        new = new / _norm(new, (2, 3)).clamp_min(1e-12) * target_norm
+        if norm is Norm.L1:  # the reference's mass per channel, multiplied by the channel count as it is there
+            target_norm = ((threat.eps - norm_image).clamp_min(0) / ch + norm_windows) * ch
+        else:
+            target_norm = ((threat.eps**2 - norm_image**2).clamp_min(0) / ch + norm_windows**2).sqrt()
+        new = new / _norm(new, (2, 3), norm).clamp_min(1e-12) * target_norm
 
         delta = delta.masked_fill(second, 0.0)
         delta = delta.masked_scatter(full, new.contiguous())
+        if norm is Norm.L1:
+            return x + delta  # projected onto the l1 ball and the box by the caller
         delta = delta / _norm(delta, (1, 2, 3)).clamp_min(1e-12) * threat.eps
         return threat.clip_to_box(x + delta)

@@ -8,7 +8,7 @@ examples left. The built-in suites are registered in :data:`SUITES` (:func:`list
 - ``standard`` — the default: APGD-CE (100 steps) and targeted APGD-DLR on the 3 most likely other classes on
   every example; then, on the weakest 10% of the examples left (smallest margin between the predicted class and
   the runner-up at the best points the attacks found), APGD-T on 9 targets, APGD-CE with 3 restarts and the
-  score-based Square attack (Linf/L2) with 5,000 queries. AutoAttack's standard version runs APGD-CE, APGD-T on 9
+  score-based Square attack with 5,000 queries. AutoAttack's standard version runs APGD-CE, APGD-T on 9
   targets, FAB-T on 9 targets and Square with 5,000 queries on every example left. On the MNIST models of
   ``benchmarks/evaluation.py`` every example that its later attacks (or our longer ones) broke after APGD-CE and
   APGD-T on 3 targets had a margin among the lowest 8% of the examples left, so the focused stage spends that
@@ -24,8 +24,8 @@ examples left. The built-in suites are registered in :data:`SUITES` (:func:`list
   APGD-T (100 steps, 9 target classes), FAB-T (100 steps, 9 target classes) and Square (5,000 iterations,
   p_init 0.8, the schedule of 10,000 queries as the reference's ``resc_schedule=False``), in that order, each on the
   examples still robust, every attack call seeded with the evaluation's seed (the reference's policy). In l1 it is
-  APGD-CE (5 restarts) and APGD-T (5 targets) with the 3 eps / 2 eps / eps schedule, FAB-T and Square; robustlab has
-  no l1 Square, so this suite refuses l1 rather than run a different ensemble.
+  the reference's l1 version: APGD-CE (5 restarts) and APGD-T (5 targets) with the 3 eps / 2 eps / eps schedule,
+  FAB-T (9 targets) and the l1 Square ("Mind the box") with the same budget.
 - ``autoattack-rand`` — AutoAttack's version for randomized defenses: APGD-CE and APGD-DLR, 1 restart each, every
   gradient the mean of 20 draws (EOT).
 
