@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
 import robustlab
 from robustlab import ConfigError, ThreatModel
+from robustlab.cli import main
 from robustlab.evaluation import evaluation_section, get_suite
 from robustlab.report import Report
 from tests.toys import tiny_cnn
@@ -181,3 +184,28 @@ def test_cli_evaluate_offers_the_suites_and_minimum_norm() -> None:
     args = build_parser().parse_args([*common, "--suite", "autoattack", "--minimum-norm", "fmn"])
     assert args.suite == "autoattack" and args.minimum_norm == "fmn"
     assert build_parser().parse_args([*common, "--suite", "autoattack-rand"]).suite == "autoattack-rand"
+
+
+def test_cli_evaluate_runs_autoattack_in_l1_with_the_minimum_norm_view(tmp_path: Any, capsys: Any) -> None:
+    """``robustlab evaluate --suite autoattack --minimum-norm fmn`` end to end (l1): the reference's l1 cascade in its
+    order, the suite named in the output and in report.json, and the minimum-norm curve and median beside it."""
+    model = tiny_cnn()
+    torch.jit.script(model).save(str(tmp_path / "model.pt"))
+    x, _ = small_data()
+    np.savez(tmp_path / "data.npz", x=x.numpy(), y=model(x).argmax(1).numpy())
+    out = tmp_path / "evaluation"
+    code = main(
+        ["evaluate", "--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "data.npz"), "--norm", "l1",
+         "--eps", "6", "--suite", "autoattack", "--minimum-norm", "fmn", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "suite autoattack" in printed and "minimum-norm view (fmn, no eps)" in printed
+    summary = json.loads((out / "report.json").read_text())["evaluations"][0]
+    assert summary["suite"] == "autoattack"
+    labels = [step.label for step in get_suite("autoattack", "l1").steps]
+    assert [step["label"] for step in summary["cascade"]] == labels
+    assert [step["method"] for step in summary["cascade"]] == [method for method, _ in REFERENCE_STANDARD_L1]
+    smallest = summary["minimum_norm"]
+    assert smallest["method"] == "fmn" and smallest["norm"] == "l1" and smallest["attacked"] == 6
+    assert 0 < smallest["median_distance"] < math.inf and len(smallest["curve"]["robust"]) == 8
