@@ -19,7 +19,9 @@ the box corner nearest to it), and moves to ``(1 - a) (x_k + eta d_k) + a (x + e
 ``a = min(|d_k| / (|d_k| + |d_0|), alpha_max)`` (extrapolating by ``eta`` to cross the boundary, biased toward the
 clean input by ``a``), clipped to the box. An iterate that is adversarial is recorded if it is the nearest so far
 and pulled back toward the clean input, ``x + beta (x_k - x)``. The first run starts at the clean input, every
-further restart at a random point at half the radius ``min(best so far, eps)`` (as the reference).
+further restart at a random point at half the radius ``min(best so far, eps)``: ``eps / 2`` for every example an
+evaluation still attacks (the reference's radius; its ``min`` takes the new run's empty record, so it is always
+``eps / 2``), and half the smallest perturbation found so far in a search without eps.
 
 Defaults are the reference's and standard AutoAttack's: 100 iterations, ``alpha_max = 0.1``, ``eta = 1.05``,
 ``beta = 0.9``, 1 restart; FAB-T with 9 target classes. An example counts as broken when the smallest perturbation
