@@ -93,6 +93,33 @@ class Mixed(nn.Module):
         return self.head(torch.cat([pooled.flatten(1), summary], dim=1))
 
 
+class Modules(nn.Module):
+    """The module forms of the activations and pools (Mixed calls their functions), an affine input layer other than
+    Normalize (per-channel buffers), a BatchNorm that follows an activation (not folded: its own node), view and
+    reshape."""
+
+    scale: Tensor
+    shift: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([[[6.0]]]))
+        self.register_buffer("shift", torch.tensor([[[-3.0]]]))
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.leaky = nn.LeakyReLU(0.2)
+        self.bn = nn.BatchNorm2d(4)
+        self.avg = nn.AvgPool2d(2)
+        self.sigmoid_branch = nn.Sequential(nn.Conv2d(4, 2, 1), nn.Sigmoid(), nn.AdaptiveAvgPool2d(2))
+        self.tanh_branch = nn.Sequential(nn.Conv2d(4, 2, 3, padding=1), nn.Tanh())
+        self.head = nn.Sequential(nn.Linear(2 * 2 * 2 + 2, 6), nn.ReLU(), nn.Linear(6, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.avg(self.bn(self.leaky(self.conv(x * self.scale + self.shift))))  # (4, 3, 3)
+        a = self.sigmoid_branch(z)  # (2, 2, 2): overlapping adaptive windows on 3x3
+        b = F.adaptive_avg_pool2d(self.tanh_branch(z), 1)  # (2, 1, 1)
+        return self.head(torch.cat([a.view(a.size(0), -1), b.reshape(-1, 2)], dim=1))
+
+
 def randomize(norm: nn.modules.batchnorm._BatchNorm, spread: float = 0.2) -> None:
     """Running statistics and an affine part far from the identity, so that BatchNorm matters."""
     assert norm.running_mean is not None and norm.running_var is not None
@@ -113,6 +140,10 @@ def build(kind: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
         residual = Residual()
         randomize(residual.bn)
         model = residual
+    elif kind == "modules":
+        modules = Modules()
+        randomize(modules.bn)
+        model = modules
     else:
         model = Mixed()
     return model.double().eval(), (1, 6, 6)
@@ -140,7 +171,7 @@ def pgd_lowest_margins(model: nn.Module, x: Tensor, y: Tensor, threat: robustlab
     return worst
 
 
-@pytest.mark.parametrize("kind", ["mlp", "residual", "mixed"])
+@pytest.mark.parametrize("kind", ["mlp", "residual", "mixed", "modules"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_bounds_are_sound_and_each_at_least_as_tight_as_the_cheaper(kind: str, norm: str) -> None:
     model, shape = build(kind)
@@ -154,6 +185,8 @@ def test_bounds_are_sound_and_each_at_least_as_tight_as_the_cheaper(kind: str, n
     assert bool((bounds["crown"] >= bounds["ibp"] - 1e-12).all())
     assert bool((bounds["alpha-crown"] >= bounds["crown"] - 1e-12).all())
     assert float((bounds["crown"] - bounds["ibp"]).max()) > 1e-4  # CROWN is not IBP in disguise
+    if kind in ("mlp", "residual"):  # unstable ReLUs where CROWN does not verify: the optimized slopes must help
+        assert float((bounds["alpha-crown"] - bounds["crown"]).max()) > 1e-4
     lowest = pgd_lowest_margins(model, x, y, threat)
     with torch.no_grad():
         for _ in range(100):
@@ -383,17 +416,46 @@ def test_cascade_and_verify_agree_with_each_method_on_every_example() -> None:
     assert int(cascade.verified("alpha-crown").sum()) > 0 and int(cascade.verified("ibp").sum()) < 11
 
 
-def test_memory_limit_splits_passes_without_changing_bounds() -> None:
+def test_memory_limit_splits_passes_without_changing_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from robustlab.certification.bounds import alpha, crown
+    from robustlab.certification.bounds.state import BoundState
+
     model, shape = build("residual", seed=2)
     x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     y = model(x).argmax(1)
     threat = robustlab.ThreatModel("linf", 0.02)
+    rows: list[int] = []  # the rows of every backward pass
+    original = crown.backward_bound
+
+    def counted(state: BoundState, start: int, a: object, slopes: object = None) -> Tensor:
+        rows.append(int((a if isinstance(a, Tensor) else a.values).shape[1]))  # type: ignore[attr-defined]
+        return original(state, start, a, slopes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(crown, "backward_bound", counted)
+    monkeypatch.setattr(alpha, "backward_bound", counted)
     roomy, tight = BoundOptions(alpha_steps=4), BoundOptions(alpha_steps=4, memory_mb=1)
+    wide = {}
     for method in ("crown", "alpha-crown"):
         assert method in METHODS
-        wide = margin_bounds(model, x, y, threat, method, options=roomy).margins
+        rows.clear()
+        wide[method] = margin_bounds(model, x, y, threat, method, options=roomy).margins
+        roomy_rows = list(rows)
+        rows.clear()
         chunked = margin_bounds(model, x, y, threat, method, options=tight).margins
-        assert torch.allclose(wide, chunked, atol=1e-10), method
+        assert torch.allclose(wide[method], chunked, atol=1e-10), method
+        # 1 MiB really split the intermediate passes: more of them, none as wide as the widest unsplit one.
+        assert len(rows) > len(roomy_rows) and max(rows) < max(roomy_rows), method
+    # The output's rows one per pass (what a large network at batch 1 gets): CROWN the same, alpha-CROWN the same
+    # wherever it has not verified (a chunk whose rows are all verified stops optimizing early).
+    monkeypatch.setattr(BoundState, "rows_per_pass", lambda self, start, *, retained=False: 1)
+    rows.clear()
+    single = margin_bounds(model, x, y, threat, "crown", options=roomy).margins
+    assert torch.allclose(wide["crown"], single, atol=1e-10) and max(rows) <= 2  # refinement: one neuron, two sides
+    optimized = margin_bounds(model, x, y, threat, "alpha-crown", options=roomy).margins
+    open_rows = optimized <= 0
+    assert bool(open_rows.any()) and bool((optimized > 0).any())
+    assert torch.equal(optimized > 0, wide["alpha-crown"] > 0)
+    assert torch.allclose(optimized[open_rows], wide["alpha-crown"][open_rows], atol=1e-10)
 
 
 def test_ibp_and_crown_ibp_are_differentiable_on_a_residual_graph() -> None:
