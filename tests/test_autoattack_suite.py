@@ -81,6 +81,40 @@ def test_l1_is_a_full_citizen_of_the_standard_suite_and_l0_is_refused_by_autoatt
         get_suite("autoattack", "l0")
 
 
+def test_fab_t_and_apgd_t_take_the_targets_in_the_references_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's k-th target is ``output.sort()[1][:, -(k + 1)]`` of the clean logits: the classes other than
+    the (correct) prediction by decreasing logit. Every example is attacked on every target (no early stop)."""
+    g = torch.Generator().manual_seed(5)
+    model = nn.Linear(12, 7).double().eval()
+    x = torch.rand(8, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    expected = logits.argsort(dim=1, descending=True)[:, 1:4]  # the 2nd, 3rd and 4th highest classes
+    seen: list[Tensor] = []
+    real_boundary = robustlab.attacks.fab._goal_boundary
+
+    def boundary(oracle: Any, goal: Any, loss: Any) -> Any:
+        seen.append(goal.targets.clone())
+        return real_boundary(oracle, goal, loss)
+
+    monkeypatch.setattr("robustlab.attacks.fab._goal_boundary", boundary)
+    robustlab.attack(model, x, y, ThreatModel("l2", 1e-6), "fab-t", n_target_classes=3, steps=2, seed=0)
+    assert torch.equal(torch.stack(seen, dim=1), expected)
+
+    seen.clear()
+    real_run = robustlab.attacks.apgd._APGDBase._apgd_run
+
+    def run(self: Any, oracle: Any, x_all: Tensor, index: Tensor, loss_goal: Any, *args: Any) -> None:
+        assert torch.equal(index, torch.arange(8))
+        seen.append(loss_goal.targets.clone())
+        real_run(self, oracle, x_all, index, loss_goal, *args)
+
+    monkeypatch.setattr("robustlab.attacks.apgd._APGDBase._apgd_run", run)
+    robustlab.attack(model, x, y, ThreatModel("linf", 1e-6), "apgd-t", n_target_classes=3, steps=2, seed=0)
+    assert torch.equal(torch.stack(seen, dim=1), expected)
+
+
 class Softmaxed(nn.Module):
     """A classifier returning probabilities (a diagnostic fires on it)."""
 
