@@ -20,6 +20,7 @@ BENCHMARKS = [
     ["benchmarks.score_attacks"],
     ["benchmarks.evaluation"],
     ["benchmarks.certification"],
+    ["benchmarks.verification"],
     ["benchmarks.training"],
     ["benchmarks.training_scale"],
 ]
