@@ -219,6 +219,10 @@ def import_lirpa(path: Path) -> types.ModuleType:
 
         graphviz.Digraph = Digraph  # type: ignore[attr-defined]
         sys.modules["graphviz"] = graphviz
+    if not (path / "auto_LiRPA" / "__init__.py").exists():
+        raise SystemExit(
+            f"no auto_LiRPA checkout at {path}: clone Verified-Intelligence/auto_LiRPA there or pass --lirpa"
+        )
     sys.path.insert(0, str(path))
     import auto_LiRPA
 
