@@ -16,6 +16,7 @@ BENCHMARKS = [
     ["benchmarks.model_access"],
     ["benchmarks.serving_abuse"],
     ["benchmarks.distributed"],
+    ["benchmarks.memory"],
     ["benchmarks.hard_label"],
     ["benchmarks.score_attacks"],
     ["benchmarks.evaluation"],
