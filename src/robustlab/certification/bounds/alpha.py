@@ -8,7 +8,10 @@ lower bound of a max-pooling window, so the margin's CROWN bound is a function o
 maximized. Each margin row gets its own slopes, initialized at CROWN's adaptive choice, and a few steps of projected
 gradient ascent (Adam, learning rate decayed geometrically; the defaults are auto_LiRPA's: 20 steps, lr 0.5,
 decay 0.98) improve it. Every iterate is a sound bound, so the best value per margin over the steps is kept, and
-the result is never below CROWN's. Intermediate bounds stay CROWN's (auto_LiRPA's default, ``fix_interm_bounds``).
+the result is never below CROWN's. Intermediate bounds stay CROWN's and only the output margins' slopes are
+optimized (auto_LiRPA with CROWN's intermediate bounds passed as ``interm_bounds``; its plain
+``compute_bounds(method="CROWN-Optimized")`` re-optimizes every intermediate layer at each step: tighter, and
+minutes and gigabytes per example on small convolutional networks, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
