@@ -47,7 +47,7 @@ import argparse
 import contextlib
 import io
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -471,7 +471,8 @@ def memory_child(run: str, threads: int) -> None:
             result = margin_bounds(graph, x, label, threat, method, options=options)  # type: ignore[arg-type]
         low = float(result.margins.min())
     seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Not getrusage's ru_maxrss: Linux keeps across execve the resident size inherited at fork (the parent's).
+    peak_mb = _peak_mb(os.getpid())
     print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "lowest": low}), flush=True)
 
 
