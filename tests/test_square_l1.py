@@ -11,21 +11,8 @@ import robustlab
 from robustlab import ThreatModel
 from robustlab.attacks.square import _bump
 from robustlab.threat import Norm
-from tests.test_apgd_l1 import l1_minimum
+from tests.test_apgd_l1 import Recorder, l1_minimum
 from tests.toys import binary_linear
-
-
-class Recorder(nn.Module):
-    """The model, remembering every input it was asked about."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.seen: list[Tensor] = []
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.seen.append(x.detach().clone())
-        return self.model(x)
 
 
 def test_the_l1_bump_is_the_references() -> None:
