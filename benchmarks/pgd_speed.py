@@ -33,16 +33,23 @@ from robustlab.models import load_model
 EPS, STEP, STEPS = 0.3, 0.075, 10
 
 
-def _pgd_iterates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """The random start, the iterates and the final point of one plain PGD-10 run (seed 0)."""
+def pgd_iterates(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float = EPS,
+    step: float = STEP,
+    steps: int = STEPS,
+) -> list[torch.Tensor]:
+    """The random start, the iterates and the final point of one plain Linf PGD run (seed 0)."""
     generator = torch.Generator().manual_seed(0)
-    x_adv = (x + (torch.rand(x.shape, generator=generator) * 2 - 1) * EPS).clamp(0, 1)
+    x_adv = (x + (torch.rand(x.shape, generator=generator) * 2 - 1) * eps).clamp(0, 1)
     points = [x_adv]
-    for _ in range(STEPS):
+    for _ in range(steps):
         x_var = x_adv.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(F.cross_entropy(model(x_var), y, reduction="sum"), x_var)
-        x_adv = torch.min(torch.max(x_adv + STEP * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
-        points.append(x_adv)
+        x_adv = torch.min(torch.max(x_adv + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+        points.append(x_adv.detach())
     return points
 
 
@@ -88,7 +95,7 @@ def measure(model_name: str, args: argparse.Namespace, peers: dict) -> str:
 
     # The cost of a forward+backward pass depends on the input (clean MNIST digits run ~10% faster here than
     # perturbed ones), so the floor replays the exact points a PGD-10 run visits: its random start and iterates.
-    iterates = _pgd_iterates(model, x, y)
+    iterates = pgd_iterates(model, x, y)
 
     def floor(module: torch.nn.Module = model) -> None:
         for point in iterates[:-1]:

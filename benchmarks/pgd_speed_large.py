@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 import robustlab
 from benchmarks.common import import_peers, interleaved_timing, markdown_table, setup_torch, write_docs_section
+from benchmarks.pgd_speed import pgd_iterates
 from robustlab.data import load_dataset
 from robustlab.models import build_model
 
@@ -68,19 +69,6 @@ def images(count: int, size: int) -> tuple[Tensor, Tensor]:
     return x.contiguous(), data.y
 
 
-def pgd_iterates(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
-    """The random start, the iterates and the final point of one plain PGD-10 run (seed 0)."""
-    generator = torch.Generator().manual_seed(0)
-    x_adv = (x + (torch.rand(x.shape, generator=generator) * 2 - 1) * EPS).clamp(0, 1)
-    points = [x_adv]
-    for _ in range(STEPS):
-        x_var = x_adv.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_var), y, reduction="sum"), x_var)
-        x_adv = torch.min(torch.max(x_adv + STEP * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
-        points.append(x_adv.detach())
-    return points
-
-
 def oracle_copy(model: nn.Module) -> nn.Module:
     """The model as robustlab's gradient oracle runs it on the CPU: frozen weights, channels-last convolutions."""
     frozen = copy.deepcopy(model).requires_grad_(False)
@@ -92,7 +80,7 @@ def candidates_for(
 ) -> dict[str, Callable[[], None]]:
     """Every implementation to time on this model and batch; each writes its adversarial batch to ``outputs``."""
     threat = robustlab.ThreatModel("linf", EPS)
-    iterates = pgd_iterates(model, x, y)
+    iterates = pgd_iterates(model, x, y, EPS, STEP, STEPS)
     frozen = oracle_copy(model)
 
     def floor(module: nn.Module = model, check: bool = False) -> None:
