@@ -13,9 +13,11 @@ from robustlab.attacks import (  # noqa: F401  (importing registers them)
     mifgsm,
     nes,
     pgd,
+    prgf,
     rays,
     sign_opt,
     square,
+    transfer,
     zo_fw,
 )
 from robustlab.attacks.base import Attack, AttackConfig, AttackResult

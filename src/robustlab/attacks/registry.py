@@ -26,6 +26,7 @@ class AttackInfo:
     norms: frozenset[Norm]
     supports_targeted: bool
     summary: str
+    needs_surrogate: bool = False  # also needs a surrogate model the attacker owns (transfer, P-RGF, ...)
 
 
 ATTACKS: Registry[AttackInfo] = Registry("attack method", hint="see robustlab.list_attacks()")
@@ -39,6 +40,7 @@ def _describe(cls: type[Attack]) -> AttackInfo:
         norms=cls.norms,
         supports_targeted=cls.supports_targeted,
         summary=cls.summary_line or summary_of(cls),
+        needs_surrogate=bool(getattr(cls, "needs_surrogate", False)),
     )
 
 
@@ -53,8 +55,17 @@ def get_attack(name: str) -> AttackInfo:
     return ATTACKS.get(name)
 
 
-def list_attacks(access: str | Access | None = None, norm: str | Norm | None = None) -> list[AttackInfo]:
-    """Registered attacks, optionally only those needing exactly ``access`` and supporting ``norm``."""
+def list_attacks(
+    access: str | Access | None = None, norm: str | Norm | None = None, *, surrogate: bool | None = False
+) -> list[AttackInfo]:
+    """Registered attacks, optionally only those needing exactly ``access`` and supporting ``norm``.
+
+    ``surrogate``: False (the default) lists the attacks that need the model alone, True only those that also need
+    a surrogate model (``needs_surrogate``: transfer, P-RGF, ...), None both.
+    """
+    needs = None if surrogate is None else bool(surrogate)
     return ATTACKS.list(
-        access=None if access is None else Access(access), norms=None if norm is None else Norm.parse(norm)
+        access=None if access is None else Access(access),
+        norms=None if norm is None else Norm.parse(norm),
+        needs_surrogate=needs,
     )
