@@ -28,7 +28,7 @@ def test_linear_model_constant_is_the_dual_norm_of_the_weight_difference(norm: s
     y = torch.randint(0, 5, (6,))
     threat = ThreatModel(norm, 0.1)
     result = local_lipschitz(model, x, y, threat, FAST)
-    weight = model[1].weight.detach()
+    weight = model.get_submodule("1").get_parameter("weight").detach()
     exact = torch.linalg.vector_norm(weight[y] - weight[result.target], ord=threat.norm.dual, dim=1)
     assert torch.allclose(result.ascent, exact, rtol=1e-9)
     assert torch.allclose(result.clever, exact, rtol=1e-9)
@@ -42,7 +42,7 @@ def test_explicit_targets_are_used() -> None:
     x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
     y, t = torch.tensor([0, 1]), torch.tensor([2, 2])
     result = local_lipschitz(model, x, y, ThreatModel("l2", 0.1), FAST, target=t)
-    weight = model[1].weight.detach()
+    weight = model.get_submodule("1").get_parameter("weight").detach()
     assert torch.allclose(result.ascent, (weight[y] - weight[t]).norm(dim=1))
 
 
@@ -141,7 +141,8 @@ def test_quadratic_weight_hessian_top_eigenvalue() -> None:
             self.theta = nn.Parameter(torch.randn(5, dtype=torch.float64))
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
-        return 0.5 * len(batch[0]) * model.theta @ a @ model.theta  # summed over the batch's examples
+        theta = model.get_parameter("theta")
+        return 0.5 * len(batch[0]) * (theta @ a @ theta)  # summed over the batch's examples
 
     result = top_weight_eigenvalue(Quadratic(), loss, lambda: [(torch.zeros(3),), (torch.zeros(2),)],
                                    PowerConfig(iterations=500, tol=1e-9))  # fmt: skip
