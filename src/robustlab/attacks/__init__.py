@@ -18,6 +18,7 @@ from robustlab.attacks import (  # noqa: F401  (importing registers them)
     sign_opt,
     square,
     transfer,
+    transfer_start,
     zo_fw,
 )
 from robustlab.attacks.base import Attack, AttackConfig, AttackResult

@@ -301,11 +301,15 @@ class WalkAttack(DecisionAttack):
 
     walk: ClassVar[type[Walk]]
 
+    def _walk(self, index: int, track: Track, batch: DecisionBatch) -> Walk:
+        """The walk of example ``index`` (a hook: an attack with a per-example start overrides it)."""
+        return self.walk(self.config, track, batch.threat, batch.generator)
+
     def _search(self, batch: DecisionBatch, rows: Tensor) -> None:
         x, threat = batch.x, batch.threat
         flat = x.reshape(x.shape[0], -1)
         tracks = {i: Track(flat[i], threat, threat.eps) for i in rows.tolist()}
-        programs = {i: self.walk(self.config, track, threat, batch.generator).run() for i, track in tracks.items()}
+        programs = {i: self._walk(i, track, batch).run() for i, track in tracks.items()}
         run_programs(batch.oracle, batch.goal, tracks, programs, shape=tuple(x.shape[1:]),
                      budget=self.config.queries, stop_at_eps=self.stop_at_eps)  # fmt: skip
         found = [i for i, track in tracks.items() if track.best is not None]
