@@ -153,6 +153,7 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(surrogates)
         self.options = options
         self.generator: torch.Generator | None = None
+        self.training = False  # its own flag only: the members keep theirs (attacks run them in eval mode)
 
     def transform(self, x: Tensor) -> Tensor:
         """TI and DI as the options ask, on an image batch ``(n, c, h, w)`` (other shapes pass through)."""

@@ -1,0 +1,195 @@
+"""P-RGF (Cheng et al. 2019): the estimator against the true gradient, exact query accounting, budgets, bad input."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import robustlab
+from robustlab import ModelError, ScoreOracle, ThreatModel
+from robustlab.attacks.prgf import estimate_gradient_norm, optimal_lambda, prior_guided_estimate
+from robustlab.errors import InvalidInputError
+from robustlab.oracles import module_function
+from tests.toys import tiny_cnn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Counting(nn.Module):
+    """Counts the rows it is asked about."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += int(x.shape[0])
+        return self.model(x)
+
+
+def smooth_mlp(dim: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(dim, 16), nn.Tanh(), nn.Linear(16, 3)).double().eval()
+
+
+def test_optimal_lambda_closed_form_and_edges() -> None:
+    n, q = 100, 10
+    width = n + 2 * q - 2
+    alpha = torch.tensor([0.0, 0.5 / math.sqrt(width), 0.2, 0.9, 1.0], dtype=torch.float64)
+    lam = optimal_lambda(alpha, n, q)
+    assert lam[0] == 0 and lam[1] == 0  # below 1 / sqrt(n + 2q - 2): plain RGF
+    a2 = 0.04
+    expected = (1 - a2) * (a2 * width - 1) / (2 * a2 * n * q - a2**2 * n * width - 1)  # the paper's form
+    assert float(lam[2]) == pytest.approx(expected, rel=1e-12) and 0 < float(lam[2]) < 1
+    assert lam[3] == 1 and lam[4] == 1
+
+
+def test_target_as_its_own_prior_aligns_with_one_query() -> None:
+    """The true gradient as prior: alpha ~ 1, lambda = 1, the estimate IS the gradient after one query."""
+    model = smooth_mlp(30, 0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 30, generator=g, dtype=torch.float64)
+
+    def f(points: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        return model(points)[:, 0]
+
+    xv = x.clone().requires_grad_(True)
+    (true,) = torch.autograd.grad(model(xv)[:, 0].sum(), xv)
+    value = f(x, torch.arange(8))
+    norm_square = estimate_gradient_norm(f, x, value, samples=200, sigma=1e-6, generator=g)
+    assert torch.allclose(norm_square, true.pow(2).sum(1), rtol=0.3)  # the estimate of ||grad||^2
+    est = prior_guided_estimate(f, x, value, true, true.pow(2).sum(1), q=10, sigma=1e-6, generator=g)
+    assert torch.allclose(est.alpha, torch.ones(8, dtype=torch.float64), atol=1e-3)
+    assert bool((est.lam == 1).all()) and est.queries.tolist() == [1] * 8
+    cosine = nn.functional.cosine_similarity(est.grad, true)
+    assert bool((cosine > 0.999).all())
+    # The prior pointing the wrong way is flipped: alpha is a cosine's absolute value.
+    flipped = prior_guided_estimate(f, x, value, -true, true.pow(2).sum(1), q=10, sigma=1e-6, generator=g)
+    assert bool((nn.functional.cosine_similarity(flipped.grad, true) > 0.999).all())
+
+
+def _cosines(kind: str, trials: int = 300, n: int = 200, q: int = 10) -> tuple[torch.Tensor, float]:
+    """Cosines of the estimate with the gradient of random linear functions, and the fraction of lambda = 0."""
+    g = torch.Generator().manual_seed({"rge": 0, "orthogonal": 1, "random": 2}[kind])
+    out, fallback = [], 0
+    for _ in range(trials):
+        a = torch.randn(n, generator=g, dtype=torch.float64)
+        x = torch.rand(1, n, generator=g, dtype=torch.float64)
+        prior = None
+        if kind != "rge":
+            v = torch.randn(n, generator=g, dtype=torch.float64)
+            prior = (v - (v @ a) / (a @ a) * a if kind == "orthogonal" else v)[None]
+        est = prior_guided_estimate(
+            lambda p, o, a=a: p.reshape(p.shape[0], -1) @ a, x, x @ a, prior, (a @ a)[None], q=q, sigma=1e-4,
+            generator=g,
+        )  # fmt: skip
+        out.append(float(nn.functional.cosine_similarity(est.grad, a[None])))
+        fallback += int(est.lam == 0)
+    return torch.tensor(out, dtype=torch.float64), fallback / trials
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "random"])
+def test_a_useless_prior_gives_rge_statistics(kind: str) -> None:
+    """A prior with no information (orthogonal to the gradient, or a random direction): the estimate's cosine with
+    the true gradient has RGE's mean and spread, within 4 standard errors of the difference of means."""
+    rge, _ = _cosines("rge")
+    useless, fallback = _cosines(kind)
+    margin = 4 * math.sqrt(rge.var().item() / len(rge) + useless.var().item() / len(useless))
+    assert abs(useless.mean().item() - rge.mean().item()) < margin
+    assert 0.75 < useless.std().item() / rge.std().item() < 1.33
+    # Using the prior as the estimate (lambda = 1) would give cosines near 1 / sqrt(n) ~ 0.07, far off.
+    assert rge.mean().item() > 0.15
+    if kind == "orthogonal":
+        assert fallback == 1.0  # alpha ~ 0 every time: plain RGE, and counted as such
+
+
+def test_query_counts_are_exact_and_match_the_step_structure() -> None:
+    target = tiny_cnn(seed=0)
+    counting = Counting(target)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 6, 6, generator=g)
+    y = target(x).argmax(1)
+    q, budget = 5, 200
+    result = robustlab.attack(
+        counting, x, y, ThreatModel("linf", 0.05), method="p-rgf", surrogate=tiny_cnn(seed=1), q=q,
+        queries=budget, seed=0,
+    )  # fmt: skip
+    assert counting.rows == int(result.queries.sum()) + 6 + 1  # + one audit each + the class-count probe
+    steps, prior_steps = result.extras["steps"], result.extras["prior_steps"]
+    norm_steps = torch.tensor([sum(1 for s in range(int(k)) if s % 10 == 0 or s == 3) for k in steps])
+    expected = 1 + 2 * steps + 10 * norm_steps + q * (steps - prior_steps)
+    started = steps > 0
+    assert torch.equal(result.queries[started], expected[started])
+    assert bool((result.queries <= budget).all())
+
+
+def test_self_surrogate_needs_few_queries_per_step() -> None:
+    target = tiny_cnn(seed=0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(10, 1, 6, 6, generator=g)
+    y = target(x).argmax(1)
+    threat = ThreatModel("linf", 0.03)
+    own = robustlab.attack(target, x, y, threat, method="p-rgf", surrogate=target, q=20, queries=300, seed=0)
+    steps = own.extras["steps"].sum().item()
+    assert own.extras["prior_steps"].sum().item() >= 0.8 * steps  # lambda = 1: the prior alone
+    assert own.extras["fallback_steps"].sum().item() == 0
+    # queries per step: 2, plus 10 every 10 steps and 20 on the few steps that mix
+    assert (own.queries.sum().item() - 10) / steps < 8
+
+
+@pytest.mark.parametrize("budget", [1, 2, 7, 13, 40])
+def test_budget_is_never_exceeded(budget: int) -> None:
+    target = tiny_cnn(seed=0)
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(budget))
+    y = target(x).argmax(1)
+    handle = ScoreOracle(module_function(target), budget=budget)  # any query past it raises
+    result = robustlab.attack(
+        handle, x, y, ThreatModel("l2", 0.2), method="p-rgf", surrogate=tiny_cnn(seed=2), q=4, queries=budget
+    )
+    assert bool((result.queries <= budget).all()) and bool((result.queries >= 1).all())
+    assert bool(ThreatModel("l2", 0.2).contains(result.x_adv, x).all())
+
+
+def test_contract_outputs_rechecks_and_reproducibility() -> None:
+    target = tiny_cnn(seed=0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 1, 6, 6, generator=g, dtype=torch.float64)
+    target = target.double()
+    y = target(x).argmax(1)
+    threat = ThreatModel("linf", 0.2)
+    surrogate = tiny_cnn(seed=1).double()
+    options = {"surrogate": surrogate, "q": 4, "queries": 120, "seed": 5}
+    result = robustlab.attack(target, x, y, threat, method="p-rgf", **options)
+    assert bool(threat.contains(result.x_adv, x).all())
+    assert torch.equal(result.success, target(result.x_adv).argmax(1) != y)
+    again = robustlab.attack(target, x, y, threat, method="p-rgf", **options)
+    assert torch.equal(again.x_adv, result.x_adv) and torch.equal(again.queries, result.queries)
+    plain = robustlab.attack(target, x, y, threat, method="p-rgf", q=4, queries=120, seed=5)
+    assert not bool(plain.extras["prior"].any()) and int(plain.extras["prior_steps"].sum()) == 0
+
+
+def test_a_surrogate_that_does_not_fit_is_named() -> None:
+    target = tiny_cnn(seed=0)
+    x = torch.rand(2, 1, 6, 6)
+    y = target(x).argmax(1)
+    threat = ThreatModel("linf", 0.1)
+    with pytest.raises(ModelError, match=r"surrogate 2 \(Sequential\) answers 5 classes but the target .* 10"):
+        robustlab.attack(target, x, y, threat, method="p-rgf", surrogate=[tiny_cnn(), tiny_cnn(num_classes=5)])
+    wrong_shape = nn.Sequential(nn.Flatten(), nn.Linear(49, 10))
+    with pytest.raises(InvalidInputError, match=r"surrogate 1 .* cannot take the target's inputs"):
+        robustlab.attack(target, x, y, threat, method="p-rgf", surrogate=wrong_shape)
+    with pytest.raises(ModelError, match="surrogate 1 is a black-box handle"):
+        robustlab.attack(target, x, y, threat, method="p-rgf", surrogate=ScoreOracle(module_function(target)))
+    with pytest.raises(ModelError, match=r"surrogate 1 must be a torch\.nn\.Module"):
+        robustlab.attack(target, x, y, threat, method="p-rgf", surrogate="model.pt")

@@ -1,0 +1,173 @@
+"""Transfer attacks: one target query per example, ensembles, DI and TI, and the attacks started from a transfer
+example (rays-transfer, hsja-transfer, square-transfer)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import robustlab
+from robustlab import ConfigError, LabelOracle, ThreatModel
+from robustlab.attacks._surrogate import Ensemble, SurrogateOptions, _SmoothGradient, gaussian_kernel
+from robustlab.goals import Goal
+from robustlab.losses import attack_loss
+from robustlab.oracles import module_function
+from tests.toys import binary_linear, tiny_cnn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Counting(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += int(x.shape[0])
+        return self.model(x)
+
+
+def _batch(n: int = 10, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    target = tiny_cnn(seed=0)
+    x = torch.rand(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
+    return target, x, target(x).argmax(1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_one_query_per_example_and_failures_return_the_clean_input(norm: str) -> None:
+    target, x, y = _batch()
+    counting = Counting(target)
+    threat = ThreatModel(norm, 0.1 if norm == "linf" else 0.5)
+    result = robustlab.attack(counting, x, y, threat, method="transfer", surrogate=[tiny_cnn(seed=1)], seed=0)
+    assert result.queries.tolist() == [1] * 10 and counting.rows == 10 + 10  # one query, one audit each
+    assert bool(threat.contains(result.x_adv, x).all())
+    assert torch.equal(result.success, target(result.x_adv).argmax(1) != y)
+    assert bool((result.distance[~result.success] == 0).all())
+    candidate = result.extras["transfer_candidate"]
+    assert torch.equal(result.success, target(candidate).argmax(1) != y)  # exactly the candidates that fool it
+
+
+def test_the_target_as_its_own_surrogate_transfers_like_a_white_box_attack() -> None:
+    model = binary_linear(12, dtype=torch.float64, seed=0).eval()
+    x = torch.rand(40, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = model(x).argmax(1)
+    threat = ThreatModel("linf", 0.15)
+    white = robustlab.attack(model, x, y, threat, method="mi-fgsm", steps=10, early_stop=False)
+    transfer = robustlab.attack(model, x, y, threat, method="transfer", surrogate=model, di_prob=0.0, seed=0)
+    assert torch.equal(transfer.success, white.success) and 0 < transfer.success_rate < 1
+
+
+def test_ensembles_average_logits_or_losses() -> None:
+    a, b = tiny_cnn(seed=1), tiny_cnn(seed=2)
+    x = torch.rand(5, 1, 6, 6)
+    goal = Goal(torch.zeros(5, dtype=torch.long))
+    ce = attack_loss("ce")
+    logits = Ensemble([a, b], SurrogateOptions("logits"))
+    assert torch.allclose(logits(x), (a(x) + b(x)) / 2)
+    assert torch.allclose(logits.loss(x, goal, ce), ce((a(x) + b(x)) / 2, goal))
+    losses = Ensemble([a, b], SurrogateOptions("loss"))
+    assert torch.allclose(losses.loss(x, goal, ce), (ce(a(x), goal) + ce(b(x), goal)) / 2)
+
+
+def test_ti_smooths_the_gradient_with_a_normalized_gaussian_kernel() -> None:
+    kernel = gaussian_kernel(5, torch.float64, torch.device("cpu"))
+    assert float(kernel.sum()) == pytest.approx(1.0) and torch.allclose(kernel, kernel.T)
+    assert torch.allclose(kernel, kernel.flip(0)) and int(kernel.argmax()) == 12  # centred
+    x = torch.zeros(1, 1, 9, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(1, 1, 9, 9, dtype=torch.float64)
+    weight[0, 0, 4, 4] = 1.0  # the loss's gradient is a single spike at the centre
+    (grad,) = torch.autograd.grad((_SmoothGradient.apply(x, kernel) * weight).sum(), x)
+    assert torch.allclose(grad[0, 0, 2:7, 2:7], kernel) and float(grad.sum()) == pytest.approx(1.0)
+
+
+def test_input_diversity_keeps_the_shape_and_is_off_at_probability_zero() -> None:
+    x = torch.rand(3, 2, 8, 8)
+    off = Ensemble([nn.Identity()], SurrogateOptions(di_prob=0.0))
+    assert torch.equal(off.transform(x), x)
+    full = Ensemble([nn.Identity()], SurrogateOptions(di_prob=1.0, di_scale=1.0))
+    assert torch.equal(full.transform(x), x)  # a resize to the same side with no padding
+    shrink = Ensemble([nn.Identity()], SurrogateOptions(di_prob=1.0, di_scale=0.5))
+    shrink.generator = torch.Generator().manual_seed(0)
+    outs = [shrink.transform(x) for _ in range(6)]
+    assert all(o.shape == x.shape for o in outs) and any(not torch.equal(o, x) for o in outs)
+    assert any(bool((o == 0).any()) for o in outs)  # zero padding where the shrunk image does not reach
+
+
+def test_craft_with_any_registered_white_box_attack() -> None:
+    target, x, y = _batch()
+    threat = ThreatModel("linf", 0.2)
+    result = robustlab.attack(
+        target, x, y, threat, method="transfer", surrogate=target, craft="pgd", craft_options={"steps": 5}, seed=0
+    )
+    assert result.queries.tolist() == [1] * 10 and bool(threat.contains(result.x_adv, x).all())
+    assert result.success_rate > 0.5
+    with pytest.raises(ConfigError, match="craft must be a white-box attack"):
+        robustlab.get_attack("transfer").cls(craft="square")
+    with pytest.raises(ConfigError, match="loss averaging"):
+        robustlab.get_attack("transfer").cls(craft="pgd", ensemble="loss")
+    with pytest.raises(ConfigError, match="ti_kernel must be odd"):
+        robustlab.get_attack("transfer").cls(ti_kernel=4)
+    with pytest.raises(ConfigError, match="needs a surrogate"):
+        robustlab.attack(target, x, y, threat, method="transfer")
+
+
+def test_surrogate_attacks_are_listed_apart() -> None:
+    alone = {i.name for i in robustlab.list_attacks()}
+    with_surrogate = {i.name for i in robustlab.list_attacks(surrogate=True)}
+    assert {"transfer", "p-rgf", "rays-transfer", "hsja-transfer", "square-transfer"} <= with_surrogate
+    assert not (with_surrogate & alone) and "rays" in alone
+    assert {i.name for i in robustlab.list_attacks(surrogate=None)} == alone | with_surrogate
+
+
+@pytest.mark.parametrize("method", ["rays-transfer", "hsja-transfer"])
+def test_hard_label_attacks_start_from_a_fooling_transfer_example(method: str) -> None:
+    target, x, y = _batch(8, seed=4)
+    y[0] = (y[0] + 1) % 10  # misclassified: done at the clean check
+    threat = ThreatModel("linf", 0.3)
+    counting = Counting(target)
+    result = robustlab.attack(counting, x, y, threat, method=method, surrogate=target, queries=300, seed=0)
+    plain = robustlab.attack(target, x, y, threat, method=method.split("-")[0], queries=300, seed=0)
+    assert bool(result.success.all()) and int(result.queries[0]) == 1
+    assert counting.rows == int(result.queries.sum()) + 8
+    # clean check + the transfer query (+ for HSJA one blend step when rounding puts it a hair past eps)
+    assert bool((result.queries[1:] <= 3).all()) and result.queries.sum() < plain.queries.sum()
+    assert bool(threat.contains(result.x_adv, x).all())
+
+
+@pytest.mark.parametrize("method", ["rays-transfer", "hsja-transfer"])
+def test_hard_label_budget_with_a_useless_surrogate(method: str) -> None:
+    target, x, y = _batch(4, seed=5)
+    handle = LabelOracle(module_function(target), budget=25)
+    threat = ThreatModel("linf", 0.02)
+    result = robustlab.attack(handle, x, y, threat, method=method, surrogate=tiny_cnn(seed=3), queries=25, seed=0)
+    assert bool((result.queries <= 25).all()) and bool(threat.contains(result.x_adv, x).all())
+
+
+def test_rays_transfer_in_adbd_mode_searches_from_the_transfer_direction() -> None:
+    target, x, y = _batch(6, seed=6)
+    threat = ThreatModel("linf", 0.3)
+    result = robustlab.attack(target, x, y, threat, method="rays-transfer", surrogate=target, queries=200,
+                              mode="adbd", seed=0)  # fmt: skip
+    assert result.queries.tolist() == [200] * 6
+    assert bool((result.extras["boundary_distance"] <= 0.3 + 1e-6).all())
+
+
+def test_square_transfer_starts_at_the_transfer_vertex() -> None:
+    target, x, y = _batch(8, seed=7)
+    threat = ThreatModel("linf", 0.3)
+    result = robustlab.attack(target, x, y, threat, method="square-transfer", surrogate=target, queries=100, seed=0)
+    assert bool(result.success.all()) and result.queries.tolist() == [1] * 8  # the start already fools it
+    assert bool(threat.contains(result.x_adv, x).all())
+    far = robustlab.attack(target, x, y, ThreatModel("l2", 0.3), method="square-transfer", surrogate=tiny_cnn(seed=9),
+                           queries=30, seed=0)  # fmt: skip
+    assert bool((far.queries <= 30).all()) and bool(ThreatModel("l2", 0.3).contains(far.x_adv, x).all())
