@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -169,7 +170,7 @@ def test_contract_outputs_rechecks_and_reproducibility() -> None:
     y = target(x).argmax(1)
     threat = ThreatModel("linf", 0.2)
     surrogate = tiny_cnn(seed=1).double()
-    options = {"surrogate": surrogate, "q": 4, "queries": 120, "seed": 5}
+    options: dict[str, Any] = {"surrogate": surrogate, "q": 4, "queries": 120, "seed": 5}
     result = robustlab.attack(target, x, y, threat, method="p-rgf", **options)
     assert bool(threat.contains(result.x_adv, x).all())
     assert torch.equal(result.success, target(result.x_adv).argmax(1) != y)
