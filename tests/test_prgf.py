@@ -91,10 +91,11 @@ def _cosines(kind: str, trials: int = 300, n: int = 200, q: int = 10) -> tuple[t
         if kind != "rge":
             v = torch.randn(n, generator=g, dtype=torch.float64)
             prior = (v - (v @ a) / (a @ a) * a if kind == "orthogonal" else v)[None]
-        est = prior_guided_estimate(
-            lambda p, o, a=a: p.reshape(p.shape[0], -1) @ a, x, x @ a, prior, (a @ a)[None], q=q, sigma=1e-4,
-            generator=g,
-        )  # fmt: skip
+
+        def linear(points: torch.Tensor, owners: torch.Tensor, a: torch.Tensor = a) -> torch.Tensor:
+            return points.reshape(points.shape[0], -1) @ a
+
+        est = prior_guided_estimate(linear, x, x @ a, prior, (a @ a)[None], q=q, sigma=1e-4, generator=g)
         out.append(float(nn.functional.cosine_similarity(est.grad, a[None])))
         fallback += int(est.lam == 0)
     return torch.tensor(out, dtype=torch.float64), fallback / trials
