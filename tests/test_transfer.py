@@ -171,3 +171,24 @@ def test_square_transfer_starts_at_the_transfer_vertex() -> None:
     far = robustlab.attack(target, x, y, ThreatModel("l2", 0.3), method="square-transfer", surrogate=tiny_cnn(seed=9),
                            queries=30, seed=0)  # fmt: skip
     assert bool((far.queries <= 30).all()) and bool(ThreatModel("l2", 0.3).contains(far.x_adv, x).all())
+
+
+def test_evaluate_with_surrogates_opens_a_black_box_cascade_with_transfer_and_p_rgf() -> None:
+    from robustlab import ScoreOracle, evaluate
+    from robustlab.evaluation import Suite
+
+    target, x, y = _batch(12, seed=8)
+    threat = ThreatModel("linf", 0.3)
+    scores = ScoreOracle(module_function(target))
+    result = evaluate(scores, (x, y), threat, "quick", surrogates=[target], progress=False, batch_size=6)
+    methods = [step.method for step in result.steps]
+    assert methods[:2] == ["transfer", "p-rgf"]
+    assert result.steps[0].broken > 0  # the target is its own surrogate: transfer breaks most of them at once
+    broken = result.broken
+    assert torch.equal(broken, (target(result.adversarial).argmax(1) != result.clean_pred) & broken)
+    rays = Suite.custom([("rays", {"queries": 30})])
+    labels_only = evaluate(LabelOracle(module_function(target)), (x, y), threat, rays, surrogates=[target],
+                           progress=False)  # fmt: skip
+    assert [s.method for s in labels_only.steps] == ["transfer", "rays"]
+    with pytest.raises(ConfigError, match="black-box evaluations"):
+        evaluate(target, (x, y), threat, "quick", surrogates=[target], progress=False)

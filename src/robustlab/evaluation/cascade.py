@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.api import attack as run_attack
+from robustlab.attacks.registry import get_attack
 from robustlab.checks import check_integer, check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.evaluation.adapt import NOT_ADAPTED, diagnose_and_adapt, restrict_to_access
@@ -64,7 +65,7 @@ from robustlab.evaluation.extras import average_boundary_distance, robust_accura
 from robustlab.evaluation.minimum_norm import minimum_norm_request, run_minimum_norm
 from robustlab.evaluation.result import EvaluationResult
 from robustlab.evaluation.state import STATE_FORMAT, BatchOutcome, CascadeState, StepReport
-from robustlab.evaluation.suites import FOCUS_MINIMUM, Suite, SuiteStep, get_suite
+from robustlab.evaluation.suites import FOCUS_MINIMUM, Suite, SuiteStep, get_suite, with_surrogate_steps
 from robustlab.oracles import LabelOracle
 from robustlab.threat import Norm, ThreatModel
 from robustlab.utils import model_device, model_mode, process_group, rows_like
@@ -101,6 +102,7 @@ def evaluate(
     workers: int = 0,
     adversarial_file: str | Path | None = None,
     minimum_norm: str | tuple[str, dict[str, Any]] | None = None,
+    surrogates: Sequence[nn.Module] = (),
 ) -> EvaluationResult:
     """Evaluate ``model``'s robustness on ``data`` inside ``threat`` with an attack suite.
 
@@ -133,6 +135,9 @@ def evaluate(
         minimum_norm: also run this minimum-norm attack (``"fmn"``, ``"fab"``, ``"ddn"``, ``"cw-l2"``, or a
             ``(name, options)`` pair) without eps on the correctly classified examples: robust accuracy against eps
             as a curve and the median smallest perturbation, from one run (:mod:`robustlab.evaluation.minimum_norm`).
+        surrogates: models the attacker owns (white-box), for a black-box ``model`` only: the cascade then opens
+            with a transfer attack (one query per example) and P-RGF (10,000 queries) with them as the prior,
+            as the oracle's access allows (:func:`robustlab.evaluation.suites.with_surrogate_steps`).
     """
     started = time.perf_counter()
     _check_options(batch_size, seed, eot_samples, extra_queries, adbd_queries, adbd_examples, workers)
@@ -142,6 +147,8 @@ def evaluate(
     base_suite = get_suite(suite, threat.norm)
     if minimum_norm is not None:
         minimum_norm_request(minimum_norm, threat.norm)  # a bad request fails now, not after the cascade
+    if surrogates:
+        base_suite = with_surrogate_steps(base_suite, model, len(surrogates), threat.norm)
     if not isinstance(model, nn.Module):  # a black box: the attacks its access allows, no gradient checks
         base_suite, diagnostics = restrict_to_access(model, base_suite), False
     if adbd_queries is None and base_suite.name == "full":
@@ -160,6 +167,7 @@ def evaluate(
         cascade = Cascade.start(
             model, adapted.model, examples, threat, adapted.suite, batch_size=batch_size, seed=seed,
             device=run_device, checkpoint=checkpoint, resume=resume, progress=progress, store_path=adversarial_file,
+            surrogates=tuple(surrogates),
         )  # fmt: skip
         cascade.run()
         if diagnostics:
@@ -211,15 +219,20 @@ def _default_device(model: nn.Module | LabelOracle) -> torch.device:
     return found if found is not None else torch.device("cpu")
 
 
-def _fingerprint(model: nn.Module | LabelOracle, data: str, threat: ThreatModel, suite: Suite, seed: int) -> str:
-    """The identity of an evaluation: a saved state is resumed only by the same model, data, threat, suite, seed.
-    ``data`` describes the examples (count, shape, and the sum of their values)."""
+def _fingerprint(
+    model: nn.Module | LabelOracle, data: str, threat: ThreatModel, suite: Suite, seed: int,
+    surrogates: Sequence[nn.Module] = (),
+) -> str:  # fmt: skip
+    """The identity of an evaluation: a saved state is resumed only by the same model (and surrogates), data,
+    threat, suite, seed. ``data`` describes the examples (count, shape, and the sum of their values)."""
     digest = hashlib.sha256()
-    if isinstance(model, nn.Module):
-        for name, tensor in model.state_dict().items():
+    for module in [model, *surrogates]:
+        if not isinstance(module, nn.Module):
+            continue
+        for name, tensor in module.state_dict().items():
             digest.update(name.encode())
             digest.update(f"{float(tensor.double().sum()):.10e}".encode())
-    else:
+    if not isinstance(model, nn.Module):
         digest.update(repr(getattr(model.model, "url", type(model.model).__name__)).encode())
     digest.update(f"{data}{threat}{suite}{seed}".encode())
     return digest.hexdigest()[:16]
@@ -326,6 +339,7 @@ class Cascade:
     progress: bool
     world: int = 1
     rank: int = 0
+    surrogates: tuple[nn.Module, ...] = ()  # given to the steps whose attack needs_surrogate
 
     @classmethod
     def start(
@@ -343,13 +357,14 @@ class Cascade:
         resume: bool,
         progress: bool,
         store_path: str | Path | None = None,
+        surrogates: tuple[nn.Module, ...] = (),
     ) -> Cascade:
         """Predict the clean labels (one pass over the data), then resume the state saved at ``checkpoint`` for this
         evaluation (``model``'s weights, the data, threat, suite and seed) or start a fresh one."""
         world, rank = process_group()
         clean = _clean_pass(attack_model, examples, batch_size, device)
         state_path = Path(checkpoint) if checkpoint is not None else None
-        identity = _fingerprint(model, clean.description, threat, suite, seed)
+        identity = _fingerprint(model, clean.description, threat, suite, seed, surrogates)
         like = examples.data.x if examples.in_memory else None
         store = open_store(examples, store_path, like=like)
         # stacklevel 3 from here: the warning names the line that called evaluate().
@@ -361,7 +376,7 @@ class Cascade:
             state = CascadeState.start(identity, len(examples), store, clean.margin, reports)
         return cls(
             attack_model, examples, clean.labels, clean.clean_pred, threat, suite, state, state_path, batch_size,
-            seed, device, progress=progress and rank == 0, world=world, rank=rank,
+            seed, device, progress=progress and rank == 0, world=world, rank=rank, surrogates=surrogates,
         )  # fmt: skip
 
     @property
@@ -415,9 +430,12 @@ class Cascade:
         position (exact resumes). Adversarial examples go straight to a file store, before the state counts them."""
         started = time.perf_counter()
         clean_pred = self.clean_pred[rows]
+        options = dict(step.options)
+        if get_attack(step.method).needs_surrogate:
+            options["surrogate"] = list(self.surrogates)
         result = run_attack(
             self.model, x.to(self.device, non_blocking=True), clean_pred.to(self.device), self.threat, step.method,
-            seed=self.seed if self.suite.same_seed else self.seed + 1000 * index + number, **dict(step.options),
+            seed=self.seed if self.suite.same_seed else self.seed + 1000 * index + number, **options,
         )  # fmt: skip
         success = result.success.cpu()
         margin = torch.full((len(rows),), math.inf)

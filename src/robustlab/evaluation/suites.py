@@ -61,7 +61,10 @@ __all__ = [
     "SuiteStep",
     "get_suite",
     "list_suites",
+    "with_surrogate_steps",
 ]
+
+SURROGATE_QUERIES = 10_000  # P-RGF's budget when surrogates join a black-box evaluation
 
 STANDARD_FOCUS = 0.1  # the standard suite's focused stage: the weakest 10% of the examples left
 FOCUS_MINIMUM = 16  # a focused step attacks at least this many examples (all, if fewer are left)
@@ -290,3 +293,28 @@ def get_suite(name: str | Suite, norm: Norm | str) -> Suite:
 def list_suites() -> list[SuiteInfo]:
     """The built-in suites' records, sorted by name."""
     return SUITES.list()
+
+
+def with_surrogate_steps(suite: Suite, model: object, count: int, norm: Norm) -> Suite:
+    """``suite`` opened by the attacks that use the attacker's ``count`` surrogates: a transfer attack (one query per
+    example), then P-RGF with them as the prior (Linf and L2). Only for a black box (an oracle): a white-box model
+    is attacked through its own gradients, which no surrogate beats."""
+    from torch import nn
+
+    if isinstance(model, nn.Module):
+        raise ConfigError(
+            "surrogates add transfer and prior-guided attacks to black-box evaluations (a model reached through a "
+            "score or label oracle, e.g. a URL); this model is white-box: its own gradients are the stronger attack"
+        )
+    plural = "s" if count > 1 else ""
+    steps = (
+        SuiteStep(f"Transfer ({count} surrogate{plural}, 1 query)", "transfer", {}, norms=LINF_L2),
+        SuiteStep(
+            f"P-RGF ({count} surrogate{plural}, {SURROGATE_QUERIES:,} queries)",
+            "p-rgf",
+            {"queries": SURROGATE_QUERIES},
+            norms=LINF_L2,
+        ),
+    )
+    kept = tuple(step for step in steps if step.supports(norm))
+    return suite.with_steps(kept + suite.steps)
