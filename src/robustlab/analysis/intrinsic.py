@@ -49,7 +49,9 @@ __all__ = [
     "intrinsic_limit",
     "intrinsic_robustness",
     "jacobian_norm",
+    "load_cvae",
     "robustness_bound",
+    "save_cvae",
     "train_cvae",
 ]
 
@@ -167,6 +169,35 @@ def train_cvae(data: Any, config: CVAEConfig | None = None, *, device: Any = "cp
             loss.backward()
             optimizer.step()
     return model.eval()
+
+
+CVAE_FORMAT = "robustlab-cvae-v1"
+
+
+def save_cvae(model: ConditionalVAE, path: Any) -> None:
+    """Save the VAE's sizes and weights (tensors and numbers only: read back without unpickling code)."""
+    from robustlab.state_io import save_atomic
+
+    hidden = model.mu.in_features
+    save_atomic({"format": CVAE_FORMAT, "image_shape": list(model.image_shape), "num_classes": model.num_classes,
+                 "latent_dim": model.latent_dim, "hidden": int(hidden), "state": model.state_dict()}, path)  # fmt: skip
+
+
+def load_cvae(path: Any, *, device: Any = "cpu") -> ConditionalVAE:
+    """A VAE written by :func:`save_cvae` (``torch.load(weights_only=True)``; anything else is a StateFileError)."""
+    from robustlab.errors import StateFileError
+    from robustlab.state_io import load_state_file
+
+    fix = "Delete it to train a new generative model"
+    saved = load_state_file(path, what="a conditional VAE", fix=fix, map_location=device)
+    if saved.get("format") != CVAE_FORMAT:
+        raise StateFileError(f"{path} is not a robustlab conditional VAE ({CVAE_FORMAT}). {fix}")
+    model = ConditionalVAE(saved["image_shape"], saved["num_classes"], saved["latent_dim"], saved["hidden"])
+    try:
+        model.load_state_dict(saved["state"])
+    except RuntimeError as exc:
+        raise StateFileError(f"{path} holds weights that do not fit its declared sizes. {fix}") from exc
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------- generator Lipschitz

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, NoReturn
 
-from robustlab.cli import attack, certify, denoise, evaluate, info, serve, train
+from robustlab.cli import analyze, attack, certify, denoise, evaluate, info, serve, train
 from robustlab.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from robustlab.cli.denoise import DENOISE_METHODS
 from robustlab.cli.train import training_methods
@@ -54,6 +54,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command(train.add_parser, train.run),
     "certify": Command(certify.add_parser, certify.run),
     "denoise": Command(denoise.add_parser, denoise.run),
+    "analyze": Command(analyze.add_parser, analyze.run),  # issue 27 (analysis helper)
     "list": Command(info.add_list_parser, info.run_list),
     "demo": Command(info.add_demo_parser, info.run_demo),
 }
