@@ -73,9 +73,12 @@ def surrogate_name(number: int, module: nn.Module) -> str:
     return f"surrogate {number} ({type(module).__name__})"
 
 
-def check_surrogates(surrogates: Sequence[nn.Module], x: Tensor, num_classes: int | None) -> None:
+def check_surrogates(
+    surrogates: Sequence[nn.Module], x: Tensor, num_classes: int | None, goal: Goal | None = None
+) -> None:
     """One forward pass of each surrogate on ``x[:1]``: a surrogate that cannot take the target's inputs, or that
-    answers another number of classes than the target (``num_classes``, when known), is named in the error."""
+    answers another number of classes than the target (``num_classes``, when known; else than the first surrogate,
+    and fewer than the goal's labels need), is named in the error."""
     if not surrogates:
         raise ConfigError("this attack needs a surrogate model: pass surrogate=<torch.nn.Module or a list of them>")
     for number, module in enumerate(surrogates, start=1):
@@ -84,11 +87,20 @@ def check_surrogates(surrogates: Sequence[nn.Module], x: Tensor, num_classes: in
             module, x[:1], model_name=name, data_name="the target's inputs",
             hint="A surrogate must take the same inputs as the target model",
         )  # fmt: skip
-        if num_classes is not None and int(outputs.shape[1]) != num_classes:
+        classes = int(outputs.shape[1])
+        if num_classes is not None and classes != num_classes:
             raise ModelError(
-                f"{name} answers {int(outputs.shape[1])} classes but the target model answers {num_classes}; a "
+                f"{name} answers {classes} classes but the target model answers {num_classes}; a "
                 "surrogate must be trained on the same classes"
             )
+        if goal is not None:
+            labels = goal.labels if goal.targets is None else torch.cat([goal.labels, goal.targets])
+            if labels.numel() and int(labels.max()) >= classes:
+                raise ModelError(
+                    f"{name} answers {classes} classes but the labels go up to {int(labels.max())}; a surrogate "
+                    "must be trained on the target's classes"
+                )
+        num_classes = classes  # the next surrogates must agree with this one
 
 
 @dataclass(frozen=True)
@@ -211,7 +223,9 @@ class SurrogateAttack:
         self.surrogates = as_surrogates(surrogate)
         super().__init__(config, **options)  # type: ignore[call-arg]
 
-    def ensemble(self, x: Tensor, num_classes: int | None, options: SurrogateOptions) -> Ensemble:
+    def ensemble(
+        self, x: Tensor, num_classes: int | None, options: SurrogateOptions, goal: Goal | None = None
+    ) -> Ensemble:
         """The checked surrogates as one :class:`Ensemble` on ``x``'s device."""
-        check_surrogates(self.surrogates, x, num_classes)
+        check_surrogates(self.surrogates, x, num_classes, goal)
         return Ensemble(self.surrogates, options)

@@ -227,7 +227,7 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
         search = ScoreSearch(oracle, goal, ScoreObjective(loss, goal), c.queries, x)
         ensemble: Ensemble | None = None
         if self.surrogates:
-            ensemble = self.ensemble(x, oracle.num_classes, SurrogateOptions(c.ensemble)).to(x.device)
+            ensemble = self.ensemble(x, oracle.num_classes, SurrogateOptions(c.ensemble), goal).to(x.device)
         n = int(x.shape[0])
         lr = c.lr if c.lr is not None else c.rel_lr * threat.eps
         value = torch.zeros(n, dtype=x.dtype, device=x.device)

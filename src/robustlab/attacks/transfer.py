@@ -138,7 +138,7 @@ class Transfer(SurrogateAttack, Attack[LabelOracle]):
     def _perturb(
         self, oracle: LabelOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Any]]:
-        ensemble = self.ensemble(x, oracle.num_classes, self.config.surrogate_options()).to(x.device)
+        ensemble = self.ensemble(x, oracle.num_classes, self.config.surrogate_options(), goal).to(x.device)
         candidate, fooled_surrogate = craft_on_surrogates(ensemble, self.config, x, goal, threat, generator)
         asked = (budget_left(oracle, 1) >= 1).nonzero().flatten()  # a handle whose budget is spent cannot be asked
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

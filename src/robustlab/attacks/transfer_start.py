@@ -81,7 +81,7 @@ def _transfer_candidates(
 ) -> Tensor:  # fmt: skip
     """Transfer examples for ``x`` crafted on the attack's surrogates (no query of the target)."""
     config = fields.transfer_config()
-    ensemble = attack.ensemble(x, num_classes, config.surrogate_options()).to(x.device)
+    ensemble = attack.ensemble(x, num_classes, config.surrogate_options(), goal).to(x.device)
     candidate, _ = craft_on_surrogates(ensemble, config, x, goal, threat, generator)
     return candidate
 

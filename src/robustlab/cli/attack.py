@@ -38,6 +38,13 @@ def add_parser(commands: Any) -> None:
         choices=["random", "least-likely"],
         help="targeted attack with a random other class or the least likely class as target",
     )
+    add_surrogate_arguments(method)
+    method.add_argument(
+        "--fit-examples",
+        type=common.positive_int,
+        help="--method uap: craft the universal perturbation on the first N examples (default: half) and report "
+        "the fooling rate on the others",
+    )
     method.add_argument(
         "--option",
         "-O",
@@ -57,6 +64,30 @@ def add_parser(commands: Any) -> None:
     common.add_run_options(attack, seed="random seed")
 
 
+def add_surrogate_arguments(group: Any) -> None:
+    """--surrogate (repeatable) and --surrogate-arch: the attacker's own white-box models."""
+    group.add_argument(
+        "--surrogate", action="append", default=[], metavar="MODEL",
+        help="a model the attacker owns, loaded as --model is (a file, TorchScript, ONNX, a factory, a built-in "
+        "name; not a URL): transfer, p-rgf, rays-/hsja-/square-transfer craft on it, uap can; repeat for an ensemble",
+    )  # fmt: skip
+    group.add_argument("--surrogate-arch", help="architecture of bare state-dict --surrogate files")
+
+
+def load_surrogates(args: argparse.Namespace, device: Any) -> list[Any]:
+    """The --surrogate models, loaded white-box with the safe loaders --model uses."""
+    from robustlab.errors import ConfigError
+    from robustlab.models import load_model
+    from robustlab.models.loading import is_endpoint_spec
+
+    surrogates = []
+    for spec in args.surrogate:
+        if common.is_url(spec) or is_endpoint_spec(spec):
+            raise ConfigError(f"--surrogate {spec}: a surrogate is a model you own (white-box), not a remote endpoint")
+        surrogates.append(load_model(spec, arch=args.surrogate_arch, device=device).eval())
+    return surrogates
+
+
 def _attack_options(args: argparse.Namespace) -> dict[str, Any]:
     from robustlab import get_attack
     from robustlab.errors import ConfigError
@@ -74,6 +105,13 @@ def _attack_options(args: argparse.Namespace) -> dict[str, Any]:
         options[name] = value
     for key, value in args.option:
         options[key] = value
+    if info.needs_surrogate and not args.surrogate:
+        raise ConfigError(f"{info.name} crafts on a model you own: give it with --surrogate MODEL (repeatable)")
+    if args.surrogate and not info.needs_surrogate:
+        raise ConfigError(
+            f"{info.name} does not use surrogates; --surrogate is for transfer, p-rgf, rays-transfer, "
+            "hsja-transfer, square-transfer and uap"
+        )
     return options
 
 
@@ -83,8 +121,14 @@ def run(args: argparse.Namespace) -> int:
     common.output_file(args.out, "--out")
     common.output_file(args.save_adv, "--save-adv")
     threat = ThreatModel(args.norm, args.eps, *args.bounds)
+    if args.method == "uap":
+        from robustlab.cli.uap import run_uap
+
+        return run_uap(args, threat)
     options = _attack_options(args)
     device = common.device_from(args.device)
+    if args.surrogate:
+        options["surrogate"] = load_surrogates(args, device)
     model, predict = common.open_model(args, device, budget=options.get("queries"))
     data = common.open_data(args)
     model_classes = common.check_model_fits_data(model, data, args, device)
@@ -100,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             "clean_accuracy": float(clean_correct.float().mean()),
         }
     )
+    summary.update(_prior_report(result.extras))
     if clean.targets is None:
         summary["robust_accuracy"] = float((clean_correct & ~result.success).float().mean())
         summary["success_rate_on_correct"] = (
@@ -192,6 +237,19 @@ def _attack_in_batches(
     return merged
 
 
+def _prior_report(extras: Any) -> dict[str, Any]:
+    """P-RGF's use of its prior: the mean estimated alpha and how often it fell back to plain RGF."""
+    if "fallback_steps" not in extras or not bool(extras["prior"].any()):
+        return {}
+    steps = int(extras["steps"].sum())
+    fallback = int(extras["fallback_steps"].sum()) / max(steps, 1)
+    return {
+        "prior_mean_alpha": float(extras["alpha"][extras["steps"] > 0].mean()) if steps else None,
+        "prior_fallback_fraction": fallback,
+        "prior_only_fraction": int(extras["prior_steps"].sum()) / max(steps, 1),
+    }
+
+
 def _human_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['method']} ({summary['norm']}, eps={summary['eps']:g}) on {summary['examples']} examples "
@@ -210,5 +268,12 @@ def _human_summary(summary: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"  mean queries     {summary['mean_queries']:.1f}")
+    if "prior_fallback_fraction" in summary:
+        fallback = summary["prior_fallback_fraction"]
+        lines.append(
+            f"  prior            mean estimated alpha {summary['prior_mean_alpha'] or 0:.3f}; the prior alone on "
+            f"{100 * summary['prior_only_fraction']:.1f}% of steps, plain RGF on {100 * fallback:.1f}%"
+            + (" (the surrogate's gradient told almost nothing about the target's)" if fallback > 0.5 else "")
+        )
     lines.append(f"  wall time        {summary['wall_time_s']:.2f} s")
     return "\n".join(lines)

@@ -250,6 +250,8 @@ def access_needed(args: argparse.Namespace) -> str:
 
     command = getattr(args, "command", None)
     if command == "attack":
+        if args.method == "uap":  # crafted on --surrogate (the model gives labels) or on the model itself
+            return "labels" if getattr(args, "surrogate", None) else "gradient"
         return str(get_attack(args.method).access.value)
     if command == "evaluate":
         if args.attacks:

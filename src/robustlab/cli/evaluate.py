@@ -45,6 +45,9 @@ def add_parser(commands: Any) -> None:
         help="also run this minimum-norm attack (fmn, fab, ddn, cw-l2) without eps: robust accuracy against eps as a "
         "curve and the median smallest perturbation, from one run",
     )  # fmt: skip
+    from robustlab.cli.attack import add_surrogate_arguments
+
+    add_surrogate_arguments(evaluate)
     evaluate.add_argument("--no-diagnostics", action="store_true", help="skip the masking checks (not advised)")
     evaluate.add_argument("--out", default="evaluation", help="directory for report.json, report.html and the state")
     common.add_run_options(
@@ -54,6 +57,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from robustlab import ThreatModel
+    from robustlab.cli.attack import load_surrogates
     from robustlab.data import ArrayDataset
     from robustlab.evaluation import Suite, evaluate, evaluation_section
     from robustlab.report import Report
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         model, data, threat, suite, batch_size=args.batch_size, seed=args.seed, checkpoint=out / "evaluation_state.pt",
         resume=not args.no_resume, diagnostics=not args.no_diagnostics, bpda=args.bpda, eps_curve=args.eps_curve,
         progress=not args.quiet, device=device, workers=args.workers, adversarial_file=adversarial,
-        minimum_norm=args.minimum_norm,
+        minimum_norm=args.minimum_norm, surrogates=load_surrogates(args, device),
     )  # fmt: skip
     report = Report(f"robustlab evaluate: {args.model} on {args.data}")
     evaluation_section(report, result)
