@@ -19,6 +19,7 @@ BENCHMARKS = [
     ["benchmarks.memory"],
     ["benchmarks.hard_label"],
     ["benchmarks.score_attacks"],
+    ["benchmarks.transfer"],
     ["benchmarks.evaluation"],
     ["benchmarks.certification"],
     ["benchmarks.verification"],
