@@ -106,7 +106,8 @@ def main() -> None:
     ratio = (square["mean_queries_successful"] or 0) / max(prgf["mean_queries_successful"] or 1e-9, 1e-9)
     body = "\n".join([
         "MNIST, target LeNet5 (standard training, first half of the training set), surrogates "
-        f"{', '.join(SURROGATE_ARCHS)} (other half), {args.epochs} epochs each; {len(x)} correctly classified test images, untargeted {threat}. "
+        f"{', '.join(SURROGATE_ARCHS)} (other half), {args.epochs} epochs each; {len(x)} correctly classified test "
+        f"images, untargeted {threat}. "
         "Shared machine (one core).",
         "", "Transfer (one query of the target per example):", "",
         markdown_table(["surrogate", "success", "queries per example"], transfer_rows),
