@@ -41,7 +41,7 @@ def trained(arch: str, half: int, epochs: int, data: Any) -> torch.nn.Module:
     path = CACHE / f"{arch}-half{half}-e{epochs}.pt"
     model = build_model(arch)
     if path.exists():
-        model.load_state_dict(load_state_file(path, what="cached weights"))
+        model.load_state_dict(load_state_file(path, what="cached weights", fix="Delete it to retrain"))
         return model.eval()
     n = len(data)
     rows = range(0, n // 2) if half == 0 else range(n // 2, n)
@@ -131,7 +131,7 @@ def _over_http(target: Any, x: Any, y: Any, threat: Any, surrogates: Any, querie
             result = robustlab.attack(oracle, x, y, threat, method="p-rgf", queries=queries, seed=0,
                                       surrogate=surrogates)  # fmt: skip
         finally:
-            oracle.model.close()
+            oracle.model.close()  # type: ignore[attr-defined]  # the remote client
     return summary_row("P-RGF (ensemble prior) over HTTP", result)
 
 
