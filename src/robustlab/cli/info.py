@@ -40,9 +40,10 @@ def _attacks(args: argparse.Namespace) -> Sequence[tuple[str, ...]]:
     from robustlab import list_attacks
 
     rows: list[tuple[str, ...]] = [("name", "access", "norms", "targeted", "summary")]
-    for info in list_attacks(access=args.access, norm=args.norm):
+    for info in list_attacks(access=args.access, norm=args.norm, surrogate=None):
         norms = ",".join(sorted(n.value for n in info.norms))
-        rows.append((info.name, info.access.value, norms, "yes" if info.supports_targeted else "no", info.summary))
+        summary = info.summary + (" [needs --surrogate]" if info.needs_surrogate else "")
+        rows.append((info.name, info.access.value, norms, "yes" if info.supports_targeted else "no", summary))
     return rows
 
 
