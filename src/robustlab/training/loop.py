@@ -227,6 +227,7 @@ HISTORY_KEYS = (
     "train_accuracy",
     "attack_loss_increase",
     "grad_norm",
+    "input_grad_norm",  # issue 27: the loss's input-gradient norm next to the weight-gradient norm
     "val_clean_accuracy",
     "val_robust_accuracy",
     "val_pgd_accuracy",
@@ -302,8 +303,9 @@ def distributed_context(device: torch.device) -> tuple[int, int]:
 
 def _append_epoch(history: dict[str, list[float]], record: dict[str, float], scalars: dict[str, float]) -> None:
     """One epoch's record and objective scalars appended to ``history``; NaN where a series has no value."""
-    for key in HISTORY_KEYS:
-        history[key].append(record.get(key, math.nan))
+    before = len(history["epoch"])
+    for key in HISTORY_KEYS:  # a key newer than a resumed state's history starts with NaN for its epochs
+        history.setdefault(key, [math.nan] * before).append(record.get(key, math.nan))
     recorded = len(history["epoch"])
     for name, value in scalars.items():
         history.setdefault(name, [math.nan] * (recorded - 1)).append(value)
@@ -610,12 +612,24 @@ class _TrainingRun:
         if logits is not None:
             totals.correct += float((logits.argmax(1) == y).sum())
         totals.seen += len(y)
+        if measure:
+            totals.input_grad_norm += self._input_gradient_norm(x, y)
+            totals.input_grad_n += 1
         if measure and output.x_adv is not None:  # the training attack's cross-entropy increase, after the step
             with torch.no_grad(), model_mode(self.model, "eval"):
                 increase = F.cross_entropy(self.model(output.x_adv), y) - F.cross_entropy(self.model(x), y)
             totals.increase += float(increase)
             totals.increase_n += 1
         totals.add_scalars(output.scalars)
+
+    def _input_gradient_norm(self, x: Tensor, y: Tensor) -> float:
+        """Mean over the batch of ``||grad_x CE(f(x), y)||`` in the threat's dual norm, after the step (eval mode:
+        no dropout draw, no BatchNorm update, so the run's results and its resume stay as without it)."""
+        with model_mode(self.model, "eval"):
+            point = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(self.model(point), y, reduction="sum"), point)
+        dual = self.threat.norm.dual if self.threat.norm.value != "l0" else 2.0
+        return float(torch.linalg.vector_norm(grad.reshape(len(grad), -1), ord=dual, dim=1).mean())
 
     # ------------------------------------------------------------------------------------- end of epoch
     def end_epoch(self, epoch: int) -> bool:
@@ -652,6 +666,7 @@ class _TrainingRun:
             "train_accuracy": totals.correct / seen,
             "attack_loss_increase": totals.increase / totals.increase_n if totals.increase_n else math.nan,
             "grad_norm": totals.grad_norm / totals.grad_n if totals.grad_n else math.nan,
+            "input_grad_norm": totals.input_grad_norm / totals.input_grad_n if totals.input_grad_n else math.nan,
             "epoch_seconds": totals.seconds,
             **metrics,
         }

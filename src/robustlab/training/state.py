@@ -72,6 +72,8 @@ class EpochTotals:
         loss, correct, seen: the training loss summed over examples, correct predictions, examples.
         increase, increase_n: the training attack's loss increase, summed over the batches it was measured on.
         grad_norm, grad_n: the gradient norm, summed over the batches it was measured on.
+        input_grad_norm, input_grad_n: the input-gradient norm (dual threat norm of each example's loss gradient at
+            its clean input, averaged over the batch), summed over the batches it was measured on (issue 27).
         seconds: time spent in training steps.
         scalars, counts: the objective's own per-batch numbers, summed, and how many batches reported each.
     """
@@ -83,13 +85,19 @@ class EpochTotals:
     increase_n: float = 0.0
     grad_norm: float = 0.0
     grad_n: float = 0.0
+    input_grad_norm: float = 0.0
+    input_grad_n: float = 0.0
     seconds: float = 0.0
     scalars: dict[str, float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
 
     # Averaged (not summed) over processes when an epoch ends: every process measures them on its own shard.
-    PER_PROCESS = ("grad_norm", "grad_n", "increase", "increase_n", "seconds")
-    _SUMS = ("loss", "correct", "seen", "increase", "increase_n", "grad_norm", "grad_n", "seconds")
+    PER_PROCESS = ("grad_norm", "grad_n", "input_grad_norm", "input_grad_n", "increase", "increase_n", "seconds")
+    _SUMS = (
+        "loss", "correct", "seen", "increase", "increase_n", "grad_norm", "grad_n", "input_grad_norm", "input_grad_n",
+        "seconds",
+    )  # fmt: skip
+    _ADDED = ("input_grad_norm", "input_grad_n")  # absent from states written before they existed
 
     def add_scalars(self, scalars: Mapping[str, float]) -> None:
         for key, value in scalars.items():
@@ -112,7 +120,7 @@ class EpochTotals:
     def from_dict(cls, flat: Mapping[str, float]) -> EpochTotals:
         totals = cls()
         for key in cls._SUMS:
-            setattr(totals, key, float(flat[key]))
+            setattr(totals, key, float(flat.get(key, 0.0) if key in cls._ADDED else flat[key]))
         for key, value in flat.items():
             if key.startswith("scalar:"):
                 name = key.split(":", 1)[1]
