@@ -23,6 +23,7 @@ BENCHMARKS = [
     ["benchmarks.evaluation"],
     ["benchmarks.certification"],
     ["benchmarks.verification"],
+    ["benchmarks.analysis"],
     ["benchmarks.training"],
     ["benchmarks.training_scale"],
 ]
