@@ -66,3 +66,27 @@ def test_mistakes_are_one_line(
     code = main(["analyze", "intrinsic", "--model", model, "--data", data, "--eps", "0.1", "--norm", "l2",
                  "--vae", str(bad), "--out", str(tmp_path / "j")])  # fmt: skip
     assert code == 2 and "conditional VAE" in capsys.readouterr().err
+
+
+def test_torchscript_model(model_and_data: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The landscape's weight slice runs on a TorchScript file; the global Lipschitz bound (torch.fx) is a one-line
+    error naming --no-global, and --no-global runs."""
+    from robustlab.models import load_model
+
+    _, data = model_and_data
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    path = tmp_path / "model.ts"
+    torch.jit.trace(module, torch.rand(1, 1, 4, 4)).save(str(path))
+    assert isinstance(load_model(path), torch.jit.ScriptModule)  # the CLI gets the TorchScript module itself
+    out = tmp_path / "land"
+    assert main(["analyze", "landscape", "--model", str(path), "--data", data, "--eps", "0.1", "--points", "5",
+                 "--examples-2d", "4", "--weight-examples", "6", "--out", str(out)]) == 0  # fmt: skip
+    assert len(json.loads((out / "report.json").read_text())["landscape"]["weights"]["loss"]) == 5
+    base = ["analyze", "lipschitz", "--model", str(path), "--data", data, "--eps", "0.1", "--clever-batches", "2",
+            "--clever-batch-size", "4", "--ascent-steps", "2", "--out", str(tmp_path / "lip")]  # fmt: skip
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "TorchScript" in err and "--no-global" in err and len(err.strip().splitlines()) == 1
+    assert main([*base, "--no-global"]) == 0

@@ -111,3 +111,23 @@ def test_perturbation_consistency_is_one_for_identical_models_and_lower_when_the
     assert line.shape == (2,) and float(line.max()) < 0.999
     with pytest.raises(ConfigError):
         perturbation_consistency([a], x, y, threat)
+
+
+def test_weight_slice_of_a_torchscript_model_matches_the_module_and_restores_its_weights() -> None:
+    torch.manual_seed(3)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    x = torch.rand(8, 1, 2, 3)
+    y = torch.randint(0, 3, (8,))
+    scripted = torch.jit.trace(module, x)
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    threat = ThreatModel("linf", 0.1)
+    expected = weight_slice(module, x, y, threat, points=5, attack_steps=3, seed=2)
+    got = weight_slice(scripted, x, y, threat, points=5, attack_steps=3, seed=2)
+    torch.testing.assert_close(got.loss, expected.loss)
+    assert got.adversarial_loss is not None and expected.adversarial_loss is not None
+    torch.testing.assert_close(got.adversarial_loss, expected.adversarial_loss)
+    assert all(torch.equal(v, before[k]) for k, v in scripted.state_dict().items())
+    # The weights come back also when the evaluation fails half-way (here: inputs of the wrong size).
+    with pytest.raises(RuntimeError):
+        weight_slice(scripted, torch.rand(8, 1, 2, 4), y, None, points=3)
+    assert all(torch.equal(v, before[k]) for k, v in scripted.state_dict().items())

@@ -9,7 +9,9 @@
   with filter-normalized random directions (Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS
   2018): each filter (slice along the first dimension) of a weight tensor gets the norm of the same filter of
   ``theta``; biases and normalization parameters (tensors of one dimension) are left at zero, as Li et al. do. The
-  model is evaluated with :func:`torch.func.functional_call`, so its weights are never changed.
+  model is evaluated with :func:`torch.func.functional_call`, so its weights are never changed; a TorchScript
+  model (which ``functional_call`` cannot run) gets the shifted weights written in place and its own put back
+  afterwards, even when the evaluation fails.
 - :func:`perturbation_consistency` — non-smoothness along training: the cosine between the PGD perturbations of
   the same examples under neighbouring weights (consecutive checkpoints, or points of a weight-space line). A
   smooth adversarial loss gives stable optimal perturbations (cosine near 1); abrupt changes show the
@@ -19,8 +21,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,22 +159,42 @@ def _weight_losses(
 ) -> tuple[float, float]:
     """(clean, adversarial) mean cross-entropy of the model with weights ``params`` (adversarial: NaN without a
     threat model)."""
-    buffers = dict(model.named_buffers())
+    with _at_weights(model, params) as forward:
+        with torch.no_grad():
+            clean = float(F.cross_entropy(forward(x), y))
+        if threat is None:
+            return clean, float("nan")
+        shifted = _Functional(forward).eval()
+        import robustlab
 
-    def forward(z: Tensor) -> Tensor:
-        return functional_call(model, {**params, **buffers}, (z,))
-
-    with torch.no_grad():
-        clean = float(F.cross_entropy(forward(x), y))
-    if threat is None:
-        return clean, float("nan")
-    shifted = _Functional(forward).eval()
-    import robustlab
-
-    result = robustlab.attack(shifted, x, y, threat, method="pgd", steps=attack_steps, early_stop=False, seed=0)
-    with torch.no_grad():
-        adversarial = float(F.cross_entropy(forward(result.x_adv), y))
+        result = robustlab.attack(shifted, x, y, threat, method="pgd", steps=attack_steps, early_stop=False, seed=0)
+        with torch.no_grad():
+            adversarial = float(F.cross_entropy(forward(result.x_adv), y))
     return clean, adversarial
+
+
+@contextlib.contextmanager
+def _at_weights(model: nn.Module, params: dict[str, Tensor]) -> Iterator[Any]:
+    """A function evaluating ``model`` with its parameters replaced by ``params``.
+
+    :func:`torch.func.functional_call` leaves the model untouched, but it refuses TorchScript modules; those get
+    ``params`` copied into their parameters for the duration, and their own weights copied back on exit.
+    """
+    if not isinstance(model, torch.jit.ScriptModule):
+        buffers = dict(model.named_buffers())
+        yield lambda z: functional_call(model, {**params, **buffers}, (z,))
+        return
+    own = dict(model.named_parameters())
+    saved = {name: p.detach().clone() for name, p in own.items()}
+    try:
+        with torch.no_grad():
+            for name, value in params.items():
+                own[name].copy_(value)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                own[name].copy_(value)
 
 
 class _Functional(nn.Module):

@@ -308,6 +308,12 @@ def global_lipschitz_bound(
     """
     from robustlab.certification.bounds.graph import trace_graph
 
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(
+            "the global Lipschitz bound reads the model's layers with torch.fx, which cannot trace a TorchScript "
+            "model; skip it (robustlab analyze lipschitz --no-global, or global_bound=False) or load the model as a "
+            "robustlab checkpoint"
+        )
     with model_mode(model, "eval"):
         graph = trace_graph(model, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         return _walk_graph(graph, x, y, target, threat, iterations)
