@@ -235,13 +235,17 @@ def import_lirpa(path: Path) -> types.ModuleType:
 LIRPA_CONFIGS = {
     "same": "`compare_crown_with_ibp` (CROWN intersected with IBP at every node, as "
     "robustlab does); alpha-CROWN with the intermediate bounds fixed at CROWN's (`interm_bounds` from the CROWN "
-    "pass, as robustlab and alpha-beta-CROWN's incomplete verifier do) and stopping once every margin of the batch "
-    "is positive (`stop_criterion_all(0)`)",
+    "pass, as robustlab and alpha-beta-CROWN's incomplete verifier do), the slopes optimized on CROWN's own margin "
+    "bounds (the IBP comparison at the final node is off during the optimization: with it, margins where IBP is "
+    "tighter get no gradient), the larger of the best optimized bound and CROWN's kept per margin, and stopping "
+    "once every margin of the batch is positive, as robustlab does",
     "default": "CROWN without the IBP intersection; `CROWN-Optimized` called alone, "
     "which re-computes every intermediate bound at each of its steps with the slopes of all layers optimized "
     "jointly (tighter, and far more expensive)",
 }
 METHODS = ("crown", "alpha-crown")
+# Cells whose auto_LiRPA call changed since a run: the tag joins their cache key, so a rerun recomputes only those.
+PROTOCOL = {("alpha-crown", "same"): "alpha-CROWN optimizes CROWN's raw margins (2026-12-04)"}
 LIRPA_METHOD = {"crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
 # auto_LiRPA's max-pooling refuses the "patches" mode when every layer's slopes are optimized ("Please use
 # --conv_mode matrix"): its default alpha-CROWN runs in matrix mode on these models, one example at a time.
@@ -280,6 +284,12 @@ class Cell:
     def path(self) -> Path:
         return OUT / "compare" / f"{self.model}-{self.method}-{self.config}.json"
 
+    def key(self, settings: Settings) -> str:
+        """The cache key of the cell's saved batches: the settings, and the protocol tag if it has one."""
+        key = json.dumps(asdict(settings), sort_keys=True)
+        tag = PROTOCOL.get((self.method, self.config))
+        return key if tag is None else f"{key} {tag}"
+
 
 def cells(name: str, settings: Settings, correct: int) -> list[Cell]:
     out = []
@@ -304,7 +314,7 @@ class LirpaBounds:
         optimize: dict[str, Any] = {"iteration": settings.alpha_steps, "lr_alpha": settings.alpha_lr,
                                     "lr_decay": settings.alpha_lr_decay}  # fmt: skip
         if cell.config == "same":
-            optimize["stop_criterion_func"] = lirpa.utils.stop_criterion_all(0)
+            optimize["stop_criterion_func"] = _batch_verified
         options = {"conv_mode": cell.conv_mode, "compare_crown_with_ibp": cell.config == "same",
                    "optimize_bound_args": optimize}  # fmt: skip
         with _quiet():
@@ -322,19 +332,53 @@ class LirpaBounds:
         with _quiet():
             if method == "crown" or self.config == "same":
                 with torch.no_grad():
-                    lower, _ = module.compute_bounds(x=(bounded,), C=spec, method="CROWN", bound_upper=False)
+                    crown, _ = module.compute_bounds(x=(bounded,), C=spec, method="CROWN", bound_upper=False)
             if method == "crown":
+                return crown.detach()
+            if self.config != "same":
+                lower, _ = module.compute_bounds(x=(bounded,), C=spec, method="CROWN-Optimized", bound_upper=False)
                 return lower.detach()
-            fixed = None
-            if self.config == "same":  # CROWN's intermediate bounds, kept fixed during the optimization
-                final = module.output_name[0]
-                fixed = {node.name: (node.lower.detach(), node.upper.detach()) for node in module.nodes()
-                         if node.perturbed and node.name != final and getattr(node, "lower", None) is not None
-                         and getattr(node, "upper", None) is not None}  # fmt: skip
-            lower, _ = module.compute_bounds(
-                x=(bounded,), C=spec, method="CROWN-Optimized", bound_upper=False, interm_bounds=fixed
-            )
-        return lower.detach()
+            final = module.output_name[0]
+            # CROWN's intermediate bounds, kept fixed during the optimization
+            fixed = {node.name: (node.lower.detach(), node.upper.detach()) for node in module.nodes()
+                     if node.perturbed and node.name != final and getattr(node, "lower", None) is not None
+                     and getattr(node, "upper", None) is not None}  # fmt: skip
+            with _raw_final_margins(module):
+                optimized, _ = module.compute_bounds(
+                    x=(bounded,), C=spec, method="CROWN-Optimized", bound_upper=False, interm_bounds=fixed
+                )
+        # robustlab keeps, per margin, the larger of CROWN's (intersected with IBP) and the best optimized bound.
+        return torch.maximum(optimized.detach(), crown.detach())
+
+
+def _batch_verified(bounds: Tensor) -> Tensor:
+    """auto_LiRPA's stop criterion (one flag per example) that stops when every margin of the batch is positive
+    and, as robustlab, keeps optimizing every example until then (``stop_criterion_all(0)`` drops each verified
+    example from the loss)."""
+    return (bounds > 0).all().expand(bounds.shape[0], 1)
+
+
+@contextlib.contextmanager
+def _raw_final_margins(module: Any) -> Iterator[None]:
+    """auto_LiRPA's ``compare_crown_with_ibp`` without its comparison at the final node, for alpha-CROWN.
+
+    robustlab optimizes the slopes on CROWN's own margin bounds. With the option on, auto_LiRPA returns
+    ``max(CROWN, IBP)`` for the margins at every step, and the margins where IBP is the larger get no gradient: their
+    slopes never move (measured on cnn-4layer, 20 examples: the sum of the margin bounds rises from 534 to 541
+    instead of 586, one example fewer verified). The comparison at intermediate nodes stays (it sets the CROWN
+    pass from which auto_LiRPA initializes the slopes; the fixed intermediate bounds are not recomputed).
+    """
+    final = module.output_name[0]
+    compare = module.compare_with_IBP
+
+    def compare_intermediate(node: Any, lower: Tensor | None, upper: Tensor | None, C: Tensor | None = None) -> Any:
+        return (lower, upper) if node.name == final else compare(node, lower, upper, C=C)
+
+    module.compare_with_IBP = compare_intermediate
+    try:
+        yield
+    finally:
+        del module.compare_with_IBP
 
 
 @contextlib.contextmanager
@@ -417,7 +461,7 @@ def compare_model(name: str, settings: Settings, lirpa: types.ModuleType, fresh:
     for cell in cells(name, settings, len(xc)):
         sides = {"robustlab": robustlab_bounds(graph, threat, settings.options()),
                  "auto_LiRPA": LirpaBounds(lirpa, model, xc[:1], spec.eps, cell, settings).margins}  # fmt: skip
-        run_cell(cell, xc, yc, sides, key, fresh)
+        run_cell(cell, xc, yc, sides, cell.key(settings), fresh)
     cascade_path = OUT / "compare" / f"{name}-cascade.json"
     if fresh or not cascade_path.exists() or json.loads(cascade_path.read_text()).get("key") != key:
         log(f"{name}: robustlab's verify cascade on {len(x)} examples ...")
@@ -559,7 +603,6 @@ def run_memory(runs: list[str], threads: int, timeout: float) -> None:
 
 # --------------------------------------------------------------------------------------------- docs
 def _load_cells(name: str, settings: Settings) -> dict[tuple[str, str], tuple[Cell, dict[str, Any]]]:
-    key = json.dumps(asdict(settings), sort_keys=True)
     out = {}
     for method in METHODS:
         for config in LIRPA_CONFIGS:
@@ -568,7 +611,7 @@ def _load_cells(name: str, settings: Settings) -> dict[tuple[str, str], tuple[Ce
                 continue
             saved = json.loads(path.read_text())
             cell = Cell(**saved["cell"])
-            if saved.get("key") == key and len(saved["batches"]) * cell.batch_size >= cell.examples:
+            if saved.get("key") == cell.key(settings) and len(saved["batches"]) * cell.batch_size >= cell.examples:
                 out[method, config] = cell, summarize(cell, saved["batches"])
     return out
 
