@@ -9,6 +9,7 @@ an oracle keeps only the suite's attacks its access level allows (:func:`restric
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,14 +25,37 @@ from robustlab.evaluation.diagnostics import (
     check_probabilities,
     check_randomized,
 )
-from robustlab.evaluation.suites import Suite, SuiteStep
-from robustlab.evaluation.wrappers import ExpectationOverTransformation, LogOutputs, with_bpda
+from robustlab.evaluation.suites import Suite, SuiteStep, escalation_tier
+from robustlab.evaluation.usefulness import (
+    Usefulness,
+    flip_rate,
+    gradient_usefulness,
+    non_differentiable_modules,
+    votes_for,
+)
+from robustlab.evaluation.wrappers import (
+    ExpectationOverTransformation,
+    LogOutputs,
+    MajorityVote,
+    NoiseSmoothedGradient,
+    with_bpda,
+)
 from robustlab.oracles import Access, LabelOracle, ScoreOracle, check_model_takes
 from robustlab.threat import Norm, ThreatModel
 
-__all__ = ["NOT_ADAPTED", "Adapted", "diagnose_and_adapt", "gradient_free_steps", "restrict_to_access"]
+__all__ = [
+    "NOT_ADAPTED",
+    "Adapted",
+    "diagnose_and_adapt",
+    "escalation_tiers",
+    "gradient_free_steps",
+    "restrict_to_access",
+]
 
 PROBE_EXAMPLES = 64  # the checks look at the first examples only
+VERIFY_FACTOR = 3  # a randomized model's successes are re-checked by a majority of 3x the attacks' draws (+1)
+SMOOTHING_SCALES = (0.25, 1.0)  # noise scales tried, as multiples of a per-coordinate eps
+SMOOTHING_SAMPLES = 8
 NOT_ADAPTED = "not applied: suite {suite!r} runs exactly as defined (choose suite='standard' to let it adapt)"
 
 
@@ -42,6 +66,7 @@ class Adapted:
     model: Any  # nn.Module (possibly wrapped) or the LabelOracle as given
     suite: Suite
     report: list[Diagnostic]
+    verifier: nn.Module | None = None  # what re-checks successes (a majority vote for a randomized model)
 
 
 def restrict_to_access(model: object, suite: Suite) -> Suite:
@@ -83,47 +108,141 @@ def diagnose_and_adapt(
     if isinstance(model, nn.Module) and len(x) > 0:
         check_model_takes(model, probe_x[:2])  # a model/data mismatch named here, not deep inside an attack
     attack_model: Any = model
+    verifier: nn.Module | None = None
     if diagnostics and isinstance(model, nn.Module) and train_mode is not None:
         if train_mode.fired:
             train_mode.action = "evaluated in eval mode; the modes were restored afterwards"
         report.append(train_mode)
-        attack_model = _answer_output_checks(model, probe_x, eot_samples, report)
+        attack_model, verifier = _answer_output_checks(model, probe_x, eot_samples, report)
     if bpda:
         attack_model = with_bpda(attack_model, bpda)
     extra_steps: list[SuiteStep] = []
     if diagnostics:
         gradients = check_gradients(attack_model, probe_x, probe_y, threat)
-        if gradients.fired:
-            extra_steps = gradient_free_steps(threat.norm, extra_queries)
-            gradients.action = (
-                "added " + ", ".join(s.label for s in extra_steps) + " to the suite"
-                + ("" if bpda else "; name a non-differentiable layer with bpda=[...] to attack through it")
-            )  # fmt: skip
         report.append(gradients)
+        attack_model, extra_steps = _answer_gradient_checks(
+            attack_model, probe_x, threat, gradients, report, user_bpda=bool(bpda), extra_queries=extra_queries
+        )
     if not suite.adaptive:  # checks reported, nothing changed (a user's bpda is a request, not an adaptation)
         for verdict in report:
             if verdict.fired and verdict.name != "train_mode":
                 verdict.action = NOT_ADAPTED.format(suite=suite.name) + f"; the adaptation would be: {verdict.action}"
         return Adapted(with_bpda(model, bpda) if bpda and isinstance(model, nn.Module) else model, suite, report)
-    return Adapted(attack_model, suite.plus(*extra_steps) if extra_steps else suite, report)
+    return Adapted(attack_model, suite.plus(*extra_steps) if extra_steps else suite, report, verifier)
 
 
-def _answer_output_checks(model: nn.Module, probe_x: Tensor, eot_samples: int, report: list[Diagnostic]) -> nn.Module:
-    """Probabilities -> attack log-outputs; randomness -> attack the EOT average. Appends both verdicts."""
+def _answer_gradient_checks(
+    model: nn.Module,
+    probe_x: Tensor,
+    threat: ThreatModel,
+    gradients: Diagnostic,
+    report: list[Diagnostic],
+    *,
+    user_bpda: bool,
+    extra_queries: int,
+) -> tuple[nn.Module, list[SuiteStep]]:
+    """Gradients fine on the margin loss: at most a margin-loss tier (a confident model's cross-entropy gradients
+    are zero, its margin gradients are not). Useless: BPDA through the modules probing finds non-differentiable,
+    or noise-smoothed gradients, whichever makes them useful, and every escalation tier."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        labels = model(probe_x).argmax(1)
+    before = gradient_usefulness(model, probe_x, labels, threat)
+    verdict = Diagnostic(
+        "gradient_usefulness",
+        not before.useful,
+        before.describe(),
+        "A gradient that does not predict the loss (an oscillating term in the logits, a non-differentiable "
+        "layer, noise) misleads every gradient attack even when it is not zero; a step along it must beat random "
+        "steps (Carlini et al. 2019, Athalye et al. 2018).",
+    )
+    report.append(verdict)
+    tiers: list[SuiteStep] = []
+    if before.useful:
+        if gradients.fired:
+            tiers = list(escalation_tier("APGD-DLR (margin loss)", "apgd", {"steps": 100, "loss": "dlr"}, "gradients"))
+            gradients.action = (
+                "gradients are fine on the margin loss (" + before.describe() + "): added APGD-DLR (on a sample, "
+                "then the rest if it breaks something); no gradient-free escalation"
+            )  # fmt: skip
+            gradients.seconds = time.perf_counter() - started
+        return model, tiers
+    remedied, remedy = _remedy(model, probe_x, labels, threat, before, user_bpda=user_bpda)
+    tiers = escalation_tiers(threat.norm, extra_queries)
+    verdict.action = remedy + "; escalation: " + ", ".join(s.label for s in tiers if not s.gated)
+    verdict.action += " (each tier on a sample of the examples left, then on the rest only if the sample broke one)"
+    if gradients.fired:
+        gradients.action = "answered by gradient_usefulness (below)"
+    verdict.seconds = time.perf_counter() - started
+    return remedied, tiers
+
+
+def _remedy(
+    model: nn.Module, probe_x: Tensor, labels: Tensor, threat: ThreatModel, before: Usefulness, *, user_bpda: bool
+) -> tuple[nn.Module, str]:
+    """BPDA through the leaf modules probing finds non-differentiable, then noise smoothing at growing scales: the
+    first candidate whose gradients are useful, else the one whose gradients correlate best."""
+    candidates: list[tuple[nn.Module, str]] = []
+    found = [] if user_bpda else non_differentiable_modules(model, probe_x)
+    base = model
+    if found:
+        names = [p.name for p in found]
+        base = with_bpda(model, names)
+        candidates.append((base, "BPDA (identity) through " + ", ".join(repr(n) for n in names) + " found by probing"))
+    for factor in SMOOTHING_SCALES:
+        sigma = factor * _noise_scale(threat, probe_x)
+        smoothed = NoiseSmoothedGradient(base, sigma, SMOOTHING_SAMPLES).eval()
+        label = f"gradients smoothed over Gaussian input noise (sigma {sigma:.3g}, {SMOOTHING_SAMPLES} draws)"
+        prefix = candidates[0][1] + " and " if found else ""
+        candidates.append((smoothed, prefix + label))
+    best, best_text, best_score = model, "no remedy made the gradients useful", before.correlation
+    if found:  # a model whose output is cut from the graph cannot be attacked by gradients without BPDA
+        best, best_text, best_score = candidates[0][0], candidates[0][1] + " (gradients still not useful)", -2.0
+    for candidate, text in candidates:
+        measured = gradient_usefulness(candidate, probe_x, labels, threat)
+        if measured.useful:
+            return candidate, f"{text}: {measured.describe()}"
+        if measured.correlation > best_score:
+            best, best_score = candidate, measured.correlation
+            best_text = f"{text} (still not useful: {measured.describe()})"
+    return best, best_text
+
+
+def _noise_scale(threat: ThreatModel, x: Tensor) -> float:
+    """A per-coordinate noise scale comparable with the threat model's eps."""
+    dim = x[0].numel() if len(x) else 1
+    if threat.norm is Norm.LINF:
+        return threat.eps
+    if threat.norm is Norm.L2:
+        return threat.eps / dim**0.5
+    return threat.eps / dim
+
+
+def _answer_output_checks(
+    model: nn.Module, probe_x: Tensor, eot_samples: int, report: list[Diagnostic]
+) -> tuple[nn.Module, nn.Module | None]:
+    """Probabilities -> attack log-outputs; randomness -> attack the EOT average, with a vote size from the measured
+    flip rate, and re-check successes by a majority over more draws. Appends both verdicts; returns the model to
+    attack and the one to verify with (None: the same)."""
     probabilities = check_probabilities(model, probe_x)
     if probabilities.fired:
         model = LogOutputs(model).eval()
         probabilities.action = "attacks use log(outputs), which are logits up to a constant per example"
     report.append(probabilities)
     randomized = check_randomized(model, probe_x)
+    verifier = None
     if randomized.fired:
-        model = ExpectationOverTransformation(model, eot_samples).eval()
+        rate = flip_rate(model, probe_x)
+        samples = max(eot_samples, votes_for(rate))
+        verifier = MajorityVote(model, VERIFY_FACTOR * samples + 1).eval()
+        model = ExpectationOverTransformation(model, samples).eval()
+        randomized.evidence += f"; one draw's prediction differs from the majority for {100 * rate:.1f}% of draws"
         randomized.action = (
-            f"every query averages the logits of {eot_samples} forward passes (EOT); predictions and the final "
-            "check use the same average"
+            f"every query averages the logits of {samples} forward passes (EOT; the size follows from the flip rate) "
+            f"and counts {samples} queries; every success is re-checked by a majority of {verifier.votes} draws"
         )
     report.append(randomized)
-    return model
+    return model, verifier
 
 
 def _black_box_access(model: LabelOracle, suite: Suite) -> Diagnostic:
@@ -138,8 +257,26 @@ def _black_box_access(model: LabelOracle, suite: Suite) -> Diagnostic:
     )
 
 
+def escalation_tiers(norm: Norm, queries: int) -> list[SuiteStep]:
+    """The escalation for useless gradients, in order of cost: a margin loss, targeted, score-based (Square with
+    ``queries``) and hard-label (RayS with twice as many, Linf; HopSkipJump with ``queries`` in l2) tiers, each
+    on a sample first (:func:`~robustlab.evaluation.suites.escalation_tier`)."""
+    tiers: list[tuple[str, str, dict[str, Any]]] = [
+        ("APGD-DLR (margin loss)", "apgd", {"steps": 100, "loss": "dlr"}),
+        ("APGD-T (9 targets)", "apgd-t", {"steps": 100, "n_target_classes": 9}),
+        (f"Square ({queries:,} queries)", "square", {"queries": queries}),
+    ]
+    if norm is Norm.LINF:
+        tiers.append((f"RayS ({2 * queries:,} queries)", "rays", {"queries": 2 * queries}))
+    elif norm is Norm.L2:
+        tiers.append((f"HopSkipJump ({queries:,} queries)", "hsja", {"queries": queries}))
+    steps = [step for tier in tiers for step in escalation_tier(*tier, added_by="gradient_usefulness")]
+    return [s for s in steps if s.supports(norm)]
+
+
 def gradient_free_steps(norm: Norm, queries: int) -> list[SuiteStep]:
-    """What broken gradients add to the suite: a margin loss, Square and (Linf) RayS with ``queries`` (RayS twice)."""
+    """The escalation before tiers (kept for callers): a margin loss, Square and (Linf) RayS with ``queries``
+    (RayS twice), each on every example left."""
     steps = [
         SuiteStep("APGD-DLR (margin-based loss)", "apgd", {"steps": 100, "loss": "dlr"}),
         SuiteStep(f"Square ({queries:,} queries)", "square", {"queries": queries}),

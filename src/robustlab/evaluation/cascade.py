@@ -66,7 +66,8 @@ from robustlab.evaluation.minimum_norm import minimum_norm_request, run_minimum_
 from robustlab.evaluation.result import EvaluationResult
 from robustlab.evaluation.state import STATE_FORMAT, BatchOutcome, CascadeState, StepReport
 from robustlab.evaluation.suites import FOCUS_MINIMUM, Suite, SuiteStep, get_suite, with_surrogate_steps
-from robustlab.oracles import LabelOracle
+from robustlab.evaluation.wrappers import draws_per_query
+from robustlab.oracles import Access, LabelOracle
 from robustlab.threat import Norm, ThreatModel
 from robustlab.utils import model_device, model_mode, process_group, rows_like
 
@@ -167,11 +168,12 @@ def evaluate(
         cascade = Cascade.start(
             model, adapted.model, examples, threat, adapted.suite, batch_size=batch_size, seed=seed,
             device=run_device, checkpoint=checkpoint, resume=resume, progress=progress, store_path=adversarial_file,
-            surrogates=tuple(surrogates),
+            surrogates=tuple(surrogates), verifier=adapted.verifier,
         )  # fmt: skip
         cascade.run()
         if diagnostics:
             adapted.report.append(_escalate_black_box(cascade, extra_queries))
+            charge_diagnostics(adapted.report, cascade.state.steps)
             first_x, _ = examples.first(LARGE_EPS_EXAMPLES)
             adapted.report.append(check_large_eps(adapted.model, first_x, cascade.clean_pred, threat, run_device, seed))
         broken, final_pred, distance = cascade.verify()
@@ -193,6 +195,14 @@ def evaluate(
     result = cascade.result(adapted.report, broken, final_pred, distance, curve, adbd, elapsed)
     result.minimum_norm = smallest
     return result
+
+
+def charge_diagnostics(report: Sequence[Diagnostic], steps: Sequence[StepReport]) -> None:
+    """Add to each diagnostic the seconds and breaks of the stages it added (``fired, cost X s, broke N more``)."""
+    for verdict in report:
+        added = [s for s in steps if s.added_by == verdict.name]
+        verdict.seconds += sum(s.seconds for s in added)
+        verdict.broke = sum(s.broken for s in added)
 
 
 def _check_options(
@@ -308,6 +318,11 @@ def _select(step: SuiteStep, index: int, unbroken: Tensor, state: CascadeState, 
         ]
         if seen:
             eligible = eligible[~torch.isin(eligible, torch.cat(seen))]
+    if step.gated and index > 0:
+        if state.steps[index - 1].broken == 0:
+            return eligible[:0]  # the tier's sample broke nothing: the escalation stops here
+        if index - 1 in state.remaining_at_start:  # the sample's examples were attacked already
+            eligible = eligible[~torch.isin(eligible, state.remaining_at_start[index - 1])]
     if step.focus >= 1.0 or not margins_known:
         return eligible
     count = min(len(eligible), max(math.ceil(step.focus * len(unbroken)), FOCUS_MINIMUM))
@@ -340,6 +355,8 @@ class Cascade:
     world: int = 1
     rank: int = 0
     surrogates: tuple[nn.Module, ...] = ()  # given to the steps whose attack needs_surrogate
+    verifier: Any = None  # what re-checks successes at the end (None: ``model``)
+    draws: int = 1  # forward passes of the underlying model per query of ``model`` (EOT, smoothing)
 
     @classmethod
     def start(
@@ -358,6 +375,7 @@ class Cascade:
         progress: bool,
         store_path: str | Path | None = None,
         surrogates: tuple[nn.Module, ...] = (),
+        verifier: nn.Module | None = None,
     ) -> Cascade:
         """Predict the clean labels (one pass over the data), then resume the state saved at ``checkpoint`` for this
         evaluation (``model``'s weights, the data, threat, suite and seed) or start a fresh one."""
@@ -372,11 +390,12 @@ class Cascade:
             CascadeState.load(state_path, identity, store, stacklevel=3) if state_path is not None and resume else None
         )
         if state is None:
-            reports = [StepReport(s.label, s.method, dict(s.options)) for s in suite.steps]
+            reports = [StepReport(s.label, s.method, dict(s.options), added_by=s.added_by) for s in suite.steps]
             state = CascadeState.start(identity, len(examples), store, clean.margin, reports)
         return cls(
             attack_model, examples, clean.labels, clean.clean_pred, threat, suite, state, state_path, batch_size,
             seed, device, progress=progress and rank == 0, world=world, rank=rank, surrogates=surrogates,
+            verifier=verifier, draws=draws_per_query(attack_model),
         )  # fmt: skip
 
     @property
@@ -453,7 +472,7 @@ class Cascade:
             margin=margin,
             x_adv=None if isinstance(self.state.store, FileStore) else found,
             seconds=time.perf_counter() - started,
-            queries=result.queries.cpu(),
+            queries=result.queries.cpu() * self.draws,  # every draw of a randomized or smoothed model counts
             gradients=int(result.gradients.sum()) if result.gradients is not None else 0,
         )
 
@@ -480,7 +499,7 @@ class Cascade:
             x_adv = x.clone()
             if bool(broken_here.any()):
                 x_adv[broken_here] = store.read(index[broken_here]).to(x.dtype)
-            predictions.append(_predict(self.model, x_adv, self.device))
+            predictions.append(_predict(self.model if self.verifier is None else self.verifier, x_adv, self.device))
             confirmed = broken_here & (predictions[-1] != self.clean_pred[index])
             final = torch.where(rows_like(confirmed, x), x_adv, x)
             distances.append(self.threat.distance(final, x).cpu())
@@ -495,6 +514,16 @@ class Cascade:
                 stacklevel=3,  # the line that called evaluate()
             )
         return claimed & ~lost, final_pred, distance
+
+    def tried_hard(self, robust: Tensor) -> dict[str, float]:
+        """Per kind of attack (gradient, score, label): the fraction of the ``robust`` examples a stage of that kind
+        attacked (1.0 when none is robust)."""
+        total = int(robust.sum())
+        attacked: dict[str, Tensor] = {kind.value: torch.zeros_like(robust) for kind in Access}
+        for index, rows in self.state.remaining_at_start.items():
+            if index < len(self.state.steps) and len(rows):
+                attacked[get_attack(self.state.steps[index].method).access.value][rows] = True
+        return {kind: float((hit & robust).sum()) / total if total else 1.0 for kind, hit in attacked.items()}
 
     def finish(self) -> None:
         """A finished evaluation leaves nothing to resume: remove the state file (rank 0)."""
@@ -521,6 +550,7 @@ class Cascade:
         if shared_file:
             torch.distributed.barrier()  # every process has mapped the file before process 0 may remove a temporary one
         broken_by = self.state.broken_by
+        robust = self.clean_correct & ~broken
         result = EvaluationResult(
             threat=self.threat,
             suite=self.suite.name,
@@ -541,6 +571,7 @@ class Cascade:
             adversarial=adversarial,
             adversarial_file=store.path if isinstance(store, FileStore) else None,
             store=store,
+            tried_hard=self.tried_hard(robust),
         )
         store.close()  # the result maps the file on its own
         return result
@@ -560,6 +591,7 @@ def _escalate_black_box(cascade: Cascade, extra_queries: int) -> Diagnostic:
         verdict.action = verdict.action or (NOT_ADAPTED.format(suite=suite.name) if verdict.fired else "")
         return verdict
     squares = [s for s in suite.steps if s.method == "square"]  # ran, so the access allows it
+    squares = [s for s in squares if not s.added_by] or squares  # the suite's own Square sets the widening
     square_budget = int(squares[-1].options.get("queries", extra_queries)) if squares else 0
     focus = squares[-1].focus if squares and cascade.margins_known else 1.0
     added_by = "black_box_beats_white_box"

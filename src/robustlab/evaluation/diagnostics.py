@@ -54,6 +54,8 @@ class Diagnostic:
     evidence: str
     explanation: str
     action: str = ""
+    seconds: float = 0.0  # the check's own time plus the stages it added
+    broke: int = 0  # examples the stages it added broke
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -62,7 +64,15 @@ class Diagnostic:
             "evidence": self.evidence,
             "explanation": self.explanation,
             "action": self.action,
+            "seconds": self.seconds,
+            "broke": self.broke,
         }
+
+    def cost_line(self) -> str:
+        """``fired, cost X s, broke N more`` (or ``ok``) for the report."""
+        if not self.fired:
+            return "ok"
+        return f"fired, cost {self.seconds:.1f} s, broke {self.broke} more"
 
 
 def check_probabilities(model: nn.Module, x: Tensor) -> Diagnostic:
@@ -108,7 +118,8 @@ def check_gradients(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel)
     x_var = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         loss = F.cross_entropy(model(x_var), y, reduction="none")
-        (grad,) = torch.autograd.grad(loss.sum(), x_var, allow_unused=True)
+        differentiable = loss.requires_grad  # False for an output cut from the graph (argmax, one-hot)
+        (grad,) = torch.autograd.grad(loss.sum(), x_var, allow_unused=True) if differentiable else (None,)
     if grad is None:
         grad = torch.zeros_like(x)
     norms = grad.reshape(grad.shape[0], -1).norm(dim=1)

@@ -18,6 +18,7 @@ def evaluation_section(report: Report, result: EvaluationResult, title: str = "R
     report.data.setdefault("evaluations", []).append(result.summary())
     section = report.section(title)
     threat = result.threat
+    section.text(result.headline)
     section.text(
         f"Suite '{result.suite}', {threat}, {int(result.labels.shape[0])} examples. Clean accuracy "
         f"{100 * result.clean_accuracy:.2f}%, robust accuracy {100 * result.robust_accuracy:.2f}%, perturbation "
@@ -72,7 +73,7 @@ def evaluation_section(report: Report, result: EvaluationResult, title: str = "R
             line_plot(series, xlabel="queries", ylabel="success on the examples attacked"),
             "Success against queries of the gradient-free attacks (on the examples they attacked)",
         )
-    verdicts = [[d.name, "FIRED" if d.fired else "ok", d.evidence, d.action or "–"] for d in result.diagnostics]
+    verdicts = [[d.name, d.cost_line(), d.evidence, d.action or "–"] for d in result.diagnostics]
     section.table(["check", "verdict", "evidence", "what the evaluation did"], verdicts, caption="Masking diagnostics")
     for diagnostic in result.diagnostics:
         if diagnostic.fired:

@@ -61,6 +61,24 @@ class EvaluationResult:
     adversarial_file: Path | None = None
     store: Any = field(default=None, repr=False)  # keeps a temporary file of adversarial examples alive
     minimum_norm: Any = None
+    tried_hard: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def headline(self) -> str:
+        """How much to trust the number: the masks found and what was done about them, and the fraction of the
+        robust examples each kind of attack (gradient, score-based, hard-label) attacked."""
+        masks = [d for d in self.diagnostics if d.fired]
+        found = (
+            "masks found: " + "; ".join(f"{d.name} ({d.cost_line()}) -> {d.action or 'nothing to do'}" for d in masks)
+            if masks
+            else "no mask found"
+        )
+        robust = int(self.robust.sum())
+        kinds = ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in self.tried_hard.items())
+        return (
+            f"Robust accuracy {100 * self.robust_accuracy:.2f}%; {found}. Of the {robust} robust examples, the share "
+            f"each kind of attack tried: {kinds or 'none ran'}."
+        )
 
     @property
     def x(self) -> Tensor:
@@ -118,4 +136,6 @@ class EvaluationResult:
             "wall_time_s": self.wall_time,
             "adversarial_file": None if self.adversarial_file is None else str(self.adversarial_file),
             "minimum_norm": None if self.minimum_norm is None else self.minimum_norm.summary(self.threat.eps),
+            "tried_hard": dict(self.tried_hard),
+            "headline": self.headline,
         }

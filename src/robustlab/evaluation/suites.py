@@ -59,6 +59,7 @@ __all__ = [
     "Suite",
     "SuiteInfo",
     "SuiteStep",
+    "escalation_tier",
     "get_suite",
     "list_suites",
     "with_surrogate_steps",
@@ -68,6 +69,7 @@ SURROGATE_QUERIES = 10_000  # P-RGF's budget when surrogates join a black-box ev
 
 STANDARD_FOCUS = 0.1  # the standard suite's focused stage: the weakest 10% of the examples left
 FOCUS_MINIMUM = 16  # a focused step attacks at least this many examples (all, if fewer are left)
+ESCALATION_SAMPLE = 0.1  # an escalation tier first attacks the weakest 10% of the examples left (at least 16)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,9 @@ class SuiteStep:
     worst point any earlier attack found — is smallest. ``fresh_examples`` leaves out the examples an earlier step
     of the same method already attacked (to widen a focused attack to the next-weakest examples). A model reached
     through a label or score oracle has no margins the evaluation may look at for free: there the step runs on
-    every example.
+    every example. ``gated`` runs the step only when the step before it broke at least one example, and then on the
+    examples that step did not attack (an escalation tier tries its attack on a sample first:
+    :func:`escalation_tier`).
     """
 
     label: str
@@ -90,6 +94,9 @@ class SuiteStep:
     # The norms the step is for (None: every norm its attack supports); not in the repr, so suites that predate it
     # keep their fingerprints.
     norms: frozenset[Norm] | None = field(default=None, repr=False)
+    # Escalation: run only if the step just before (the same attack on a sample) broke something; not in the repr.
+    gated: bool = field(default=False, repr=False)
+    added_by: str = field(default="", repr=False)  # the diagnostic that added the step, if any
 
     def __post_init__(self) -> None:
         check_fraction("focus", self.focus, allow_one=True)
@@ -318,3 +325,13 @@ def with_surrogate_steps(suite: Suite, model: object, count: int, norm: Norm) ->
     )
     kept = tuple(step for step in steps if step.supports(norm))
     return suite.with_steps(kept + suite.steps)
+
+
+def escalation_tier(
+    label: str, method: str, options: Mapping[str, Any], added_by: str = ""
+) -> tuple[SuiteStep, SuiteStep]:
+    """An escalation tier: ``method`` on a sample of the examples left (the weakest :data:`ESCALATION_SAMPLE`, at
+    least :data:`FOCUS_MINIMUM`), then on the rest only if the sample gave at least one break."""
+    sample = SuiteStep(f"{label} [sample]", method, dict(options), ESCALATION_SAMPLE, added_by=added_by)
+    rest = SuiteStep(f"{label} [rest]", method, dict(options), gated=True, added_by=added_by)
+    return sample, rest
