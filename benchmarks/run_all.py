@@ -21,6 +21,7 @@ BENCHMARKS = [
     ["benchmarks.score_attacks"],
     ["benchmarks.transfer"],
     ["benchmarks.evaluation"],
+    ["benchmarks.masks"],
     ["benchmarks.certification"],
     ["benchmarks.verification"],
     ["benchmarks.analysis"],

@@ -208,6 +208,12 @@ def _remedy(
     return best, best_text
 
 
+def _one_hot(model: nn.Module, x: Tensor) -> bool:
+    with torch.no_grad():
+        outputs = model(x)
+    return bool(((outputs == 0) | (outputs == 1)).all())
+
+
 def _noise_scale(threat: ThreatModel, x: Tensor) -> float:
     """A per-coordinate noise scale comparable with the threat model's eps."""
     dim = x[0].numel() if len(x) else 1
@@ -225,7 +231,12 @@ def _answer_output_checks(
     flip rate, and re-check successes by a majority over more draws. Appends both verdicts; returns the model to
     attack and the one to verify with (None: the same)."""
     probabilities = check_probabilities(model, probe_x)
-    if probabilities.fired:
+    if probabilities.fired and _one_hot(model, probe_x):
+        probabilities.action = (
+            "the outputs are one-hot labels: their log would carry nothing; attacked as they are (the gradient "
+            "usefulness check answers their missing gradients)"
+        )
+    elif probabilities.fired:
         model = LogOutputs(model).eval()
         probabilities.action = "attacks use log(outputs), which are logits up to a constant per example"
     report.append(probabilities)
