@@ -131,3 +131,25 @@ def test_weight_slice_of_a_torchscript_model_matches_the_module_and_restores_its
     with pytest.raises(RuntimeError):
         weight_slice(scripted, torch.rand(8, 1, 2, 4), y, None, points=3)
     assert all(torch.equal(v, before[k]) for k, v in scripted.state_dict().items())
+
+
+def test_collapse_slices_of_a_linear_model_follow_softplus_along_sign_w() -> None:
+    """For a linear score both the FGSM and the (interior) PGD direction are sign(w): the loss along them is
+    softplus(w.x + c + a ||w||_1)."""
+    from robustlab.analysis.landscape import collapse_slices
+
+    torch.manual_seed(4)
+    w = torch.randn(6, dtype=torch.float64)
+    x = 0.5 + 0.1 * torch.rand(3, 6, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    threat = ThreatModel("linf", 0.05)
+    linear = {"before": TwoClassLinear(w, 0.3), "after": TwoClassLinear(-w, 0.1)}
+    models: dict[str, nn.Module] = dict(linear)
+    slices = collapse_slices(models, x, y, threat, points=9)
+    assert set(slices) == {f"{m}, {d} direction" for m in models for d in ("FGSM", "PGD")}
+    for name, model in linear.items():
+        weight, bias = model.w.detach(), float(model.c.detach())
+        a = torch.tensor(slices[f"{name}, FGSM direction"].coords[0], dtype=torch.float64)
+        expected = F.softplus((x @ weight + bias)[:, None] + a[None, :] * weight.abs().sum()).mean(0)
+        for direction in ("FGSM", "PGD"):
+            torch.testing.assert_close(slices[f"{name}, {direction} direction"].loss, expected)

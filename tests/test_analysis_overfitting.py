@@ -48,3 +48,16 @@ def test_flips_across_checkpoints_match_the_distances_to_each_threshold() -> Non
     assert record.summary()["never_robust"] == 1
     with pytest.raises(ConfigError):
         track_flips(models[:1], x, y, threat)
+
+
+def test_flip_record_of_given_outcomes() -> None:
+    from robustlab.analysis.overfitting import flip_record
+
+    robust = torch.tensor([[True, False, True, False], [False, False, True, True], [True, False, True, False]])
+    record = flip_record(robust, hard=3)
+    assert record.flips.tolist() == [2, 0, 0, 2]
+    # Most flips first (ties: fewer robust epochs first: example 3 was robust once, example 0 twice), then never.
+    assert record.hard == [3, 0, 1]
+    assert record.summary()["always_robust"] == 1
+    with pytest.raises(ConfigError, match="boolean"):
+        flip_record(robust.float())

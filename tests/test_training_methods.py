@@ -107,7 +107,9 @@ def test_training_section_plots_curves_and_lists_co_events(digits, tmp_path: Pat
     training_section(report, {"standard": first, "Fast-AT": second})
     _, html_path = report.write(tmp_path)
     page = html_path.read_text()
-    assert page.count("<img") == 5 and "Catastrophic overfitting detected" in page and "Fast-AT, epoch 2" in page
+    assert page.count("<img") == 5 + 1 and "Catastrophic overfitting detected" in page and "Fast-AT, epoch 2" in page
+    # The +1: the robust-overfitting gap plot (issue 27). The appended event has no kept weights: no landscape.
+    assert "Robust overfitting and hard instances" in page and "collapse_landscape" not in report.data
     assert set(report.data["training"]) == {"standard", "Fast-AT"}
     with pytest.raises(ValueError, match="at least one"):
         training_section(report, {})

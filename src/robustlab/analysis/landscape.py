@@ -17,11 +17,18 @@
   smooth adversarial loss gives stable optimal perturbations (cosine near 1); abrupt changes show the
   non-smoothness adversarial training suffers from (Liu et al., "On the Loss Landscape of Adversarial Training",
   NeurIPS 2020).
+- :func:`collapse_slices` — the input-space landscape before and after a catastrophic-overfitting event: 1-D
+  slices along each model's one-step (FGSM) direction and its PGD direction. After the collapse the loss along the
+  one-step direction stays low while PGD's direction finds a high loss within the ball: the loss is no longer
+  close to linear there (Andriushchenko & Flammarion, "Understanding and Improving Fast Adversarial Training",
+  NeurIPS 2020; Kim, Lee & Lee, "Understanding Catastrophic Overfitting in Single-step Adversarial Training",
+  AAAI 2021).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +47,9 @@ from robustlab.utils import model_mode
 __all__ = [
     "Slice",
     "adversarial_direction",
+    "collapse_slices",
     "filter_normalized_direction",
+    "gradient_direction",
     "input_slice",
     "perturbation_consistency",
     "slice_figure",
@@ -94,6 +103,35 @@ def adversarial_direction(
     fallback = threat.steepest_ascent(grad)
     delta = torch.where(moved.reshape(-1, *([1] * (x.dim() - 1))), delta, fallback)
     return _unit(delta, threat.norm)
+
+
+def gradient_direction(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+    """Unit direction (threat norm) of the one-step attack: the steepest ascent of the loss at ``x`` (the sign of
+    the gradient for linf, as FGSM steps)."""
+    with model_mode(model, "eval"):
+        xg = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    return _unit(threat.steepest_ascent(grad), threat.norm)
+
+
+def collapse_slices(
+    models: dict[str, nn.Module], x: Tensor, y: Tensor, threat: ThreatModel, *, points: int = 21, span: float = 2.0,
+    seed: int = 0,
+) -> dict[str, Slice]:  # fmt: skip
+    """1-D input slices of each model (e.g. ``{"before": ..., "after": ...}`` a catastrophic-overfitting event)
+    along its own FGSM direction and its own PGD direction, ``points`` values in ``[-span, span] * eps``.
+
+    Keys are ``"<name>, FGSM direction"`` and ``"<name>, PGD direction"``.
+    """
+    slices: dict[str, Slice] = {}
+    for name, model in models.items():
+        for label, u in (
+            ("FGSM direction", gradient_direction(model, x, y, threat)),
+            ("PGD direction", adversarial_direction(model, x, y, threat, seed=seed)),
+        ):
+            line = input_slice(model, x, y, threat, points=points, span=span, two_d=False, directions=(u, u))
+            slices[f"{name}, {label}"] = dataclasses.replace(line, labels=(label,))
+    return slices
 
 
 def _grid(span: float, points: int) -> list[float]:

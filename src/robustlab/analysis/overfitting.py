@@ -6,7 +6,8 @@
   of robust overfitting).
 - :func:`track_flips` — which examples flip between robust and broken across checkpoints: each checkpoint is
   attacked by the same seeded PGD, and an example's flips count how often its outcome changed. Examples that flip
-  often, or are never robust, are the hard instances.
+  often, or are never robust, are the hard instances. :func:`flip_record` does the counting on given outcomes (the
+  per-epoch robust masks the training loop records for its validation examples).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from robustlab.errors import ConfigError
 from robustlab.threat import ThreatModel
 from robustlab.utils import model_mode
 
-__all__ = ["FlipRecord", "generalization_gap", "track_flips"]
+__all__ = ["FlipRecord", "flip_record", "generalization_gap", "track_flips"]
 
 
 def generalization_gap(history: Mapping[str, Sequence[float]]) -> dict[str, Any]:
@@ -86,9 +87,20 @@ def track_flips(
             with torch.no_grad():
                 correct = model(x).argmax(1) == y
         masks.append(correct & ~result.success)
-    robust = torch.stack(masks).cpu()
+    return flip_record(torch.stack(masks), hard=hard)
+
+
+def flip_record(robust: Tensor, *, hard: int = 20) -> FlipRecord:
+    """The flips of outcomes ``robust[k, i]`` (example ``i`` robust at checkpoint ``k``; boolean, checkpoints in
+    order) and the ``hard`` hardest examples: most flips first (fewer robust checkpoints break ties), then those
+    never robust."""
+    if robust.dim() != 2 or robust.dtype != torch.bool:
+        raise ConfigError(f"robust outcomes must be a boolean (checkpoints, examples) tensor, got {robust.dtype} "
+                          f"of shape {tuple(robust.shape)}")  # fmt: skip
+    robust = robust.cpu()
+    examples = robust.shape[1]
     flips = (robust[1:] != robust[:-1]).sum(0)
-    order = sorted(range(len(y)), key=lambda i: (-int(flips[i]), int(robust[:, i].sum())))
+    order = sorted(range(examples), key=lambda i: (-int(flips[i]), int(robust[:, i].sum())))
     flipping = [i for i in order if flips[i] > 0]
-    never = [i for i in range(len(y)) if not bool(robust[:, i].any()) and flips[i] == 0]
+    never = [i for i in range(examples) if not bool(robust[:, i].any()) and flips[i] == 0]
     return FlipRecord(robust, flips, (flipping + never)[:hard])

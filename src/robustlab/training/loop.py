@@ -37,7 +37,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.checks import check_choice, check_fraction, check_number, check_positive_int
-from robustlab.data import ArrayDataset, ImageData
-from robustlab.errors import ConfigError
+from robustlab.data import ArrayDataset, ImageData, read_batch
+from robustlab.errors import ConfigError, RobustlabError
 from robustlab.registry import normalize_name
 from robustlab.threat import ThreatModel
 from robustlab.training.augment import Augmentation, get_augmentation
@@ -57,13 +57,15 @@ from robustlab.training.schedules import lr_multiplier
 from robustlab.training.state import (
     STATE_FILE,
     BestWeights,
+    CollapseWeights,
     EpochTotals,
+    RobustMasks,
     TrainState,
     capture_rng,
     reading_state,
     restore_rng,
 )
-from robustlab.training.validation import catastrophic_overfitting, validate_model
+from robustlab.training.validation import catastrophic_overfitting, validate_model, validate_model_examples
 from robustlab.utils import model_device, model_mode, process_group
 
 __all__ = [
@@ -189,6 +191,9 @@ class TrainResult:
         events: catastrophic-overfitting detections and policy actions, in order.
         wall_time: seconds spent training and validating in this process (excluding resumed work).
         methods: the training method used in each epoch (changes when the "switch" policy fires).
+        val_robust: which validation examples were robust after each epoch (robust overfitting, hard instances).
+        collapses: the weights around each catastrophic-overfitting event (for the landscape the report draws).
+        threat: the threat model the run trained and validated against.
     """
 
     model: nn.Module
@@ -199,6 +204,9 @@ class TrainResult:
     methods: list[str]
     config: TrainConfig
     stopped_early: bool = False
+    val_robust: RobustMasks | None = None
+    collapses: list[CollapseWeights] = field(default_factory=list)
+    threat: ThreatModel | None = None
 
     def summary(self) -> dict[str, Any]:
         last = {k: v[-1] for k, v in self.history.items() if v}
@@ -358,6 +366,7 @@ class _TrainingRun:
         self.events: list[dict[str, Any]] = []
         self.methods: list[str] = []
         self.best = BestWeights()
+        self.val_robust = RobustMasks()
         self.totals = EpochTotals()
         self.start_epoch, self.start_batch = 0, 0
         self.epoch_data_state = self.data_generator.get_state()
@@ -376,6 +385,10 @@ class _TrainingRun:
         self.state_path: Path | None = None
         self.log = ScalarLog(None)
         self.stopped_early = False
+        # Issue 27: the weights the current epoch started from (adversarial methods: the "before" of a
+        # catastrophic-overfitting event) and the weights kept around each event.
+        self.epoch_start_weights: dict[str, Tensor] | None = None
+        self.collapses: list[CollapseWeights] = []
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _distributed_model(self) -> nn.Module:
@@ -416,6 +429,7 @@ class _TrainingRun:
         if path is not None and path.exists():
             if resume:
                 self.restore(TrainState.load(path, identity=self.identity, map_location=self.device), path)
+                self._reload_collapses(path.parent)
             elif self.lead:
                 path.unlink()
         if self.world > 1:
@@ -440,6 +454,19 @@ class _TrainingRun:
             self.start_epoch, self.start_batch = state.epoch, state.batch
             self.epoch_data_state = state.epoch_data_state
             restore_rng(state.rng[self.rank], self.generators)
+            self.val_robust = state.val_robust
+            self.epoch_start_weights = state.epoch_start_model if state.batch > 0 else None
+
+    def _reload_collapses(self, directory: Path) -> None:
+        """The weights kept around the catastrophic-overfitting events before the interruption (files beside the
+        state); one that is missing or unreadable is left out of the report with a warning."""
+        for event in self.events:
+            path = directory / CollapseWeights.file_name(int(event["epoch"]))
+            try:
+                self.collapses.append(CollapseWeights.load(path, map_location=self.device))
+            except (RobustlabError, FileNotFoundError) as exc:
+                warnings.warn(f"the landscape around the catastrophic overfitting at epoch {event['epoch'] + 1} "
+                              f"is left out of the report: {exc}", stacklevel=4)  # fmt: skip
 
     def snapshot(self, epoch: int, batch: int, rng: list[dict[str, Any]], running: list[EpochTotals]) -> TrainState:
         """The state to resume at ``(epoch, batch)``, with every process's random states and epoch totals."""
@@ -449,7 +476,8 @@ class _TrainingRun:
             scaler=self.scaler.state_dict() if self.scaler is not None else None, method=self.objective.name,
             method_options=dataclasses.asdict(self.objective.config), objective=self.objective.state_dict(),
             history=self.history, events=self.events, methods=self.methods, best=self.best, running=running,
-            epoch_data_state=self.epoch_data_state, rng=rng,
+            epoch_data_state=self.epoch_data_state, rng=rng, val_robust=self.val_robust,
+            epoch_start_model=self.epoch_start_weights if batch > 0 else None,
         )  # fmt: skip
 
     def checkpoint(self, epoch: int, batch: int) -> None:
@@ -490,6 +518,8 @@ class _TrainingRun:
         if first_batch == 0:
             self.epoch_data_state = self.data_generator.get_state()
             self.totals = EpochTotals()
+            # Only adversarial methods can trigger the catastrophic-overfitting detector that needs them.
+            self.epoch_start_weights = _copy_weights(self.model) if self.objective.adversarial else None
         # The epoch's order is regenerated from the state saved at its start, so a resume mid-epoch sees the same
         # batches; the generator ends in the same state either way.
         self.data_generator.set_state(self.epoch_data_state)
@@ -646,10 +676,11 @@ class _TrainingRun:
     def validate(self, epoch: int) -> dict[str, float]:
         """Validation metrics of the current weights; the epoch's totals summed over processes."""
         cfg = self.config
-        metrics = validate_model(
+        metrics, robust = validate_model_examples(
             self.model, self.val_data, self.threat, steps=cfg.val_attack_steps, batch_size=500,
             seed=cfg.seed + 1000 * epoch, world=self.world, rank=self.rank, attack=cfg.val_attack, workers=cfg.workers,
         )  # fmt: skip
+        self.val_robust.append(epoch, robust)
         self.model.train()
         if self.world > 1:  # every rank logs and decides on the same, global numbers
             self.totals = self.totals.reduced(self.world, self.device)
@@ -681,8 +712,7 @@ class _TrainingRun:
     def select(self, epoch: int, robust: float) -> None:
         """Keep a copy of the weights if they are the best so far (or always, with ``select="last"``)."""
         if robust > self.best.metric or self.config.select == "last":
-            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best = BestWeights(epoch=epoch, metric=robust, weights=weights)
+            self.best = BestWeights(epoch=epoch, metric=robust, weights=_copy_weights(self.model))
 
     def handle_overfitting(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Detect catastrophic overfitting and apply the policy (warn, stop, switch); True when the run stops."""
@@ -696,6 +726,7 @@ class _TrainingRun:
             {"epoch": epoch, "method": self.objective.name, "val_pgd_accuracy": pgd, "best_val_pgd_accuracy": peak,
              "val_fgsm_accuracy": fgsm, "action": cfg.co_policy}
         )  # fmt: skip
+        self._keep_collapse(epoch)
         action = {
             "warn": "continuing (co_policy='stop' restores the best weights and stops)",
             "stop": "restoring the best weights and stopping",
@@ -721,8 +752,29 @@ class _TrainingRun:
         return TrainResult(
             model=self.model, history=self.history, best_epoch=int(self.best.epoch), events=self.events,
             wall_time=time.perf_counter() - started, methods=self.methods, config=self.config,
-            stopped_early=self.stopped_early,
+            stopped_early=self.stopped_early, val_robust=self.val_robust, collapses=self.collapses, threat=self.threat,
         )  # fmt: skip
+
+    def _keep_collapse(self, epoch: int, examples: int = 8) -> None:
+        """Keep the weights before and after the epoch that collapsed, with a few validation examples (those it
+        broke first), in memory and, with a checkpoint directory, in a file beside the state."""
+        order = list(range(len(self.val_data)))
+        masks = self.val_robust
+        if masks.epochs and masks.epochs[-1] == epoch:
+            previous = masks.robust[-2] if len(masks.epochs) > 1 and masks.epochs[-2] == epoch - 1 else None
+            broken = ~masks.robust[-1] if previous is None else previous & ~masks.robust[-1]
+            first = broken.nonzero().flatten().tolist()
+            order = first + [i for i in order if not bool(broken[i])]
+        x, y = read_batch(self.val_data, order[:examples])
+        collapse = CollapseWeights(epoch, self.epoch_start_weights, _copy_weights(self.model), x.cpu(), y.cpu())
+        self.collapses.append(collapse)
+        if self.state_path is not None and self.lead:
+            collapse.save(self.state_path.parent)
+
+
+def _copy_weights(model: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of the model's state dict (parameters and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _objective_for(method: Objective | str, threat: ThreatModel, options: dict[str, Any]) -> Objective:

@@ -4,7 +4,9 @@ A checkpoint is everything :func:`robustlab.training.train` needs to continue *e
 model, optimizer, schedule and gradient-scaler states, the objective (its name, options and per-example state),
 the per-epoch history and events, the selected weights so far, the running sums of the current epoch, the
 position (epoch, batch), the data generator's state at the start of the epoch and every random generator of
-every process. On disk it is a plain dictionary of tensors, numbers, strings and containers (the keys of
+every process, the per-epoch robust masks of the validation examples (:class:`RobustMasks`) and, mid-epoch, the
+weights the epoch started from (the "before" of a catastrophic-overfitting event, :class:`CollapseWeights`). On
+disk it is a plain dictionary of tensors, numbers, strings and containers (the keys of
 :meth:`TrainState.payload`, format ``robustlab-train-state-v1``), read back with ``torch.load(weights_only=True)``
 through :mod:`robustlab.state_io`.
 """
@@ -30,7 +32,9 @@ __all__ = [
     "STATE_FILE",
     "STATE_FORMAT",
     "BestWeights",
+    "CollapseWeights",
     "EpochTotals",
+    "RobustMasks",
     "TrainState",
     "capture_rng",
     "reading_state",
@@ -38,6 +42,7 @@ __all__ = [
 ]
 
 STATE_FILE = "train_state.pt"
+COLLAPSE_FORMAT = "robustlab-co-weights-v1"
 STATE_FORMAT = "robustlab-train-state-v1"
 RESUME_FIX = "Delete it, or start over with resume=False (CLI: --no-resume)"
 
@@ -140,6 +145,82 @@ class EpochTotals:
         return EpochTotals.from_dict(summed)
 
 
+@dataclass
+class RobustMasks:
+    """Which validation examples were robust after each validated epoch (issue 27: robust overfitting, hard instances).
+
+    Attributes:
+        epochs: the epochs (0-based) the rows are from, in order. A run resumed from a state written before masks
+            were recorded starts with none, so its first epochs have no row.
+        robust: ``robust[k, i]``: validation example ``i`` (its position in the validation split) was classified
+            correctly and withstood the validation attack after epoch ``epochs[k]``; boolean, on the CPU.
+    """
+
+    epochs: list[int] = field(default_factory=list)
+    robust: Tensor = field(default_factory=lambda: torch.zeros((0, 0), dtype=torch.bool))
+
+    def append(self, epoch: int, mask: Tensor) -> None:
+        """Add the mask of ``epoch``; masks of another length (the validation size changed on resume) restart it."""
+        row = mask.detach().to("cpu", torch.bool).reshape(1, -1)
+        if self.epochs and self.robust.shape[1] != row.shape[1]:
+            self.epochs, self.robust = [], torch.zeros((0, row.shape[1]), dtype=torch.bool)
+        self.robust = row if not self.epochs else torch.cat([self.robust, row])
+        self.epochs = [*self.epochs, int(epoch)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epochs": list(self.epochs), "robust": self.robust}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any] | None) -> RobustMasks:
+        """The masks :meth:`as_dict` wrote; none for ``None`` (a state written before they existed)."""
+        if saved is None:
+            return cls()
+        robust = saved["robust"]
+        epochs = [int(e) for e in saved["epochs"]]
+        if not isinstance(robust, Tensor) or robust.dim() != 2 or robust.shape[0] != len(epochs):
+            raise ValueError("the validation robust masks do not match their epochs")
+        return cls(epochs, robust.to("cpu", torch.bool))
+
+
+@dataclass
+class CollapseWeights:
+    """The weights around a catastrophic-overfitting event, for the landscape the training report draws.
+
+    Attributes:
+        epoch: the epoch (0-based) after which the detector fired.
+        before: the model's state dict at the start of that epoch (the previous epoch's end, or the initial weights),
+            None when unknown (a run resumed mid-epoch from a state written before it was kept).
+        after: the state dict when the detector fired (before any policy restored other weights).
+        x, y: a few validation examples to slice the loss around (those the epoch broke first).
+    """
+
+    epoch: int
+    before: dict[str, Tensor] | None
+    after: dict[str, Tensor]
+    x: Tensor
+    y: Tensor
+
+    @staticmethod
+    def file_name(epoch: int) -> str:
+        return f"co_weights_epoch{epoch + 1}.pt"
+
+    def save(self, directory: Path) -> Path:
+        """Written atomically as plain tensors into ``directory`` (read back by :meth:`load`, weights only)."""
+        payload = {"format": COLLAPSE_FORMAT, "epoch": self.epoch, "before": self.before, "after": self.after,
+                   "x": self.x.cpu(), "y": self.y.cpu()}  # fmt: skip
+        return save_atomic(payload, directory / self.file_name(self.epoch))
+
+    @classmethod
+    def load(cls, path: Path, map_location: str | torch.device = "cpu") -> CollapseWeights:
+        """The weights :meth:`save` wrote (StateFileError/ConfigError when the file is something else)."""
+        saved = load_state_file(path, what="catastrophic-overfitting weights", fix="Delete it",
+                                map_location=map_location)  # fmt: skip
+        if saved.get("format") != COLLAPSE_FORMAT:
+            raise ConfigError(f"{path} does not hold robustlab's catastrophic-overfitting weights")
+        with reading_state(path):
+            return cls(int(saved["epoch"]), saved["before"], dict(saved["after"]), saved["x"], saved["y"])
+
+
 def capture_rng(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
     """The global CPU (and CUDA) random states and those of the run's own ``generators``."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -188,6 +269,8 @@ class TrainState:
         running: the current epoch's totals by rank (a mid-epoch checkpoint continues each process's own).
         epoch_data_state: the data generator's state at the start of ``epoch`` (regenerates its batch order).
         rng: every process's random states (:func:`capture_rng`), by rank.
+        val_robust: the validation examples' per-epoch robust masks (:class:`RobustMasks`).
+        epoch_start_model: mid-epoch (``batch > 0``) in adversarial training, the state dict ``epoch`` started from.
     """
 
     identity: dict[str, Any]
@@ -208,6 +291,8 @@ class TrainState:
     epoch_data_state: Tensor
     rng: list[dict[str, Any]]
     format: str = STATE_FORMAT
+    val_robust: RobustMasks = field(default_factory=RobustMasks)
+    epoch_start_model: dict[str, Tensor] | None = None
 
     def payload(self) -> dict[str, Any]:
         """The plain dictionary written to disk."""
@@ -231,6 +316,8 @@ class TrainState:
             **({"running_by_rank": [t.as_dict() for t in self.running]} if len(self.running) > 1 else {}),
             "epoch_data_state": self.epoch_data_state,
             "rng": self.rng,
+            "val_robust": self.val_robust.as_dict(),
+            **({"epoch_start_model": self.epoch_start_model} if self.epoch_start_model is not None else {}),
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -259,6 +346,8 @@ class TrainState:
             epoch_data_state=saved["epoch_data_state"],
             rng=saved["rng"],
             format=saved["format"],
+            val_robust=RobustMasks.from_dict(saved.get("val_robust")),  # absent from older states: none yet
+            epoch_start_model=saved.get("epoch_start_model"),
         )
 
     @classmethod

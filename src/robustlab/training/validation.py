@@ -16,7 +16,7 @@ from robustlab.threat import ThreatModel
 from robustlab.training.data import validation_batches
 from robustlab.utils import model_device, model_mode, rows_like
 
-__all__ = ["catastrophic_overfitting", "validate_model"]
+__all__ = ["catastrophic_overfitting", "validate_model", "validate_model_examples"]
 
 
 def _validation_attack(
@@ -60,19 +60,43 @@ def validate_model(
     attack: str = "pgd",
     workers: int = 0,
 ) -> dict[str, float]:
-    """Clean, FGSM and robust accuracy and stability on ``data``.
+    """Clean, FGSM and robust accuracy and stability on ``data`` (:func:`validate_model_examples` without the
+    per-example outcomes)."""
+    return validate_model_examples(
+        model, data, threat, steps=steps, batch_size=batch_size, seed=seed, world=world, rank=rank, attack=attack,
+        workers=workers,
+    )[0]  # fmt: skip
+
+
+def validate_model_examples(
+    model: nn.Module,
+    data: ImageData | ArrayDataset,
+    threat: ThreatModel,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    world: int = 1,
+    rank: int = 0,
+    attack: str = "pgd",
+    workers: int = 0,
+) -> tuple[dict[str, float], Tensor]:
+    """Clean, FGSM and robust accuracy and stability on ``data``, and which examples are robust (a boolean CPU tensor
+    of ``len(data)``: classified correctly and not broken by the validation attack).
 
     The robust accuracy is under the quick evaluation suite (``attack="quick"``, its attacks in cascade, worst case
     per example) or PGD (``attack="pgd"``: ``steps`` steps of eps/4, early stop).
 
     With several processes each takes every ``world``-th batch and the counts are summed, so every rank gets the
-    single-process numbers. ``data`` is read batch by batch (by ``workers`` processes, or this one).
+    single-process numbers (and the whole mask). ``data`` is read batch by batch (by ``workers`` processes, or this
+    one).
     """
     import robustlab  # the attacks, imported late to keep training importable on its own
 
     device = model_device(model) or torch.device("cpu")
     correct = fgsm_correct = pgd_correct = robust = stable = 0
     total = len(data)
+    robust_mask = torch.zeros(total, dtype=torch.bool)
     with model_mode(model, "eval"):
         for start, (images, labels) in validation_batches(data, batch_size, rank=rank, world=world, workers=workers):
             x, y = images.to(device), labels.to(device)
@@ -83,7 +107,9 @@ def validate_model(
             with torch.no_grad():
                 adv_pred = model(x_adv).argmax(1)
             correct += int((clean_pred == y).sum())
-            robust += int(((clean_pred == y) & ~broken).sum())
+            held = (clean_pred == y) & ~broken
+            robust += int(held.sum())
+            robust_mask[start : start + len(y)] = held.cpu()
             pgd_correct += int(((clean_pred == y) & ~pgd_broken).sum())
             fgsm_correct += int(((clean_pred == y) & ~fgsm.success).sum())
             stable += int((adv_pred == clean_pred).sum())
@@ -91,13 +117,17 @@ def validate_model(
         counts = torch.tensor([correct, robust, pgd_correct, fgsm_correct, stable], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts)
         correct, robust, pgd_correct, fgsm_correct, stable = (int(v) for v in counts.tolist())
-    return {
+        shared = robust_mask.to(device=device, dtype=torch.uint8)  # each rank filled its own batches
+        torch.distributed.all_reduce(shared)
+        robust_mask = shared.cpu() > 0
+    metrics = {
         "val_clean_accuracy": correct / total,
         "val_robust_accuracy": robust / total,
         "val_pgd_accuracy": pgd_correct / total,
         "val_fgsm_accuracy": fgsm_correct / total,
         "val_stability": stable / total,
     }
+    return metrics, robust_mask
 
 
 def catastrophic_overfitting(robust: float, peak: float, fgsm: float, drop: float) -> bool:
