@@ -146,6 +146,9 @@ def test_co_detection_fires_on_fgsm_training_and_not_on_pgd_at() -> None:
     """FGSM training without random start at eps 0.3 on MNIST overfits to FGSM within the first epoch: validation
     FGSM accuracy 28-47% while PGD accuracy stays at 3-10% (seeds 0-2, checked). PGD-AT on the same data keeps FGSM
     within 15 points of PGD accuracy (18-40%) and raises no event."""
+    from robustlab.report import Report
+    from robustlab.training.report import collapse_landscape_section
+
     data = robustlab.load_dataset("mnist", split="train").head(1000)
     threat = robustlab.ThreatModel("linf", 0.3)
     base = dict(epochs=2, batch_size=16, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="constant",
@@ -156,8 +159,24 @@ def test_co_detection_fires_on_fgsm_training_and_not_on_pgd_at() -> None:
             fgsm = train(co_prone_model(seed), data, "fast-at", threat, config, progress=False, random_start=False,
                          rel_step_size=1.0)  # fmt: skip
         assert fgsm.events and fgsm.events[-1]["val_pgd_accuracy"] < 0.1
+        # Issue 27: the weights around the event are kept and the report draws the landscape: after the collapse,
+        # PGD's direction reaches a higher loss within eps than the one-step direction FGSM training trusted.
+        assert [c.epoch for c in fgsm.collapses] == [e["epoch"] for e in fgsm.events]
+        report = Report("co")
+        assert collapse_landscape_section(report, fgsm) is not None
+        shown = next(iter(report.data["collapse_landscape"].values()))
+        within = {
+            name: max(
+                loss
+                for a, loss in zip(shown[name]["coords"][0], shown[name]["loss"], strict=True)
+                if abs(a) <= 0.3 + 1e-6
+            )
+            for name in ("after, FGSM direction", "after, PGD direction")
+        }
+        assert within["after, PGD direction"] > within["after, FGSM direction"]
     for seed in (0, 1):
         config = TrainConfig(**base, seed=seed)  # type: ignore[arg-type]
         pgd = train(co_prone_model(seed), data, "pgd-at", threat, config, progress=False, steps=3)
-        assert pgd.events == []
+        assert pgd.events == [] and pgd.collapses == []
+        assert collapse_landscape_section(Report("pgd"), pgd) is None
         assert pgd.history["val_pgd_accuracy"][-1] > 0.15  # PGD-AT is becoming robust in the same setting

@@ -241,10 +241,10 @@ def collapse_landscape_section(
     section.text(
         "Cross-entropy along each model's one-step (FGSM) direction and its PGD direction, in units of eps, averaged "
         "over the validation examples the collapsing epoch broke first, with the weights from the start of that "
-        "epoch (before) and when the detector fired (after). Before the collapse the two directions give similar "
-        "losses; after it the loss along the one-step direction stays low while PGD finds a high loss inside the "
-        "ball: the loss is far from linear there, which single-step training relies on (Andriushchenko & Flammarion "
-        "2020; Kim, Lee & Lee 2021)."
+        "epoch (before) and when the detector fired (after). Points are not clipped to the input box. A collapse "
+        "shows as the loss along the one-step direction bending (far from the straight line single-step training "
+        "relies on) and PGD's direction reaching a higher loss within eps than the one-step direction "
+        "(Andriushchenko & Flammarion 2020; Kim, Lee & Lee 2021)."
     )
     rows: list[list[object]] = []
     data: dict[str, Any] = {}
