@@ -179,3 +179,27 @@ def test_an_old_state_without_masks_resumes_with_an_empty_history(tmp_path: Path
     result = train(_linear(), data, "pgd-at", threat, LOOP, checkpoint_dir=tmp_path, progress=False)
     assert result.val_robust is not None and result.val_robust.epochs == [1, 2]
     assert len(result.history["val_robust_accuracy"]) == 3
+
+
+class _Payload:
+    """Any object that only unpickling can rebuild."""
+
+
+def test_collapse_files_are_read_weights_only(tmp_path: Path) -> None:
+    from robustlab.errors import ConfigError, StateFileError
+    from robustlab.training.state import CollapseWeights
+
+    weights = {"w": torch.ones(2)}
+    kept = CollapseWeights(3, None, weights, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
+    path = kept.save(tmp_path)
+    assert path.name == "co_weights_epoch4.pt"
+    back = CollapseWeights.load(path)
+    assert back.epoch == 3 and back.before is None and torch.equal(back.after["w"], weights["w"])
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": "robustlab-co-weights-v1", "after": _Payload()}, hostile)
+    with pytest.raises(StateFileError):
+        CollapseWeights.load(hostile)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"after": weights}, foreign)
+    with pytest.raises(ConfigError, match="catastrophic-overfitting weights"):
+        CollapseWeights.load(foreign)
