@@ -71,7 +71,7 @@ def _cached_checkpoint(path: Path, recipe: dict[str, Any], *, retrain: bool, wha
 
 
 def demo_model(*, retrain: bool, progress: bool, log: Log, quick: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """The demo CNN: from the cache, or trained on the 60,000 MNIST training images (3 epochs) and cached.
+    """The demo CNN: from the cache, or trained on the 60,000 MNIST training images (2 epochs) and cached.
 
     With ``quick`` (a smoke run) it is trained on the first 5,000 images for one epoch and cached separately. A
     cached model trained with another recipe (an older robustlab) is trained again.
@@ -80,7 +80,7 @@ def demo_model(*, retrain: bool, progress: bool, log: Log, quick: bool = False) 
     from robustlab.models import SmallCNN, save_checkpoint
 
     path = default_cache_dir() / ("demo-smallcnn-mnist-quick.pt" if quick else "demo-smallcnn-mnist.pt")
-    recipe = {"images": 5000 if quick else 60000, "epochs": 1 if quick else 3, "batch_size": 128, "seed": 0}
+    recipe = {"images": 5000 if quick else 60000, "epochs": 1 if quick else 2, "batch_size": 128, "seed": 0}
     info: dict[str, Any] = {"architecture": "smallcnn", "checkpoint": str(path)}
     saved = _cached_checkpoint(path, recipe, retrain=retrain, what="demo CNN", log=log)
     if saved is not None:

@@ -43,7 +43,7 @@ def run_demo(
     test = load_dataset("mnist", split="test", limit=examples)
     x, y = test.x, test.y
 
-    eps_values = [0.1, 0.3] if quick else [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    eps_values = [0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3]
     sweep = whitebox_sweep(model, x, y, eps_values, progress=progress, log=_log)
     report = Report(TITLE)
     whitebox_section(report, model, x, y, sweep, model_info)
