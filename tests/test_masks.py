@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 import robustlab
+from robustlab.attacks.registry import get_attack
+from robustlab.errors import ModelError
 from robustlab.evaluation import Suite, evaluate
 from robustlab.evaluation.usefulness import (
     flip_rate,
@@ -22,6 +25,7 @@ from robustlab.evaluation.wrappers import (
     NoiseSmoothedGradient,
     draws_per_query,
 )
+from robustlab.oracles import Access
 from tests.test_evaluation import Misleading, data, linear_net
 
 THREAT = robustlab.ThreatModel("linf", 0.1)
@@ -214,3 +218,29 @@ def test_one_hot_output_behind_noise_is_evaluated_near_the_truth() -> None:
     truth = truth_of(linear_net(), x, y)
     assert abs(result.robust_accuracy - truth) <= 0.1, (result.robust_accuracy, truth)
     assert result.tried_hard["labels"] >= 0.5  # the hard-label tier's sample reached most robust examples
+
+
+class InlineArgmax(nn.Module):
+    """A one-hot output computed inline in forward: no module for BPDA to route around, no gradient anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = linear_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        return nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
+
+
+def test_a_model_no_gradient_reaches_is_attacked_by_queries_only() -> None:
+    x, y = data(30)
+    with pytest.raises(ModelError, match="no gradient with respect to its input"):
+        robustlab.attack(InlineArgmax().eval(), x, y, THREAT, "pgd")  # one line naming the cause, not autograd's
+    standard = Suite.custom([("apgd", {"steps": 20}), ("square", {"queries": 300})])
+    result = evaluate(InlineArgmax().eval(), (x, y), THREAT, standard, progress=False, extra_queries=300)
+    assert "no_gradient" in fired(result)
+    assert all(get_attack(s.method).access is not Access.GRADIENT for s in result.steps)
+    truth = truth_of(linear_net(), x, y)
+    assert truth <= result.robust_accuracy <= truth + 0.1, (result.robust_accuracy, truth)
+    with pytest.raises(ModelError, match="no gradient with respect to its input"):  # no checks: nothing adapts
+        evaluate(InlineArgmax().eval(), (x, y), THREAT, CHEAP, progress=False, diagnostics=False)

@@ -463,6 +463,13 @@ class GradientOracle(ScoreOracle):
             x_var = inputs.detach().requires_grad_(True)
             logits = self.module(x_var)
             values = loss(logits, goal)
+            if not values.requires_grad:  # else autograd's own error, which does not say what the model did
+                raise ModelError(
+                    "the model's output carries no gradient with respect to its input (its forward leaves autograd: "
+                    "an argmax, a .detach(), numpy, or parameters and inputs with gradients switched off): gradient "
+                    "attacks cannot run on it; attack it through scores or labels (robustlab.ScoreOracle / "
+                    "LabelOracle) with a score-based or hard-label attack"
+                )
             (grad,) = torch.autograd.grad(values.sum(), x_var)
             return values.detach(), logits.detach(), grad.contiguous()
 

@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.attacks.registry import get_attack
-from robustlab.errors import ConfigError
+from robustlab.errors import ConfigError, ModelError
 from robustlab.evaluation.diagnostics import (
     Diagnostic,
     check_gradients,
     check_probabilities,
     check_randomized,
+    has_input_gradient,
 )
 from robustlab.evaluation.suites import Suite, SuiteStep, escalation_tier
 from robustlab.evaluation.usefulness import (
@@ -128,7 +129,34 @@ def diagnose_and_adapt(
             if verdict.fired and verdict.name != "train_mode":
                 verdict.action = NOT_ADAPTED.format(suite=suite.name) + f"; the adaptation would be: {verdict.action}"
         return Adapted(with_bpda(model, bpda) if bpda and isinstance(model, nn.Module) else model, suite, report)
-    return Adapted(attack_model, suite.plus(*extra_steps) if extra_steps else suite, report, verifier)
+    adapted_suite = suite.plus(*extra_steps) if extra_steps else suite
+    if diagnostics and isinstance(attack_model, nn.Module) and not has_input_gradient(attack_model, probe_x):
+        adapted_suite = _without_gradient_attacks(adapted_suite, report)
+    return Adapted(attack_model, adapted_suite, report, verifier)
+
+
+def _without_gradient_attacks(suite: Suite, report: list[Diagnostic]) -> Suite:
+    """The suite's score-based and hard-label steps only, for a model no gradient reaches (and a verdict saying so);
+    every gradient attack would fail on it."""
+    kept = tuple(s for s in suite.steps if get_attack(s.method).access is not Access.GRADIENT)
+    if not kept:
+        raise ModelError(
+            "the model's output carries no gradient with respect to its input even after BPDA and smoothing, and "
+            f"suite {suite.name!r} has only gradient attacks: use a suite with score-based or hard-label attacks "
+            "(e.g. 'standard', or Suite.custom(['square', 'rays']))"
+        )
+    report.append(
+        Diagnostic(
+            "no_gradient",
+            True,
+            "the output is not connected to the input in autograd's graph (after the remedies above)",
+            "A forward that leaves autograd (an argmax, a .detach(), numpy) gives gradient attacks nothing to follow; "
+            "only queries can attack it.",
+            action="gradient attacks dropped; the score-based and hard-label steps attack it: "
+            + ", ".join(s.label for s in kept),
+        )
+    )
+    return suite.with_steps(kept)
 
 
 def _answer_gradient_checks(

@@ -41,6 +41,7 @@ __all__ = [
     "check_probabilities",
     "check_randomized",
     "check_train_mode",
+    "has_input_gradient",
     "large_eps_radius",
 ]
 
@@ -191,6 +192,15 @@ def check_black_box_beats_white_box(steps: Sequence[StepReport], suite: Suite) -
     )
 
 
+def has_input_gradient(model: nn.Module, x: Tensor) -> bool:
+    """Whether ``model``'s output is connected to its input in autograd's graph (False when its forward leaves the
+    graph, e.g. an inline argmax that no BPDA or smoothing could route around)."""
+    x_var = x[:2].detach().clone().requires_grad_(True)
+    cuda = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad():  # a random model's draws stay where they were
+        return bool(model(x_var).requires_grad)
+
+
 def check_large_eps(
     model: nn.Module, x: Tensor, clean_pred: Tensor, threat: ThreatModel, device: torch.device, seed: int
 ) -> Diagnostic:
@@ -198,17 +208,20 @@ def check_large_eps(
     radius = large_eps_radius(threat)
     big = ThreatModel(threat.norm, radius, threat.lower, threat.upper)
     count = min(len(x), 100)
-    # l0 has no APGD: FMN, the attack that searches it, with the same number of steps.
-    method, options = ("apgd", {"loss": "dlr"}) if threat.norm is not Norm.L0 else ("fmn", dict[str, Any]())
-    result = run_attack(
-        model, x[:count].to(device), clean_pred[:count].to(device), big, method, steps=50, seed=seed, **options
-    )
+    # l0 has no APGD: FMN, the attack that searches it, with the same number of steps. A model no gradient reaches:
+    # Square, which needs only scores (1,000 queries: at this eps a handful usually suffice).
+    method, options, label = "apgd", dict[str, Any](loss="dlr", steps=50), "APGD-DLR"
+    if threat.norm is Norm.L0:
+        method, options, label = "fmn", dict[str, Any](steps=50), "FMN"
+    elif not has_input_gradient(model, x[:2].to(device)):
+        method, options, label = "square", dict[str, Any](queries=1000), "Square (no gradient reaches the input)"
+    result = run_attack(model, x[:count].to(device), clean_pred[:count].to(device), big, method, seed=seed, **options)
     survived = float((~result.success).float().mean())
     fired = survived > 0.05
     return Diagnostic(
         "large_eps",
         fired,
-        f"at eps={radius:g} (half the input box), {100 * survived:.0f}% of {count} predictions survived APGD-DLR",
+        f"at eps={radius:g} (half the input box), {100 * survived:.0f}% of {count} predictions survived {label}",
         "With eps this large any input can be turned into one of another class, so an attack must succeed on "
         "(almost) every example. If it does not, the attack is being misled, and every robust accuracy it "
         "reports is suspect.",
