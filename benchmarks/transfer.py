@@ -67,10 +67,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="20 images, 1,000 queries, 1 epoch; no docs")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     if args.quick:
         args.images, args.queries, args.epochs, args.no_docs = 20, 1000, 1, True
-    setup_torch()
+    setup_torch(args.threads)
     train_data = load_dataset("mnist", split="train")
     target = trained("lenet5", 0, args.epochs, train_data)
     surrogates = [trained(arch, 1, args.epochs, train_data) for arch in SURROGATE_ARCHS]
@@ -108,7 +109,7 @@ def main() -> None:
         "MNIST, target LeNet5 (standard training, first half of the training set), surrogates "
         f"{', '.join(SURROGATE_ARCHS)} (other half), {args.epochs} epochs each; {len(x)} correctly classified test "
         f"images, untargeted {threat}. "
-        "Shared machine (one core).",
+        f"Torch threads: {args.threads}; the machine was shared with other jobs (times are wall times).",
         "", "Transfer (one query of the target per example):", "",
         markdown_table(["surrogate", "success", "queries per example"], transfer_rows),
         "", f"Score-based, {args.queries:,} queries per example (mean/median over successful examples):", "",
