@@ -263,7 +263,7 @@ def main() -> int:
         "use the standard suite**: on 2 CPU cores it would take days for 2,000 images with a ResNet-50, so they "
         "run `--attacks fgsm --no-diagnostics --batch-size 16` (random weights); the data-dependent memory is the "
         "same for any suite (per-example numbers, one batch of images at a time, adversarial examples written to "
-        "OUT/adversarial.npy). Each run pinned to one core (`taskset -c 0`, one torch thread: OMP_NUM_THREADS=1)"
+        "OUT/adversarial.npy). Each run pinned to one core (`taskset`, one torch thread: OMP_NUM_THREADS=1)"
         " while other jobs used the other core; the times are wall times under that "
         "sharing.\n\n" + table
     )
