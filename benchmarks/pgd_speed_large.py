@@ -163,8 +163,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--peers", nargs="*", default=["torchattacks"], choices=["torchattacks", "advertorch"])
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
-    setup_torch()
+    setup_torch(args.threads)
     peers = import_peers()
     blocks = [measure(SETTINGS[name], args.rounds, peers, args.peers) for name in args.settings]
     if not args.no_docs:
@@ -179,7 +180,8 @@ def main() -> None:
             "not requiring gradients, channels-last weights, robustlab.layout). robustlab's time "
             "includes its input checks, a one-example class probe and the final forward pass that re-checks every "
             f"success; torchattacks {version} returns inputs only. Medians of per-round ratios to the floor, rounds "
-            "interleaved in a rotating order; the machine is shared with other jobs.\n\n" + "\n\n".join(blocks)
+            f"interleaved in a rotating order; torch threads: {args.threads}; the machine is shared with other "
+            "jobs.\n\n" + "\n\n".join(blocks)
         )
         write_docs_section("pgd-speed-large", "PGD-10 speed at realistic model sizes", body)
 
