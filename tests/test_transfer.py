@@ -3,8 +3,6 @@ example (rays-transfer, hsja-transfer, square-transfer)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -15,26 +13,8 @@ from robustlab.attacks._surrogate import Ensemble, SurrogateOptions, _SmoothGrad
 from robustlab.goals import Goal
 from robustlab.losses import attack_loss
 from robustlab.oracles import module_function
+from tests.test_prgf import Counting, _one_thread  # noqa: F401  (_one_thread: the autouse fixture, applied here too)
 from tests.toys import binary_linear, tiny_cnn
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Counting(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.rows = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.rows += int(x.shape[0])
-        return self.model(x)
 
 
 def _batch(n: int = 10, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
