@@ -12,7 +12,7 @@ from torch import nn
 
 import robustlab
 from robustlab import ModelError, ScoreOracle, ThreatModel
-from robustlab.attacks.prgf import estimate_gradient_norm, optimal_lambda, prior_guided_estimate
+from robustlab.attacks.prgf import estimate_gradient_norm, free_coordinates, optimal_lambda, prior_guided_estimate
 from robustlab.errors import InvalidInputError
 from robustlab.oracles import module_function
 from tests.toys import tiny_cnn
@@ -80,6 +80,50 @@ def test_target_as_its_own_prior_aligns_with_one_query() -> None:
     assert bool((nn.functional.cosine_similarity(flipped.grad, true) > 0.999).all())
 
 
+def test_free_coordinates_are_those_a_step_along_the_prior_can_move() -> None:
+    threat = ThreatModel("linf", 0.1)
+    x = torch.tensor([[0.5, 0.5, 0.0, 1.0, 0.5, 0.5]])
+    x_adv = torch.tensor([[0.6, 0.4, 0.0, 1.0, 0.45, 0.6]])  # ball faces, box faces, inside, ball face
+    prior = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0, -1.0]])
+    assert free_coordinates(x_adv, x, prior, threat).tolist() == [[False, True, False, True, True, True]]
+    # l2: only the box is coordinate-wise
+    assert free_coordinates(x_adv, x, prior, ThreatModel("l2", 0.1)).tolist() == [[True] * 2 + [False] + [True] * 3]
+    # every coordinate blocked: nothing to restrict to, all of them stay
+    assert bool(free_coordinates(x + 0.1, x, torch.ones_like(x), threat).all())
+
+
+def test_restricted_to_free_coordinates_the_target_prior_gives_the_free_gradient() -> None:
+    """With the free part of the true gradient as its own prior and the free part's norm, alpha ~ 1, lambda = 1;
+    with a useless prior the random directions live on the free coordinates only, and fewer of them than ``q``
+    when the free subspace is smaller."""
+    model = smooth_mlp(30, 0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 30, generator=g, dtype=torch.float64)
+    free = torch.rand(6, 30, generator=g) < 0.5
+    free[5] = False
+    free[5, :4] = True  # 4 free coordinates: at most 3 directions orthogonal to the prior
+
+    def f(points: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        return model(points)[:, 0]
+
+    xv = x.clone().requires_grad_(True)
+    (true,) = torch.autograd.grad(model(xv)[:, 0].sum(), xv)
+    value = f(x, torch.arange(6))
+    free_part = true * free
+    norm_free = estimate_gradient_norm(f, x, value, samples=400, sigma=1e-6, generator=g, free=free)
+    assert torch.allclose(norm_free, free_part.pow(2).sum(1), rtol=0.3)
+    est = prior_guided_estimate(f, x, value, true, free_part.pow(2).sum(1), q=10, sigma=1e-6, generator=g, free=free)
+    assert torch.allclose(est.alpha, torch.ones(6, dtype=torch.float64), atol=1e-3) and bool((est.lam == 1).all())
+    assert bool((nn.functional.cosine_similarity(est.grad, free_part) > 0.999).all())
+    assert bool((est.grad[~free] == 0).all())
+    useless = torch.randn(6, 30, generator=g, dtype=torch.float64)
+    rge = prior_guided_estimate(f, x, value, useless, free_part.pow(2).sum(1), q=10, sigma=1e-6, generator=g, free=free)
+    assert bool((rge.grad[~free] == 0).all()) and bool((rge.lam < 1).any())
+    mixed = rge.lam < 1
+    expected = torch.minimum(free.sum(1) - 1, torch.tensor(10))
+    assert torch.equal(rge.directions[mixed], expected[mixed]) and torch.equal(rge.queries, 1 + rge.directions)
+
+
 def _cosines(kind: str, trials: int = 300, n: int = 200, q: int = 10) -> tuple[torch.Tensor, float]:
     """Cosines of the estimate with the gradient of random linear functions, and the fraction of lambda = 0."""
     g = torch.Generator().manual_seed({"rge": 0, "orthogonal": 1, "random": 2}[kind])
@@ -130,7 +174,9 @@ def test_query_counts_are_exact_and_match_the_step_structure() -> None:
     assert counting.rows == int(result.queries.sum()) + 6 + 1  # + one audit each + the class-count probe
     steps, prior_steps = result.extras["steps"], result.extras["prior_steps"]
     norm_steps = torch.tensor([sum(1 for s in range(int(k)) if s % 10 == 0 or s == 3) for k in steps])
-    expected = 1 + 2 * steps + 10 * norm_steps + q * (steps - prior_steps)
+    directions = result.extras["directions"]  # q per mixing step, fewer where fewer coordinates are free
+    assert bool((directions <= q * (steps - prior_steps)).all()) and int(directions.sum()) > 0
+    expected = 1 + 2 * steps + 10 * norm_steps + directions
     started = steps > 0
     assert torch.equal(result.queries[started], expected[started])
     assert bool((result.queries <= budget).all())

@@ -1,5 +1,5 @@
 """Transfer attacks: one target query per example, ensembles, DI and TI, and the attacks started from a transfer
-example (rays-transfer, hsja-transfer, square-transfer)."""
+example (rays-transfer, hsja-transfer, square-transfer, p-rgf-transfer)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,14 @@ def test_craft_with_any_registered_white_box_attack() -> None:
 def test_surrogate_attacks_are_listed_apart() -> None:
     alone = {i.name for i in robustlab.list_attacks()}
     with_surrogate = {i.name for i in robustlab.list_attacks(surrogate=True)}
-    assert {"transfer", "p-rgf", "rays-transfer", "hsja-transfer", "square-transfer"} <= with_surrogate
+    assert {
+        "transfer",
+        "p-rgf",
+        "rays-transfer",
+        "hsja-transfer",
+        "square-transfer",
+        "p-rgf-transfer",
+    } <= with_surrogate
     assert not (with_surrogate & alone) and "rays" in alone
     assert {i.name for i in robustlab.list_attacks(surrogate=None)} == alone | with_surrogate
 
@@ -151,6 +158,26 @@ def test_square_transfer_starts_at_the_transfer_vertex() -> None:
     far = robustlab.attack(target, x, y, ThreatModel("l2", 0.3), method="square-transfer", surrogate=tiny_cnn(seed=9),
                            queries=30, seed=0)  # fmt: skip
     assert bool((far.queries <= 30).all()) and bool(ThreatModel("l2", 0.3).contains(far.x_adv, x).all())
+
+
+def test_p_rgf_transfer_starts_at_the_transfer_example() -> None:
+    target, x, y = _batch(8, seed=7)
+    threat = ThreatModel("linf", 0.3)
+    counting = Counting(target)
+    result = robustlab.attack(counting, x, y, threat, method="p-rgf-transfer", surrogate=target, q=5, queries=100,
+                              seed=0)  # fmt: skip
+    assert bool(result.success.all()) and result.queries.tolist() == [1] * 8  # the start already fools it
+    assert counting.rows == 8 + 8 + 1  # one query, one audit each, the class-count probe
+    assert bool(threat.contains(result.x_adv, x).all())
+    crafted = robustlab.attack(target, x, y, threat, method="transfer", surrogate=target, seed=0)
+    assert torch.equal(result.x_adv, crafted.x_adv)  # the same crafting, same seed: the same start
+    far_threat = ThreatModel("l2", 0.3)
+    far = robustlab.attack(target, x, y, far_threat, method="p-rgf-transfer", surrogate=tiny_cnn(seed=9), q=4,
+                           queries=40, seed=0)  # fmt: skip
+    assert bool((far.queries <= 40).all()) and bool(far_threat.contains(far.x_adv, x).all())
+    assert torch.equal(far.success, target(far.x_adv).argmax(1) != y)
+    with pytest.raises(ConfigError, match="needs a surrogate"):
+        robustlab.attack(target, x, y, threat, method="p-rgf-transfer")
 
 
 def test_evaluate_with_surrogates_opens_a_black_box_cascade_with_transfer_and_p_rgf() -> None:

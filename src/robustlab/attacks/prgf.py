@@ -22,13 +22,25 @@ iterate ``x`` with loss ``f(x)`` (known from the previous success check), ``n`` 
 6. the step ``x <- project(x + lr * steepest_ascent(g))`` (the sign of ``g`` in linf), then one query at the new
    iterate: the success check, whose loss is the next step's ``f(x)``.
 
-Queries per example: one at the clean input, then per step ``10`` (norm steps only) ``+ 1`` (alpha) ``+ q``
-(unless ``lambda* = 1``) ``+ 1`` (the check), each charged by the oracle to its example. An example goes on only
-while it can afford a whole step at its worst (``11 + q + 1``), so the budget is never exceeded. Without any
-surrogate the attack is plain RGF (``lambda = 0``, no alpha query). Probes are clipped to the box as in every
-robustlab score attack (:func:`robustlab.zeroth_order.estimate_with_oracle`).
+The free subspace (a departure from the reference, whose attacks did not reach the faces of their sets as
+often): a signed step along the prior does nothing on a coordinate where the iterate already sits on a face of the
+feasible set (the box; in linf also the ball) and the prior points out through it. Such coordinates are dropped
+per example at every step (:func:`free_coordinates`): the prior, the random directions, the gradient-norm estimate
+and the dimension ``n`` in ``lambda*`` all live on the free coordinates, so ``alpha`` measures how well the prior
+predicts the gradient where the attack can still move, and at most ``#free - 1`` random directions are drawn.
+Without it, examples driven into a corner of the linf ball kept a cosine of ~0.6 over the whole space, so
+``lambda* = 1``, and spent thousands of queries on prior steps that the projection undid. The norm is measured on
+the free set of its step and rescaled by the share of the prior's energy still free at later steps.
 
-Two departures from the reference: the loss defaults to the margin of the log-probabilities (``loss="margin"``),
+Queries per example: one at the first iterate (the clean input; ``p-rgf-transfer`` in
+:mod:`robustlab.attacks.transfer_start` starts at a transfer example), then per step ``10`` (norm steps only)
+``+ 1`` (alpha) ``+ q`` (unless ``lambda* = 1``; fewer when fewer coordinates are free) ``+ 1`` (the check), each
+charged by the oracle to its example. An example goes on only while it can afford a whole step at its worst
+(``11 + q + 1``), so the budget is never exceeded. Without any surrogate the attack is plain RGF (``lambda = 0``,
+no alpha query, every coordinate free). Probes are clipped to the box as in every robustlab score attack
+(:func:`robustlab.zeroth_order.estimate_with_oracle`).
+
+Two more departures from the reference: the loss defaults to the margin of the log-probabilities (``loss="margin"``),
 because the float32 cross-entropy of a confident model rounds to exactly 0 and every finite difference vanishes (the
 reference doubles ``sigma`` until they do not, spending queries; here that fallback is not implemented); and the
 step size is ``rel_lr * eps`` (0.1, the reference's 0.005 at its linf eps 0.05).
@@ -44,7 +56,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +74,15 @@ from robustlab.oracles import Access, ScoreOracle
 from robustlab.threat import Norm, ThreatModel
 from robustlab.zeroth_order import ScoreObjective
 
-__all__ = ["PRGF", "PRGFConfig", "PriorEstimate", "estimate_gradient_norm", "optimal_lambda", "prior_guided_estimate"]
+__all__ = [
+    "PRGF",
+    "PRGFConfig",
+    "PriorEstimate",
+    "estimate_gradient_norm",
+    "free_coordinates",
+    "optimal_lambda",
+    "prior_guided_estimate",
+]
 
 # evaluate(points, owners) -> one value per point; owners[i] is the row of x the point belongs to.
 Evaluate = Callable[[Tensor, Tensor], Tensor]
@@ -105,10 +124,13 @@ class PRGFConfig(AttackConfig):
         check_choice("ensemble", self.ensemble, ("logits", "loss"))
 
 
-def optimal_lambda(alpha: Tensor, dim: int, q: int) -> Tensor:
-    """The paper's optimal ``lambda`` for cosines ``alpha`` (absolute values), ``dim`` dimensions, ``q`` directions:
-    0 when ``alpha^2 (dim + 2q - 2) < 1``, 1 when the closed form reaches 1 (or ``alpha >= 1``)."""
+def optimal_lambda(alpha: Tensor, dim: int | Tensor, q: int | Tensor) -> Tensor:
+    """The paper's optimal ``lambda`` for cosines ``alpha`` (absolute values), ``dim`` dimensions and ``q``
+    directions (numbers, or one per row): 0 when ``alpha^2 (dim + 2q - 2) < 1``, 1 when the closed form reaches 1
+    (or ``alpha >= 1``)."""
     a2 = alpha.double().clamp(0.0, 1.0) ** 2
+    dim = torch.as_tensor(dim, dtype=torch.float64, device=a2.device)
+    q = torch.as_tensor(q, dtype=torch.float64, device=a2.device)
     width = dim + 2 * q - 2
     denominator = a2**2 * dim * width - 2 * a2 * dim * q + 1
     closed = (1 - a2) * (1 - a2 * width) / torch.where(denominator == 0, torch.ones_like(a2), denominator)
@@ -118,10 +140,45 @@ def optimal_lambda(alpha: Tensor, dim: int, q: int) -> Tensor:
     return torch.where(a2 >= 1, torch.ones_like(lam), lam)
 
 
-def _rms_unit(directions: Tensor) -> Tensor:
-    """Rows scaled to RMS 1 (norm ``sqrt(dim)``) along the last dimension."""
-    rms = directions.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+def _rms_unit(directions: Tensor, free: Tensor | None = None) -> Tensor:
+    """Rows scaled to RMS 1 over their free coordinates (norm ``sqrt(#free)``) along the last dimension; the other
+    coordinates are zero. ``free`` is ``(m, d)`` (one mask per example) or None (every coordinate)."""
+    if free is None:
+        rms = directions.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+        return directions / rms
+    mask = free[:, None, :].to(directions.dtype)
+    directions = directions * mask
+    count = mask.sum(dim=-1, keepdim=True).clamp_min(1)
+    rms = (directions.pow(2).sum(dim=-1, keepdim=True) / count).sqrt().clamp_min(1e-12)
     return directions / rms
+
+
+def _prior_share(prior: Tensor, free: Tensor) -> Tensor:
+    """The fraction of each prior row's squared norm on its free coordinates."""
+    p = prior.reshape(free.shape).pow(2)
+    return (p * free).sum(dim=1) / p.sum(dim=1).clamp_min(1e-30)
+
+
+def free_coordinates(x_adv: Tensor, x: Tensor, prior: Tensor, threat: ThreatModel) -> Tensor:
+    """``(n, d)`` masks of the coordinates a step along ``prior`` can move: not those where ``x_adv`` sits on a face
+    of the feasible set (the box, and in linf the ball's faces too) and the prior points out through it. A row with
+    every coordinate blocked keeps them all (nothing to restrict to).
+
+    A signed step pointing out is projected away, so without this restriction an example in a corner spends its
+    budget on steps along the blocked part of the prior that never move it (the estimate and its cosine are then
+    measured where the attack cannot go)."""
+    n = int(x.shape[0])
+    if threat.norm is Norm.LINF:
+        low, high = threat.linf_bounds(x)
+    else:
+        low, high = torch.full_like(x, threat.lower), torch.full_like(x, threat.upper)
+    tolerance = 1e-6 * max(1.0, threat.eps)
+    flat, p = x_adv.reshape(n, -1), prior.reshape(n, -1)
+    blocked = ((flat >= high.reshape(n, -1) - tolerance) & (p > 0)) | (
+        (flat <= low.reshape(n, -1) + tolerance) & (p < 0)
+    )
+    free = ~blocked
+    return free | ~free.any(dim=1, keepdim=True)
 
 
 def _probe(evaluate: Evaluate, flat: Tensor, directions: Tensor, sigma: float, shape: tuple[int, ...]) -> Tensor:
@@ -133,26 +190,36 @@ def _probe(evaluate: Evaluate, flat: Tensor, directions: Tensor, sigma: float, s
 
 
 def estimate_gradient_norm(
-    evaluate: Evaluate, x: Tensor, value: Tensor, *, samples: int, sigma: float, generator: torch.Generator | None
+    evaluate: Evaluate,
+    x: Tensor,
+    value: Tensor,
+    *,
+    samples: int,
+    sigma: float,
+    generator: torch.Generator | None,
+    free: Tensor | None = None,
 ) -> Tensor:
     """``||grad f||^2`` at each row of ``x`` (where ``f = value``) from ``samples`` queries each: the mean squared
-    directional derivative along Gaussian directions of RMS 1."""
+    directional derivative along Gaussian directions of RMS 1. With ``free`` masks, the directions live on the free
+    coordinates and the estimate is that of the gradient's free part."""
     n = int(x.shape[0])
     flat = x.reshape(n, -1)
     u = torch.randn((n, samples, flat.shape[1]), generator=generator, dtype=x.dtype, device=x.device)
-    values = _probe(evaluate, flat, _rms_unit(u), sigma, tuple(x.shape[1:]))
+    values = _probe(evaluate, flat, _rms_unit(u, free), sigma, tuple(x.shape[1:]))
     return (((values - value[:, None]) / sigma) ** 2).mean(dim=1)
 
 
 @dataclass(frozen=True)
 class PriorEstimate:
     """One P-RGF estimate per row: the direction ``grad`` (unnormalized), the estimated cosine ``alpha`` of the
-    prior with the true gradient, the ``lam`` used, and the queries each row made."""
+    prior with the true gradient, the ``lam`` used, the queries each row made, and how many of them were random
+    directions (0 where ``lam = 1``)."""
 
     grad: Tensor
     alpha: Tensor
     lam: Tensor
     queries: Tensor
+    directions: Tensor
 
 
 def prior_guided_estimate(
@@ -165,48 +232,67 @@ def prior_guided_estimate(
     q: int,
     sigma: float,
     generator: torch.Generator | None,
+    free: Tensor | None = None,
 ) -> PriorEstimate:
     """Steps 3-5 of the module docstring at each row of ``x`` (``f(x) = value``, ``||grad f||^2 ~ norm_square``).
 
-    ``prior`` None (or a zero row): plain RGF with ``q`` Gaussian directions of RMS 1, no alpha query.
+    ``prior`` None (or a zero row): plain RGF with ``q`` Gaussian directions of RMS 1, no alpha query. ``free``
+    ``(n, d)`` masks restrict everything to a subspace per row (the prior, the random directions, the dimension in
+    ``lambda*``; ``norm_square`` should then be that of the gradient's free part): the estimate is of the gradient's
+    projection on it.
     """
     n = int(x.shape[0])
     shape = tuple(x.shape[1:])
     flat = x.reshape(n, -1)
-    dim = int(flat.shape[1])
-    root = math.sqrt(dim)
+    if free is None:
+        free = torch.ones_like(flat, dtype=torch.bool)
+    dim = free.sum(dim=1)
+    root = dim.to(flat.dtype).sqrt()
     queries = torch.zeros(n, dtype=torch.long, device=x.device)
     alpha = torch.zeros(n, dtype=torch.float64, device=x.device)
     v = torch.zeros_like(flat)
     has_prior = torch.zeros(n, dtype=torch.bool, device=x.device)
     if prior is not None:
-        p = prior.reshape(n, -1).to(flat.dtype)
+        p = prior.reshape(n, -1).to(flat.dtype) * free
         length = p.norm(dim=1)
         has_prior = length > 0
         v = p / length.clamp_min(1e-30)[:, None]
     rows = has_prior.nonzero().flatten()
     if rows.numel():
-        along = _probe(lambda pts, own: evaluate(pts, rows[own]), flat[rows], root * v[rows, None, :], sigma, shape)
+        along_prior = root[rows, None, None] * v[rows, None, :]
+        along = _probe(lambda pts, own: evaluate(pts, rows[own]), flat[rows], along_prior, sigma, shape)
         queries[rows] += 1
         slope = (along[:, 0] - value[rows]) / sigma
-        alpha[rows] = (slope.double() / (root * norm_square[rows].double().clamp_min(0).sqrt())).nan_to_num(0.0)
+        scale = root[rows].double() * norm_square[rows].double().clamp_min(0).sqrt()
+        alpha[rows] = (slope.double() / scale).nan_to_num(0.0)
         flip = alpha < 0
         v = torch.where(flip[:, None], -v, v)
         alpha = alpha.abs()
-    lam = torch.where(has_prior, optimal_lambda(alpha, dim, q), torch.zeros_like(alpha))
+    # No more random directions than the free subspace orthogonal to the prior has dimensions: beyond that they
+    # add queries, not information (a corner of the linf ball can leave a handful of coordinates free).
+    directions = (dim - has_prior.long()).clamp(1, q)
+    lam = torch.where(has_prior, optimal_lambda(alpha, dim, directions), torch.zeros_like(alpha))
+    lam = torch.where(has_prior & (dim <= 1), torch.ones_like(lam), lam)  # the prior spans a 1-d free subspace
     grad = v.clone()  # lambda = 1: the prior itself
     mixed = (lam < 1).nonzero().flatten()
     if mixed.numel():
-        xi = torch.randn((mixed.numel(), q, dim), generator=generator, dtype=flat.dtype, device=flat.device)
+        xi = torch.randn((mixed.numel(), q, flat.shape[1]), generator=generator, dtype=flat.dtype, device=flat.device)
+        xi = xi * free[mixed][:, None, :]
         vm = v[mixed][:, None, :]
-        xi = _rms_unit(xi - (xi * vm).sum(dim=-1, keepdim=True) * vm)
+        xi = _rms_unit(xi - (xi * vm).sum(dim=-1, keepdim=True) * vm, free[mixed])
         weight = lam[mixed].to(flat.dtype)[:, None, None]
-        u = weight.sqrt() * root * vm + (1 - weight).sqrt() * xi
-        values = _probe(lambda pts, own: evaluate(pts, mixed[own]), flat[mixed], u, sigma, shape)
-        queries[mixed] += q
-        slopes = (values - value[mixed][:, None]) / sigma
-        grad[mixed] = torch.einsum("mk,mkd->md", slopes, u) / q
-    return PriorEstimate(grad.reshape(x.shape), alpha, lam, queries)
+        u = weight.sqrt() * root[mixed, None, None] * vm + (1 - weight).sqrt() * xi
+        used = torch.arange(q, device=x.device)[None, :] < directions[mixed][:, None]
+        points = (flat[mixed][:, None, :] + sigma * u)[used]
+        owners = mixed[:, None].expand(-1, q)[used]
+        values = torch.zeros(used.shape, dtype=flat.dtype, device=flat.device)
+        values[used] = evaluate(points.reshape((-1, *shape)), owners).to(flat.dtype)
+        queries[mixed] += directions[mixed]
+        slopes = torch.where(used, (values - value[mixed][:, None]) / sigma, torch.zeros_like(values))
+        count = directions[mixed].to(flat.dtype)[:, None]
+        grad[mixed] = torch.einsum("mk,mkd->md", slopes, u) / count
+    used_directions = torch.where(lam < 1, directions, torch.zeros_like(directions))
+    return PriorEstimate(grad.reshape(x.shape), alpha, lam, queries, used_directions)
 
 
 @register_attack
@@ -218,6 +304,12 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
     norms = frozenset({Norm.LINF, Norm.L2})
     Config = PRGFConfig
     config: PRGFConfig
+
+    def _start(
+        self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
+    ) -> Tensor:
+        """The first iterate (queried once): the clean input (``p-rgf-transfer``: a transfer example)."""
+        return x.clone()
 
     def _perturb(
         self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
@@ -232,18 +324,20 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
         lr = c.lr if c.lr is not None else c.rel_lr * threat.eps
         value = torch.zeros(n, dtype=x.dtype, device=x.device)
         norm_square = torch.zeros(n, dtype=x.dtype, device=x.device)
+        measured_share = torch.ones(n, dtype=x.dtype, device=x.device)
         stats = {
             "steps": torch.zeros(n, dtype=torch.long, device=x.device),
             "fallback_steps": torch.zeros(n, dtype=torch.long, device=x.device),
             "prior_steps": torch.zeros(n, dtype=torch.long, device=x.device),
             "alpha_sum": torch.zeros(n, dtype=torch.float64, device=x.device),
+            "directions": torch.zeros(n, dtype=torch.long, device=x.device),
         }
-        x_adv = x.clone()
+        x_adv = self._start(oracle, x, goal, threat, generator)
 
         def evaluate(points: Tensor, owners: Tensor) -> Tensor:
             return search.objective(oracle.scores(points.clamp(threat.lower, threat.upper), owners), owners)
 
-        active = search.start(x, value)
+        active = search.start(x_adv, value)
         number = 0
         while active.numel() > 0:
             norm_step = number % c.norm_every == 0 or number == 3
@@ -256,21 +350,32 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             def on_active(points: Tensor, owners: Tensor, rows: Tensor = active) -> Tensor:
                 return evaluate(points, rows[owners])
 
-            prior = None
+            prior, free = None, None
+            gradient_norm = norm_square[active]
             if ensemble is not None:
+                _, prior = ensemble.loss_and_grad(here, goal.subset(active), loss)
+                free = free_coordinates(here, x[active], prior, threat)
+                share = _prior_share(prior, free)
                 if norm_step:
                     norm_square[active] = estimate_gradient_norm(
-                        on_active, here, value[active], samples=c.norm_samples, sigma=c.sigma, generator=generator
-                    ).to(x.dtype)
-                _, prior = ensemble.loss_and_grad(here, goal.subset(active), loss)
+                        on_active, here, value[active], samples=c.norm_samples, sigma=c.sigma, generator=generator,
+                        free=free,
+                    ).to(x.dtype)  # fmt: skip
+                    measured_share[active] = share
+                # The norm was measured on the free set of the last norm step; the free set shrinks as the iterate
+                # reaches faces, so scale it by the share of the prior's energy still free (exact when the prior
+                # is the gradient) instead of paying norm_samples queries at every step.
+                gradient_norm = norm_square[active] * share / measured_share[active].clamp_min(1e-12)
             estimate = prior_guided_estimate(
-                on_active, here, value[active], prior, norm_square[active], q=c.q, sigma=c.sigma, generator=generator
-            )
+                on_active, here, value[active], prior, gradient_norm, q=c.q, sigma=c.sigma, generator=generator,
+                free=free,
+            )  # fmt: skip
             stats["steps"][active] += 1
             if ensemble is not None:
                 stats["fallback_steps"][active] += (estimate.lam == 0).long()
                 stats["prior_steps"][active] += (estimate.lam == 1).long()
                 stats["alpha_sum"][active] += estimate.alpha
+            stats["directions"][active] += estimate.directions
             candidate = threat.project(here + lr * threat.steepest_ascent(estimate.grad), x[active])
             x_adv[active] = candidate
             success, new_value = search.evaluate(candidate, active)
@@ -283,6 +388,7 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             "steps": steps,
             "fallback_steps": stats["fallback_steps"],
             "prior_steps": stats["prior_steps"],
+            "directions": stats["directions"],
             "alpha": stats["alpha_sum"] / steps.clamp_min(1),
             "prior": torch.full((n,), ensemble is not None, dtype=torch.bool, device=x.device),
         }

@@ -11,6 +11,9 @@ no query of the target) is a far better start than the attacks' own:
 - ``hsja-transfer`` (HopSkipJump, Chen, Jordan & Wainwright, S&P 2020): the walk's initial point is the transfer
   example when it fools the target (one query), blended toward ``x`` by the usual binary search, instead of uniform
   noise; otherwise the usual noise start;
+- ``p-rgf-transfer`` (P-RGF, Cheng et al., NeurIPS 2019): the iterate starts at the transfer example instead of
+  the clean input (its first query is there: where it fools the target, that example is done after ONE query);
+  the prior-guided search then refines from it with the same surrogates as prior;
 - ``square-transfer`` (Square, Andriushchenko et al., ECCV 2020): the random search starts at the transfer example
   (linf: at the vertex ``x + eps * sign(x_t - x)``, random signs where the transfer left a pixel unchanged, as
   Square's own start is at vertices; l2: the transfer example itself) instead of vertical stripes. Everything else,
@@ -36,16 +39,18 @@ from robustlab.attacks._decision import DecisionBatch, Track, Walk
 from robustlab.attacks._surrogate import SurrogateAttack
 from robustlab.attacks.base import budget_left
 from robustlab.attacks.hsja import HopSkipJump, HopSkipJumpConfig, _HopSkipJumpWalk
+from robustlab.attacks.prgf import PRGF, PRGFConfig
 from robustlab.attacks.rays import RayS, RaySConfig, _RaySSearch
 from robustlab.attacks.registry import register_attack
 from robustlab.attacks.square import Square, SquareConfig
 from robustlab.attacks.transfer import TransferConfig, craft_on_surrogates
 from robustlab.checks import check_number, check_positive_int
+from robustlab.errors import ConfigError
 from robustlab.goals import Goal
 from robustlab.oracles import ScoreOracle
 from robustlab.threat import Norm, ThreatModel
 
-__all__ = ["HSJATransfer", "RaySTransfer", "SquareTransfer"]
+__all__ = ["HSJATransfer", "PRGFTransfer", "RaySTransfer", "SquareTransfer"]
 
 
 @dataclass(frozen=True)
@@ -215,3 +220,28 @@ class SquareTransfer(SurrogateAttack, Square):
         coin = torch.randint(0, 2, images.shape, generator=generator, device=images.device).to(images.dtype) * 2 - 1
         direction = torch.where(direction == 0, coin, direction)
         return threat.clip_to_box(images + threat.eps * direction)
+
+
+@dataclass(frozen=True)
+class PRGFTransferConfig(PRGFConfig, _CraftFields):
+    """Options of :class:`PRGFTransfer`: P-RGF's and the crafting's (``ensemble`` serves both)."""
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_craft()
+
+
+@register_attack
+class PRGFTransfer(PRGF):
+    """P-RGF whose iterate starts at a transfer example crafted on its surrogates."""
+
+    name = "p-rgf-transfer"
+    Config = PRGFTransferConfig  # type: ignore[assignment]  # a subclass of PRGFConfig
+    config: PRGFTransferConfig
+
+    def _start(
+        self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
+    ) -> Tensor:
+        if not self.surrogates:
+            raise ConfigError("p-rgf-transfer needs a surrogate model (surrogate=...) to craft its start")
+        return _transfer_candidates(self, self.config, x, goal, threat, oracle.num_classes, generator)
