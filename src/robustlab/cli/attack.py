@@ -69,7 +69,8 @@ def add_surrogate_arguments(group: Any) -> None:
     group.add_argument(
         "--surrogate", action="append", default=[], metavar="MODEL",
         help="a model the attacker owns, loaded as --model is (a file, TorchScript, ONNX, a factory, a built-in "
-        "name; not a URL): transfer, p-rgf, rays-/hsja-/square-transfer craft on it, uap can; repeat for an ensemble",
+        "name; not a URL): transfer, p-rgf, rays-/hsja-/square-/p-rgf-transfer craft on it, uap can; repeat for an "
+        "ensemble",
     )  # fmt: skip
     group.add_argument("--surrogate-arch", help="architecture of bare state-dict --surrogate files")
 
@@ -110,7 +111,7 @@ def _attack_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.surrogate and not info.needs_surrogate:
         raise ConfigError(
             f"{info.name} does not use surrogates; --surrogate is for transfer, p-rgf, rays-transfer, "
-            "hsja-transfer, square-transfer and uap"
+            "hsja-transfer, square-transfer, p-rgf-transfer and uap"
         )
     return options
 
