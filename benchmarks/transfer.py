@@ -122,8 +122,8 @@ def main() -> None:
         "", f"Score-based, {args.queries:,} queries per example (mean/median over successful examples):", "",
         markdown_table(["attack", "success", "mean queries", "median queries", "time"], rows),
         "", f"Square / P-RGF mean queries: {ratio_to_square(prgf):.2f}x from the clean input, "
-        f"{ratio_to_square(from_transfer):.2f}x from the transfer example (target of the issue: >= 3x at equal or higher "
-        "success).",
+        f"{ratio_to_square(from_transfer):.2f}x from the transfer example (target of the issue: >= 3x at equal or "
+        "higher success).",
     ])  # fmt: skip
     print(body)
     if not args.no_docs:
