@@ -295,6 +295,16 @@ def prior_guided_estimate(
     return PriorEstimate(grad.reshape(x.shape), alpha, lam, queries, used_directions)
 
 
+def _tally(stats: dict[str, Tensor], rows: Tensor, estimate: PriorEstimate, *, with_prior: bool) -> None:
+    """Add one step's estimate to the per-example statistics of ``rows``."""
+    stats["steps"][rows] += 1
+    if with_prior:
+        stats["fallback_steps"][rows] += (estimate.lam == 0).long()
+        stats["prior_steps"][rows] += (estimate.lam == 1).long()
+        stats["alpha_sum"][rows] += estimate.alpha
+    stats["directions"][rows] += estimate.directions
+
+
 @register_attack
 class PRGF(SurrogateAttack, Attack[ScoreOracle]):
     """P-RGF (Cheng et al. 2019): RGF estimates biased toward a surrogate's gradient, lambda from queries."""
@@ -370,12 +380,7 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
                 on_active, here, value[active], prior, gradient_norm, q=c.q, sigma=c.sigma, generator=generator,
                 free=free,
             )  # fmt: skip
-            stats["steps"][active] += 1
-            if ensemble is not None:
-                stats["fallback_steps"][active] += (estimate.lam == 0).long()
-                stats["prior_steps"][active] += (estimate.lam == 1).long()
-                stats["alpha_sum"][active] += estimate.alpha
-            stats["directions"][active] += estimate.directions
+            _tally(stats, active, estimate, with_prior=ensemble is not None)
             candidate = threat.project(here + lr * threat.steepest_ascent(estimate.grad), x[active])
             x_adv[active] = candidate
             success, new_value = search.evaluate(candidate, active)
