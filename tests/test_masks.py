@@ -66,6 +66,21 @@ class Oscillating(nn.Module):
         return self.net(self.noise(x)) + 0.05 * torch.sin(300 * x.flatten(1) @ self.u.T)
 
 
+class Rippled(nn.Module):
+    """A deterministic model whose gradient still predicts the loss, but less well than it should: a ripple of
+    amplitude 0.01 on the logits steers every sign step while the loss barely feels it."""
+
+    u: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = linear_net()
+        self.register_buffer("u", torch.randn(10, 36, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + 0.01 * torch.sin(300 * x.flatten(1) @ self.u.T)
+
+
 class QuantizedNoisy(nn.Module):
     """An input quantizer (zero gradients) followed by noise."""
 
@@ -198,6 +213,23 @@ def test_randomness_plus_oscillating_logits_is_evaluated_near_the_truth() -> Non
     assert abs(result.robust_accuracy - truth) <= 0.05, (result.robust_accuracy, truth)
     naive = evaluate(Oscillating().eval(), (x, y), THREAT, CHEAP, progress=False, diagnostics=False)
     assert naive.robust_accuracy > truth + 0.1  # the masks do fool a plain gradient attack
+
+
+def test_a_gradient_useful_only_once_smoothed_is_smoothed_and_evaluated_near_the_truth() -> None:
+    x, y = data(100)
+    rippled = Rippled().eval()
+    raw = gradient_usefulness(rippled, x[:64], labels_of(rippled, x[:64]), THREAT)
+    assert raw.useful  # the plain check alone would pass it
+    result = evaluate(rippled, (x, y), THREAT, CHEAP, progress=False, extra_queries=300)
+    verdict = next(d for d in result.diagnostics if d.name == "gradient_usefulness")
+    assert verdict.fired and "smoothed over Gaussian input noise" in verdict.action
+    truth = truth_of(linear_net(), x, y)
+    assert abs(result.robust_accuracy - truth) <= 0.05, (result.robust_accuracy, truth)
+    naive = evaluate(rippled, (x, y), THREAT, CHEAP, progress=False, diagnostics=False)
+    assert naive.robust_accuracy > truth + 0.1  # the ripple does fool a plain gradient attack
+    # An ordinary model's gradient gains a few hundredths from smoothing at most: it is attacked as it is.
+    plain = evaluate(linear_net(), (x, y), THREAT, CHEAP, progress=False)
+    assert "gradient_usefulness" not in fired(plain)
 
 
 def test_quantizer_plus_noise_is_evaluated_near_the_truth() -> None:
