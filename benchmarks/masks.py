@@ -145,7 +145,11 @@ def run_model(name: str, x: Tensor, y: Tensor, ta: Any, quick: bool) -> dict[str
         versions = ["standard"] + (["rand"] if randomized and not quick else [])
         for version in versions:
             attack = ta.AutoAttack(masked, norm="Linf", eps=EPS, version=version, n_classes=10, seed=0)
-            x_adv, took = timed(lambda: attack(x, y).detach())  # noqa: B023 (called at once)
+            try:
+                x_adv, took = timed(lambda: attack(x, y).detach())  # noqa: B023 (called at once)
+            except RuntimeError as error:  # no gradient at all (a one-hot output): AutoAttack stops with an error
+                row[f"autoattack_{version}_error"] = str(error).splitlines()[0]
+                continue
             row[f"autoattack_{version}"] = checked_robust(masked, x, y, x_adv, threat)
             row[f"autoattack_{version}_s"] = took
     return row
@@ -195,6 +199,9 @@ def main() -> None:
     )  # fmt: skip
     steps = "\n".join(f"- {r['model']}: {r['steps']}" for r in rows)
     table += "\n\nrobustlab's steps as run (broken / attacked, seconds):\n\n" + steps
+    failed = [(r["model"], k.split("_")[1], v) for r in rows for k, v in r.items() if k.endswith("_error")]
+    errors = [f"- {model}: AutoAttack {version} stopped: {text}" for model, version, text in failed]
+    table += "\n\n" + "\n".join(errors) if errors else ""
     print(table, flush=True)
     if not args.no_docs and not args.quick:
         intro = (
