@@ -155,8 +155,10 @@ def run_model(name: str, x: Tensor, y: Tensor, ta: Any, quick: bool) -> dict[str
     return row
 
 
-HEADER = ["model", "truth", "robustlab standard", "s", "AutoAttack std", "s", "AutoAttack rand", "s"]
-HEADER += ["gradient-free (escalated)", "masks found"]
+HEADER = [
+    "model", "truth", "robustlab standard", "s", "AutoAttack std", "s", "AutoAttack rand", "s",
+    "gradient-free (escalated)", "masks found",
+]  # fmt: skip
 
 
 def pct(value: float | None) -> str:

@@ -171,8 +171,9 @@ def _answer_gradient_checks(
     extra_queries: int,
 ) -> tuple[nn.Module, list[SuiteStep]]:
     """Gradients fine on the margin loss: at most a margin-loss tier (a confident model's cross-entropy gradients
-    are zero, its margin gradients are not). Useless: BPDA through the modules probing finds non-differentiable,
-    or noise-smoothed gradients, whichever makes them useful, and every escalation tier."""
+    are zero, its margin gradients are not), unless smoothing makes them markedly sharper (then smoothed, as
+    below). Useless: BPDA through the modules probing finds non-differentiable, or noise-smoothed gradients,
+    whichever makes them useful, and every escalation tier."""
     started = time.perf_counter()
     with torch.no_grad():
         labels = model(probe_x).argmax(1)
@@ -186,24 +187,9 @@ def _answer_gradient_checks(
         "steps (Carlini et al. 2019, Athalye et al. 2018).",
     )
     report.append(verdict)
-    tiers: list[SuiteStep] = []
-    if before.useful:
-        sharper = _sharper_when_smoothed(model, probe_x, labels, threat, before)
-        if sharper is not None:
-            smoothed, after, text = sharper
-            tiers = escalation_tiers(threat.norm, extra_queries)
-            verdict.fired = True
-            verdict.evidence += (
-                f"; smoothed over input noise they correlate {after.correlation:.2f}: a high-frequency part of the "
-                "gradient (an oscillating term) predicts nothing"
-            )
-            verdict.action = f"{text}: {after.describe()}; escalation: " + ", ".join(
-                s.label for s in tiers if not s.gated
-            )
-            if gradients.fired:
-                gradients.action = "answered by gradient_usefulness (below)"
-            verdict.seconds = time.perf_counter() - started
-            return smoothed, tiers
+    sharper = _sharper_when_smoothed(model, probe_x, labels, threat, before) if before.useful else None
+    if before.useful and sharper is None:
+        tiers: list[SuiteStep] = []
         if gradients.fired:
             tiers = list(escalation_tier("APGD-DLR (margin loss)", "apgd", {"steps": 100, "loss": "dlr"}, "gradients"))
             gradients.action = (
@@ -212,7 +198,16 @@ def _answer_gradient_checks(
             )  # fmt: skip
             gradients.seconds = time.perf_counter() - started
         return model, tiers
-    remedied, remedy = _remedy(model, probe_x, labels, threat, before, user_bpda=user_bpda)
+    if sharper is not None:
+        remedied, after, text = sharper
+        remedy = f"{text}: {after.describe()}"
+        verdict.fired = True
+        verdict.evidence += (
+            f"; smoothed over input noise they correlate {after.correlation:.2f}: a high-frequency part of the "
+            "gradient (an oscillating term) predicts nothing"
+        )
+    else:
+        remedied, remedy = _remedy(model, probe_x, labels, threat, before, user_bpda=user_bpda)
     tiers = escalation_tiers(threat.norm, extra_queries)
     verdict.action = remedy + "; escalation: " + ", ".join(s.label for s in tiers if not s.gated)
     verdict.action += " (each tier on a sample of the examples left, then on the rest only if the sample broke one)"
