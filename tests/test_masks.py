@@ -13,6 +13,7 @@ import robustlab
 from robustlab.attacks.registry import get_attack
 from robustlab.errors import ModelError
 from robustlab.evaluation import Suite, evaluate
+from robustlab.evaluation.adapt import _label_preserving_output
 from robustlab.evaluation.usefulness import (
     flip_rate,
     gradient_usefulness,
@@ -249,7 +250,32 @@ def test_one_hot_output_behind_noise_is_evaluated_near_the_truth() -> None:
     assert "gradient_usefulness" in fired(result)
     truth = truth_of(linear_net(), x, y)
     assert abs(result.robust_accuracy - truth) <= 0.05, (result.robust_accuracy, truth)
-    assert result.tried_hard["labels"] >= 0.5  # the hard-label tier's sample reached most robust examples
+    action = next(d for d in result.diagnostics if d.name == "gradient_usefulness").action
+    assert "onehot' removed" in action  # attacks saw the logits; the real model judged
+
+
+class ShiftedOneHot(nn.Module):
+    """A one-hot output that is not the argmax of what comes before it: removing it would change every label."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot((z.argmax(1) + 1) % z.shape[1], z.shape[1]).to(z.dtype)
+
+
+def test_an_output_layer_is_removed_only_when_the_labels_survive_its_removal() -> None:
+    x, _ = data(64)
+    hiding = nn.Sequential(linear_net(), OneHot()).eval()
+    remapping = nn.Sequential(linear_net(), ShiftedOneHot()).eval()
+    labels = labels_of(hiding, x)
+    removed = _label_preserving_output(hiding, x, labels, ["1"])
+    assert removed is not None and torch.equal(labels_of(removed[0], x), labels)
+    assert _label_preserving_output(remapping, x, labels_of(remapping, x), ["1"]) is None
+    assert _label_preserving_output(hiding, x, labels, ["0"]) is None  # not the output layer: BPDA's business
+    # Evaluated, the remapping model keeps its one-hot (BPDA), and every success is judged by its own labels.
+    y = labels_of(remapping, x)
+    result = masked_evaluation(remapping, x, y)
+    action = next(d for d in result.diagnostics if d.name == "gradient_usefulness").action
+    assert "removed" not in action
+    assert result.robust_accuracy >= truth_of(linear_net(), x, labels_of(linear_net(), x)) - 0.05
 
 
 class InlineArgmax(nn.Module):

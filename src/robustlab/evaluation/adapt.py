@@ -32,6 +32,7 @@ from robustlab.evaluation.usefulness import (
     flip_rate,
     gradient_usefulness,
     non_differentiable_modules,
+    output_module,
     votes_for,
 )
 from robustlab.evaluation.wrappers import (
@@ -40,6 +41,7 @@ from robustlab.evaluation.wrappers import (
     MajorityVote,
     NoiseSmoothedGradient,
     with_bpda,
+    without_layers,
 )
 from robustlab.oracles import Access, LabelOracle, ScoreOracle, check_model_takes
 from robustlab.threat import Norm, ThreatModel
@@ -58,6 +60,7 @@ VERIFY_FACTOR = 3  # a randomized model's successes are re-checked by a majority
 SMOOTHING_SCALES = (0.25, 1.0)  # noise scales tried, as multiples of a per-coordinate eps
 SMOOTHING_SAMPLES = 8
 SMOOTHING_GAIN = 0.1  # smoothed gradients this much better correlated than raw ones: an oscillating mask
+LABEL_AGREEMENT = 0.95  # an output layer is only hiding logits when removing it keeps this share of probe labels
 NOT_ADAPTED = "not applied: suite {suite!r} runs exactly as defined (choose suite='standard' to let it adapt)"
 
 
@@ -122,9 +125,12 @@ def diagnose_and_adapt(
     if diagnostics:
         gradients = check_gradients(attack_model, probe_x, probe_y, threat)
         report.append(gradients)
+        real_model = attack_model
         attack_model, extra_steps = _answer_gradient_checks(
             attack_model, probe_x, threat, gradients, report, user_bpda=bool(bpda), extra_queries=extra_queries
         )
+        if verifier is None and _removes_layers(attack_model):
+            verifier = real_model  # attacks see the logits under a removed output layer; the real model judges
     if not suite.adaptive:  # checks reported, nothing changed (a user's bpda is a request, not an adaptation)
         for verdict in report:
             if verdict.fired and verdict.name != "train_mode":
@@ -217,6 +223,21 @@ def _answer_gradient_checks(
     return remedied, tiers
 
 
+class _WithoutOutputLayer(nn.Module):
+    """Marks a model whose output layer the evaluation removed: its successes must be re-checked on the real one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+def _removes_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, _WithoutOutputLayer) for m in model.modules())
+
+
 def _sharper_when_smoothed(
     model: nn.Module, probe_x: Tensor, labels: Tensor, threat: ThreatModel, before: Usefulness
 ) -> tuple[nn.Module, Usefulness, str] | None:
@@ -248,22 +269,24 @@ def _smoothed(model: nn.Module, sigma: float) -> tuple[nn.Module, str]:
 def _remedy(
     model: nn.Module, probe_x: Tensor, labels: Tensor, threat: ThreatModel, before: Usefulness, *, user_bpda: bool
 ) -> tuple[nn.Module, str]:
-    """BPDA through the leaf modules probing finds non-differentiable, then noise smoothing at growing scales: the
-    first candidate whose gradients are useful, else the one whose gradients correlate best."""
+    """Removal of a non-differentiable output layer that only hides the logits, else BPDA through the leaf modules
+    probing finds non-differentiable, then noise smoothing at growing scales: the first candidate whose gradients
+    are useful, else the one whose gradients correlate best."""
     candidates: list[tuple[nn.Module, str]] = []
-    found = [] if user_bpda else non_differentiable_modules(model, probe_x)
-    base = model
+    found = [] if user_bpda else [p.name for p in non_differentiable_modules(model, probe_x)]
+    base, prefix = model, ""
+    best, best_text, best_score = model, "no remedy made the gradients useful", before.correlation
     if found:
-        names = [p.name for p in found]
-        base = with_bpda(model, names)
-        candidates.append((base, "BPDA (identity) through " + ", ".join(repr(n) for n in names) + " found by probing"))
+        hidden = _label_preserving_output(model, probe_x, labels, found)
+        base = with_bpda(model, found)
+        bpda_text = "BPDA (identity) through " + ", ".join(repr(n) for n in found) + " found by probing"
+        candidates += ([hidden] if hidden is not None else []) + [(base, bpda_text)]
+        prefix = bpda_text + " and "
+        # a model whose output is cut from the graph cannot be attacked by gradients without BPDA
+        best, best_text, best_score = base, bpda_text + " (gradients still not useful)", -2.0
     for factor in SMOOTHING_SCALES:
         smoothed, label = _smoothed(base, factor * _noise_scale(threat, probe_x))
-        prefix = candidates[0][1] + " and " if found else ""
         candidates.append((smoothed, prefix + label))
-    best, best_text, best_score = model, "no remedy made the gradients useful", before.correlation
-    if found:  # a model whose output is cut from the graph cannot be attacked by gradients without BPDA
-        best, best_text, best_score = candidates[0][0], candidates[0][1] + " (gradients still not useful)", -2.0
     for candidate, text in candidates:
         measured = gradient_usefulness(candidate, probe_x, labels, threat)
         if measured.useful:
@@ -272,6 +295,31 @@ def _remedy(
             best, best_score = candidate, measured.correlation
             best_text = f"{text} (still not useful: {measured.describe()})"
     return best, best_text
+
+
+def _label_preserving_output(
+    model: nn.Module, probe_x: Tensor, labels: Tensor, broken: list[str]
+) -> tuple[nn.Module, str] | None:
+    """When the model's output layer is among the ``broken`` modules and removing it keeps the probe's labels (a
+    one-hot of the argmax of the logits before it), the model without it and a description; else None. BPDA through
+    such a layer gives a gradient but a flat loss: attacks must see the logits, and the real model re-checks every
+    success (:class:`Adapted`'s verifier)."""
+    name = output_module(model, probe_x)
+    if name is None or name not in broken:
+        return None
+    others = [n for n in broken if n != name]
+    stripped = _WithoutOutputLayer(with_bpda(without_layers(model, [name]), others)).eval()
+    with torch.no_grad():
+        agreement = float((stripped(probe_x).argmax(1) == labels).float().mean())
+    if agreement < LABEL_AGREEMENT:
+        return None
+    text = (
+        f"output layer {name!r} removed (it only hides the logits: removing it keeps {100 * agreement:.0f}% of the "
+        "probe's labels); attacks see the logits, the real model re-checks every success"
+    )
+    if others:
+        text += "; BPDA (identity) through " + ", ".join(repr(n) for n in others)
+    return stripped, text
 
 
 def _one_hot(model: nn.Module, x: Tensor) -> bool:

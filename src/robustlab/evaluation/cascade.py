@@ -457,10 +457,15 @@ class Cascade:
             seed=self.seed if self.suite.same_seed else self.seed + 1000 * index + number, **options,
         )  # fmt: skip
         success = result.success.cpu()
+        if self.verifier is not None and bool(success.any()):
+            # What the attacks saw (an EOT average, logits under a removed output layer) is not the model: a claim
+            # the real model rejects must not keep the example from the later stages.
+            claimed = success.clone()
+            success[claimed] = _predict(self.verifier, result.x_adv[result.success], self.device) != clean_pred[claimed]
         margin = torch.full((len(rows),), math.inf)
         if self.margins_known and not bool(success.all()):
             # The attack's best point for each example it failed on: how close it came.
-            failed = result.x_adv[~result.success]
+            failed = result.x_adv[~success.to(result.x_adv.device)]
             margin[~success] = _margins(self.model, failed, clean_pred[~success], self.batch_size, self.device)
         found = result.x_adv.cpu()[success]
         if isinstance(self.state.store, FileStore):

@@ -33,6 +33,7 @@ __all__ = [
     "gradient_usefulness",
     "margin_loss",
     "non_differentiable_modules",
+    "output_module",
     "votes_for",
 ]
 
@@ -195,6 +196,34 @@ def non_differentiable_modules(model: nn.Module, x: Tensor, *, seed: int = 0) ->
         if probe is not None and probe.broken:
             found.append(probe)
     return found
+
+
+def output_module(model: nn.Module, x: Tensor) -> str | None:
+    """The name of the leaf module whose forward finishes last in ``model(x)`` when its output is shaped like the
+    model's (per example): the model's output layer, or None when the forward ends outside any module."""
+    finished: list[tuple[str, torch.Size]] = []
+
+    def record(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+            if isinstance(output, Tensor):
+                finished.append((name, output.shape[1:]))
+
+        return hook
+
+    hooks = [
+        module.register_forward_hook(record(name))
+        for name, module in model.named_modules()
+        if name and not any(True for _ in module.children())
+    ]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not finished or finished[-1][1] != out.shape[1:]:
+        return None
+    return finished[-1][0]
 
 
 def _recorder(name: str, seen: dict[str, Tensor]):  # type: ignore[no-untyped-def]

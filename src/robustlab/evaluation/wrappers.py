@@ -8,6 +8,7 @@
   Gradients Give a False Sense of Security", ICML 2018, section 4.3).
 - :func:`with_bpda`: named non-differentiable layers are replaced in the backward pass by the identity
   (Backward Pass Differentiable Approximation, same paper, section 4.1): the forward pass is unchanged.
+  :func:`without_layers` removes them altogether, for an output layer that only hides the logits (a one-hot).
 - :class:`NoiseSmoothedGradient`: the model's own outputs forward, the gradient of their mean over small Gaussian
   input noise backward (the gradient of a smoothed model, as in Athalye et al.'s EOT and Cohen et al. 2019's
   randomized smoothing): oscillating or piecewise-constant terms average out, the predictions are unchanged.
@@ -19,7 +20,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,7 @@ __all__ = [
     "StraightThrough",
     "draws_per_query",
     "with_bpda",
+    "without_layers",
 ]
 
 
@@ -82,15 +84,28 @@ class StraightThrough(nn.Module):
 
 def with_bpda(model: nn.Module, layer_names: Sequence[str]) -> nn.Module:
     """A copy of ``model`` whose named submodules (``model.named_modules()`` names) pass gradients straight through."""
+    return _with_replaced(model, layer_names, StraightThrough, "BPDA")
+
+
+def without_layers(model: nn.Module, layer_names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` whose named submodules are the identity, forward and backward: for an output layer that
+    only hides the logits before it (a one-hot of their argmax), what attacks should see; the real model still
+    judges every success."""
+    return _with_replaced(model, layer_names, lambda _: nn.Identity(), "removal")
+
+
+def _with_replaced(
+    model: nn.Module, layer_names: Sequence[str], replacement: Callable[[nn.Module], nn.Module], purpose: str
+) -> nn.Module:
     wrapped = copy.deepcopy(model)
     modules = dict(wrapped.named_modules())
     for name in layer_names:
         if name not in modules or name == "":
             available = ", ".join(n for n in modules if n) or "none"
-            raise ConfigError(f"no submodule named {name!r} for BPDA; the model's submodules are: {available}")
+            raise ConfigError(f"no submodule named {name!r} for {purpose}; the model's submodules are: {available}")
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else wrapped
-        setattr(parent, child, StraightThrough(modules[name]))
+        setattr(parent, child, replacement(modules[name]))
     return wrapped
 
 
