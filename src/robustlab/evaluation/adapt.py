@@ -130,7 +130,7 @@ def diagnose_and_adapt(
             attack_model, probe_x, threat, gradients, report, user_bpda=bool(bpda), extra_queries=extra_queries
         )
         if verifier is None and _removes_layers(attack_model):
-            verifier = real_model  # attacks see the logits under a removed output layer; the real model judges
+            attack_model, verifier = _judged_by(real_model, attack_model, probe_x, eot_samples, report)
     if not suite.adaptive:  # checks reported, nothing changed (a user's bpda is a request, not an adaptation)
         for verdict in report:
             if verdict.fired and verdict.name != "train_mode":
@@ -236,6 +236,25 @@ class _WithoutOutputLayer(nn.Module):
 
 def _removes_layers(model: nn.Module) -> bool:
     return any(isinstance(m, _WithoutOutputLayer) for m in model.modules())
+
+
+def _judged_by(
+    real: nn.Module, stripped: nn.Module, probe_x: Tensor, eot_samples: int, report: list[Diagnostic]
+) -> tuple[nn.Module, nn.Module]:
+    """The model attacks see once an output layer is removed, and what judges their successes: the real model, or,
+    when the logits the layer hid turn out to vary from draw to draw (a one-hot output seldom shows input noise),
+    the EOT average of the logits judged by a majority vote of the real model."""
+    randomized = check_randomized(stripped, probe_x)
+    if not randomized.fired:
+        return stripped, real
+    randomized.evidence = "the logits under the removed output layer vary between repeated forward passes"
+    attacked, verifier = _averaged(stripped, real, probe_x, eot_samples, randomized)
+    earlier = [i for i, verdict in enumerate(report) if verdict.name == "randomized"]
+    if earlier:
+        report[earlier[0]] = randomized
+    else:
+        report.append(randomized)
+    return attacked, verifier
 
 
 def _sharper_when_smoothed(
@@ -357,17 +376,25 @@ def _answer_output_checks(
     randomized = check_randomized(model, probe_x)
     verifier = None
     if randomized.fired:
-        rate = flip_rate(model, probe_x)
-        samples = max(eot_samples, votes_for(rate))
-        verifier = MajorityVote(model, VERIFY_FACTOR * samples + 1).eval()
-        model = ExpectationOverTransformation(model, samples).eval()
-        randomized.evidence += f"; one draw's prediction differs from the majority for {100 * rate:.1f}% of draws"
-        randomized.action = (
-            f"every query averages the logits of {samples} forward passes (EOT; the size follows from the flip rate) "
-            f"and counts {samples} queries; every success is re-checked by a majority of {verifier.votes} draws"
-        )
+        model, verifier = _averaged(model, model, probe_x, eot_samples, randomized)
     report.append(randomized)
     return model, verifier
+
+
+def _averaged(
+    attacked: nn.Module, judge: nn.Module, probe_x: Tensor, eot_samples: int, randomized: Diagnostic
+) -> tuple[nn.Module, nn.Module]:
+    """The EOT average of the randomized ``attacked`` (a vote size from its measured flip rate) and a majority vote
+    of ``judge`` over more draws, which re-checks every success; completes the ``randomized`` verdict."""
+    rate = flip_rate(attacked, probe_x)
+    samples = max(eot_samples, votes_for(rate))
+    verifier = MajorityVote(judge, VERIFY_FACTOR * samples + 1).eval()
+    randomized.evidence += f"; one draw's prediction differs from the majority for {100 * rate:.1f}% of draws"
+    randomized.action = (
+        f"every query averages the logits of {samples} forward passes (EOT; the size follows from the flip rate) "
+        f"and counts {samples} queries; every success is re-checked by a majority of {verifier.votes} draws"
+    )
+    return ExpectationOverTransformation(attacked, samples).eval(), verifier
 
 
 def _black_box_access(model: LabelOracle, suite: Suite) -> Diagnostic:
