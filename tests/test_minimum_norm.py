@@ -162,6 +162,28 @@ def test_boundary_projection_is_the_box_constrained_minimum(norm: str) -> None:
         assert size == pytest.approx(exact, abs=1e-9)
 
 
+@pytest.mark.parametrize("norm", ["l1", "linf", "l2"])
+def test_boundary_projection_in_float32_on_image_like_points(norm: str) -> None:
+    """MNIST-like points (most coordinates on a face of the box) and gradients whose entries span many orders of
+    magnitude, in float32: the projection still reaches the hyperplane at the float64 solution's size. (A slope
+    sum that rounding drove below zero, times the huge kink of a tiny weight, once returned no step at all.)"""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x = torch.rand(4, 784, generator=g)
+        x = torch.where(x < 0.45, 0.0, torch.where(x > 0.85, 1.0, x))
+        w = torch.randn(4, 784, generator=g) * 10 ** (-8 * torch.rand(4, 784, generator=g))
+        target = torch.randn(4, generator=g) * 0.5
+        d = boundary_projection(w, target, -x, 1 - x, Norm(norm))
+        exact = boundary_projection(w.double(), target.double(), -x.double(), 1 - x.double(), Norm(norm))
+        reachable = (
+            (torch.sign(target)[:, None] * w).abs() * torch.where(torch.sign(target)[:, None] * w > 0, 1 - x, x)
+        ).sum(1)
+        inside = reachable > target.abs() * 1.01
+        assert torch.allclose((w * d).sum(1)[inside], target[inside], rtol=1e-3, atol=1e-5)
+        size = {"l1": lambda t: t.abs().sum(1), "linf": lambda t: t.abs().amax(1), "l2": lambda t: t.norm(dim=1)}[norm]
+        assert torch.allclose(size(d).double(), size(exact), rtol=1e-3, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------- closed forms, binary
 CASES = [("fmn", "linf"), ("fmn", "l2"), ("fmn", "l1"), ("ddn", "l2"), ("cw-l2", "l2")]
 

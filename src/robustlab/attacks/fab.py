@@ -166,15 +166,19 @@ def _fill_by_level(weight: Tensor, rate: Tensor, cap: Tensor, need: Tensor) -> T
     kink_sorted, order = kink.sort(dim=1)
     saturated_gain = (weight * cap).gather(1, order).cumsum(dim=1)
     slope = (weight * rate).gather(1, order)
-    slope_after = slope.sum(dim=1, keepdim=True) - slope.cumsum(dim=1)
+    # The slope left after each kink as a suffix sum: never negative. (A total minus a running sum can be, by
+    # rounding, and times a huge kink, a coordinate of tiny weight, that broke the search for the segment.)
+    suffix = slope.flip(1).cumsum(dim=1).flip(1)
+    zero = torch.zeros_like(saturated_gain[:, :1])
+    slope_after = torch.cat([suffix[:, 1:], zero], dim=1)
     finite = torch.isfinite(kink_sorted)
     gain_at_kink = torch.where(
         finite, saturated_gain + torch.where(finite, kink_sorted, torch.zeros_like(kink_sorted)) * slope_after, math.inf
     )
+    gain_at_kink = gain_at_kink.cummax(dim=1).values  # increasing in exact arithmetic; rounding must not break that
     count = (gain_at_kink < need[:, None]).sum(dim=1, keepdim=True)
-    zero = torch.zeros_like(saturated_gain[:, :1])
     gain_before = torch.cat([zero, saturated_gain], dim=1).gather(1, count)
-    slope_from = torch.cat([slope.sum(dim=1, keepdim=True), slope_after], dim=1).gather(1, count)
+    slope_from = torch.cat([suffix[:, :1], slope_after], dim=1).gather(1, count)
     feasible = slope_from > 0  # else even the whole box gains too little: every coordinate goes to its cap
     safe_slope = torch.where(feasible, slope_from, torch.ones_like(slope_from))
     level = ((need[:, None] - gain_before) / safe_slope).clamp_min(0)
