@@ -415,7 +415,10 @@ def report(args: argparse.Namespace, commit: str, parity: Any, fab: Any, smalles
         targets += lines
         sections.append(
             f"Minimum L2 perturbations, correctly classified among the first {args.min_images} images (median over "
-            "them; none found counts as infinite):\n\n"
+            "them; none found counts as infinite). robustlab's DDN ends with 10 bisection steps toward the clean "
+            "input (forward passes; `line_search=0` gives the reference's output). foolbox's C&W returns the "
+            "all-zero image where it found nothing, which is misclassified: its 'found' and distances near the "
+            "image norms (7-11 here) are that, not found perturbations:\n\n"
             + markdown_table(["model", "attack", "found", "median L2", "mean L2 (found)", "seconds"], rows)
         )
     summary = "\n\n".join(sections) + "\n\nTargets:\n\n" + "\n".join(f"- {line}" for line in targets)

@@ -19,7 +19,9 @@ from scipy.optimize import linprog
 import robustlab
 from robustlab import ConfigError, ThreatModel
 from robustlab.attacks.fab import boundary_projection
-from robustlab.attacks.minimum_norm import robust_accuracy_at, unconstrained_threat
+from robustlab.attacks.minimum_norm import SmallestAdversarial, robust_accuracy_at, unconstrained_threat
+from robustlab.goals import Goal
+from robustlab.oracles import GradientOracle
 from robustlab.threat import Norm
 from tests.toys import LinearClassifier, binary_linear
 
@@ -399,3 +401,24 @@ def test_evaluate_in_l0_with_fmn() -> None:
     )  # fmt: skip
     assert {d.name for d in result.diagnostics} >= {"gradients", "large_eps"}
     assert torch.equal(result.broken, torch.as_tensor(exact <= eps))
+
+
+def test_line_search_brings_a_far_adversarial_point_to_the_boundary_along_its_segment() -> None:
+    """A point twice as far as needed along the normal: 20 bisection steps leave it at the closed-form distance
+    (to 2^-20 of the segment), still adversarial; an attack's own line search never lengthens what it found."""
+    model, x, y = interior_batch("l2")
+    exact = torch.from_numpy(closed_form(model, x, "l2"))
+    w = (model.weight[1] - model.weight[0]).detach()
+    away = torch.where(y == 0, 1.0, -1.0).to(x.dtype)[:, None] * w / w.norm()
+    threat = unconstrained_threat("l2", x)
+    record = SmallestAdversarial(x, threat)
+    far = x + 2 * exact[:, None] * away
+    assert bool((model(far).argmax(1) != y).all())
+    record.offer(far, torch.ones(len(x), dtype=torch.bool))
+    oracle = GradientOracle(model).bind(len(x), x.device)
+    record.shrink_along_segment(oracle, Goal(y), 20)
+    assert torch.allclose(record.distance, exact, rtol=1e-5)
+    assert bool((model(record.point).argmax(1) != y).all())
+    plain = robustlab.minimum_norm(model, x, y, "l2", method="ddn", seed=0, line_search=0).distance
+    searched = robustlab.minimum_norm(model, x, y, "l2", method="ddn", seed=0).distance
+    assert bool((searched <= plain).all()) and float(searched.sum()) < float(plain.sum())

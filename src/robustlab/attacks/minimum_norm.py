@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from robustlab.attacks.base import Attack, AttackConfig, AttackResult
 from robustlab.attacks.registry import get_attack
-from robustlab.checks import check_flag
+from robustlab.checks import check_flag, check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.goals import Goal
 from robustlab.oracles import Access, GradientOracle
@@ -55,12 +55,17 @@ class MinimumNormConfig(AttackConfig):
     Attributes:
         early_stop: with a threat model's eps, an example leaves the search once a perturbation within eps is
             found (evaluation); False keeps shrinking it (``minimum_norm`` always runs without).
+        line_search: bisection steps (one forward pass each) that finally move each example's nearest adversarial
+            point toward its clean input along the segment between them, as long as it stays adversarial; an
+            iterative search stops some way past the boundary (DDN's norm moves by 5% a step). 0: none.
     """
 
     early_stop: bool = True
+    line_search: int = 0
 
     def validate(self) -> None:
         check_flag("early_stop", self.early_stop)
+        check_positive_int("line_search", self.line_search, minimum=0)
 
 
 class SmallestAdversarial:
@@ -92,6 +97,23 @@ class SmallestAdversarial:
             self.distance[chosen] = distance[better]
         return distance
 
+    def shrink_along_segment(self, oracle: GradientOracle, goal: Goal, steps: int) -> None:
+        """Bisect, per example with a nearest adversarial point ``p`` (not the clean input itself), the smallest
+        ``t`` in (0, 1] for which ``x + t (p - x)`` still meets ``goal``; each adversarial midpoint is offered. The
+        segment lies in the box (both ends do) and inside the ball (it only comes nearer)."""
+        index = (self.found & (self.distance > 0)).nonzero().flatten()
+        if steps == 0 or index.numel() == 0:
+            return
+        clean, far, subgoal = self.x[index], self.point[index], goal.subset(index)
+        low = torch.zeros(index.numel(), dtype=clean.dtype, device=clean.device)
+        high = torch.ones_like(low)
+        for _ in range(steps):
+            middle = (low + high) / 2
+            points = clean + rows_like(middle, clean) * (far - clean)
+            success = subgoal.is_success(oracle.logits(points, index))
+            self.offer(points, success, index)
+            high, low = torch.where(success, middle, high), torch.where(success, low, middle)
+
     def within_eps(self, index: Tensor | None = None) -> Tensor:
         """Examples (of ``index``) whose smallest perturbation found lies in the threat model's ball."""
         distance = self.distance if index is None else self.distance[index]
@@ -110,13 +132,18 @@ class MinimumNormAttack(Attack[GradientOracle]):
     """A white-box attack that minimizes the perturbation's norm; subclasses implement :meth:`_search`."""
 
     access = Access.GRADIENT
+    config: MinimumNormConfig
 
     def _perturb(
         self, oracle: GradientOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Any]]:
         record = SmallestAdversarial(x, threat)
         extras = self._search(oracle, x, goal, threat, generator, record) or {}
+        record.shrink_along_segment(oracle, goal, self._line_search_steps())
         return record.candidates(), {"smallest_distance": record.distance, **extras}
+
+    def _line_search_steps(self) -> int:
+        return self.config.line_search
 
     def _search(
         self,
