@@ -19,10 +19,12 @@ from robustlab.report import Report
 from tests.toys import tiny_cnn
 
 # fra31/auto-attack, autoattack.py: the attacks' constructors in AutoAttack.__init__ and set_version("standard").
+FAB_DEFAULTS = {"steps": 100, "restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
 REFERENCE_STANDARD: list[tuple[str, dict[str, Any]]] = [
     ("apgd", {"steps": 100, "restarts": 1, "loss": "ce", "rho": 0.75, "eot_iter": 1}),
     ("apgd-t", {"steps": 100, "restarts": 1, "n_target_classes": 9, "rho": 0.75, "eot_iter": 1}),
-    ("fab-t", {"steps": 100, "restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}),
+    # fab_projections.py: its projections, the l2 one with its rounding (robustlab's "reference" projection).
+    ("fab-t", {**FAB_DEFAULTS, "projection": "reference"}),
     # n_queries=5000 iterations after one initial query; resc_schedule=False: the schedule written for 10,000.
     ("square", {"queries": 5001, "p_init": 0.8, "loss": "margin", "schedule_queries": 10_000}),
 ]

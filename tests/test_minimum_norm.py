@@ -9,16 +9,18 @@ never be below the minimum; the tests bound it from above.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linprog
+from torch import nn
 
 import robustlab
 from robustlab import ConfigError, ThreatModel
-from robustlab.attacks.fab import boundary_projection
+from robustlab.attacks.fab import boundary_projection, reference_l2_projection
 from robustlab.attacks.minimum_norm import SmallestAdversarial, robust_accuracy_at, unconstrained_threat
 from robustlab.goals import Goal
 from robustlab.oracles import GradientOracle
@@ -184,6 +186,55 @@ def test_boundary_projection_in_float32_on_image_like_points(norm: str) -> None:
         assert torch.allclose((w * d).sum(1)[inside], target[inside], rtol=1e-3, atol=1e-5)
         size = {"l1": lambda t: t.abs().sum(1), "linf": lambda t: t.abs().amax(1), "l2": lambda t: t.norm(dim=1)}[norm]
         assert torch.allclose(size(d).double(), size(exact), rtol=1e-3, atol=1e-6)
+
+
+REFERENCE_L2_STEPS = Path(__file__).parent / "data" / "fab_reference_l2.npz"
+
+
+def test_reference_l2_projection_is_the_exact_one_where_its_gain_is_monotone() -> None:
+    """Well-scaled weights in float64: the reference's arithmetic finds the box-constrained minimum, including rows
+    the box cannot bring to the hyperplane and rows reached before any coordinate saturates."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(300, 50, generator=g, dtype=torch.float64)
+    x = torch.rand(300, 50, generator=g, dtype=torch.float64)
+    x = torch.where(torch.rand(300, 50, generator=g) < 0.3, 0.0, x)
+    target = torch.randn(300, generator=g, dtype=torch.float64) * torch.logspace(-3, 1.5, 300, dtype=torch.float64)
+    exact = boundary_projection(w, target, -x, 1 - x, Norm.L2)
+    assert torch.allclose(reference_l2_projection(w, target, -x, 1 - x), exact, atol=1e-9)
+
+
+def test_reference_l2_projection_reproduces_the_reference_code() -> None:
+    """Known answers: image-like float32 rows (pixels on the faces of the box, half the gradient entries below 1e-8)
+    and the steps ``projection_l2`` of fra31/auto-attack (commit a392200) returned for them, recorded. On three rows
+    its rounding made it step past the hyperplane, far beyond the exact minimum; robustlab's twin must do the same
+    (and be exact on the other three), or ``--suite autoattack`` is not the reference."""
+    data = np.load(REFERENCE_L2_STEPS, allow_pickle=False)
+    x, w, target, recorded = (torch.from_numpy(data[key]) for key in ("x", "w", "target", "step"))
+    overshoots = torch.from_numpy(data["overshoots"])
+    step = reference_l2_projection(w, target, -x, 1 - x)
+    assert torch.allclose(step, recorded, atol=1e-5)
+    exact = boundary_projection(w, target, -x, 1 - x, Norm.L2)
+    assert bool(overshoots.any()) and bool((~overshoots).any())
+    assert torch.allclose(step[~overshoots], exact[~overshoots], atol=1e-5)
+    assert bool((step[overshoots].norm(dim=1) > 1.05 * exact[overshoots].norm(dim=1)).all())
+    assert bool(((w * step).sum(1)[overshoots].abs() > target[overshoots].abs() * 1.01).all())  # past the plane
+    assert bool((step[w.abs() < 1e-8] == 0).all())  # the reference never moves a coordinate of tiny weight
+    assert bool(((x + step >= -1e-6) & (x + step <= 1 + 1e-6)).all())  # up to rounding; FAB clips after
+
+
+def test_fab_projection_option_is_checked_and_only_changes_l2() -> None:
+    with pytest.raises(ConfigError, match="projection must be one of"):
+        robustlab.get_attack("fab-t").cls(projection="bisection")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.rand(6, 1, 4, 4)
+    y = model(x).argmax(1)
+    for norm, eps in (("linf", 0.3), ("l1", 2.0)):
+        runs = [
+            robustlab.attack(model, x, y, ThreatModel(norm, eps), method="fab-t", projection=p, seed=0).x_adv
+            for p in ("exact", "reference")
+        ]
+        assert torch.equal(runs[0], runs[1])
 
 
 # --------------------------------------------------------------------------------------- closed forms, binary

@@ -32,7 +32,9 @@ by ``eta`` balance there): FAB's distances are that close to minimal, not closer
 Differences from the reference, on purpose: untargeted FAB measures a hyperplane's distance by the smallest step
 reaching it inside the box (the reference's ``|f_j - f_y| / ||grad (f_j - f_y)||_*``, ``*`` the dual norm, ignores
 the box, and picks a hyperplane the box keeps far, above all in l1); the box is the threat model's, not [0, 1]; the
-projections are exact sort-based solutions rather than the reference's bisection (same minimizers); an untargeted
+projections are exact sort-based solutions rather than the reference's bisection (same minimizers, except where
+rounding misleads the reference's l2 bisection: :func:`reference_l2_projection` reproduces it, chosen by
+``projection="reference"``, as ``--suite autoattack`` does); an untargeted
 iteration takes its per-class gradients as one batched forward and backward pass over copies of the inputs (counted
 as one gradient evaluation per class and example); examples already meeting the goal are recorded at distance 0
 and not attacked; with ``early_stop`` an example leaves once it is broken within eps (the reference only skips it
@@ -63,13 +65,16 @@ from robustlab.oracles import GradientOracle
 from robustlab.threat import Norm, ThreatModel
 from robustlab.utils import rows_like
 
-__all__ = ["FAB", "FABConfig", "FABTargeted", "FABTargetedConfig", "boundary_projection"]
+__all__ = ["FAB", "FABConfig", "FABTargeted", "FABTargetedConfig", "boundary_projection", "reference_l2_projection"]
 
+PROJECTIONS = ("exact", "reference")
 ROWS_PER_CALL = 4096  # an untargeted iteration batches its per-class copies up to this many rows per call
 
 # The linearized boundary at a point: per row, the value of a function whose zero set is the boundary, and its
 # input gradient.
 Boundary = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# A step onto a linearized boundary: (w, target, lower, upper, norm) -> d (see boundary_projection).
+Projection = Callable[[Tensor, Tensor, Tensor, Tensor, Norm], Tensor]
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,8 @@ class FABConfig(MinimumNormConfig):
         alpha_max: the largest weight of the step from the clean input (0.1).
         eta: extrapolation beyond the linearized boundary (1.05).
         beta: how far an adversarial iterate is pulled back toward the clean input (0.9).
+        projection: ``"exact"`` (default) or ``"reference"``: the reference code's l2 projection arithmetic, for
+            ``--suite autoattack`` (see :func:`reference_l2_projection`; linf and l1 are exact either way).
         early_stop: see :class:`~robustlab.attacks.minimum_norm.MinimumNormConfig`.
     """
 
@@ -90,9 +97,12 @@ class FABConfig(MinimumNormConfig):
     alpha_max: float = 0.1
     eta: float = 1.05
     beta: float = 0.9
+    projection: str = "exact"
 
     def validate(self) -> None:
         super().validate()
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)} (got {self.projection!r})")
         check_positive_int("steps", self.steps)
         check_positive_int("restarts", self.restarts)
         check_number("alpha_max", self.alpha_max, low=0.0, high=1.0)
@@ -185,6 +195,59 @@ def _fill_by_level(weight: Tensor, rate: Tensor, cap: Tensor, need: Tensor) -> T
     return torch.where(feasible, torch.minimum(level * rate, cap), cap)
 
 
+FROZEN_WEIGHT = 1e-8  # the reference code never moves a coordinate whose |w| is below this
+KINK_SENTINEL = 1e12  # and gives it this kink, which also caps every other kink
+
+
+def reference_l2_projection(w: Tensor, target: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """The l2 step of :func:`boundary_projection` computed as the reference code computes it (``projection_l2`` in
+    ``fra31/auto-attack``, ``autoattack/fab_projections.py``), for ``--suite autoattack``.
+
+    Same problem, ``e_i = min(lam |w_i|, cap_i)``, solved by a bisection over the sorted kinks ``cap_i / |w_i|``,
+    with two numerical choices that matter on images: a coordinate with ``|w_i| < 1e-8`` never moves and its kink,
+    a sentinel, counts as 0 once sorted; and the slope after each kink is ``||w||^2`` minus a running sum in the
+    input's precision. Near a saturated box (pixels at 0 or 1, tiny gradient entries, kinks up to ``1e8``) that
+    slope's rounding error (about ``1e-7 ||w||^2``) times the kink gaps makes the cumulative gain non-monotone;
+    the bisection, which assumes it monotone, can then land on a wrong segment and the step goes past the
+    hyperplane, sometimes far. Where the gain is monotone this is the exact step. On nonlinear models such long
+    steps cross boundaries that the exact step approaches without crossing, and the published AutoAttack numbers
+    include them (on robustlab's PGD-AT SmallCNN at l2 eps 2 they account for the reference's lead over exact
+    FAB-T; docs/benchmarks.md, "autoattack_parity"). The reference's linf and l1 projections agree with the exact
+    ones, so only l2 has this twin. Rows are flat ``(n, d)``; the box is ``lower <= d <= upper`` as above.
+    """
+    need = target.abs()[:, None]
+    oriented = w * torch.where(target >= 0, 1.0, -1.0).to(w.dtype)[:, None]
+    weight = oriented.abs()
+    frozen = weight < FROZEN_WEIGHT
+    cap = torch.where(oriented > 0, upper, -lower).clamp_min(0)
+    kink = torch.where(frozen, KINK_SENTINEL, (cap / weight.clamp_min(FROZEN_WEIGHT)).clamp_max(KINK_SENTINEL))
+    sorted_kink, order = kink.sort(dim=1)
+    squares = (oriented**2).gather(1, order)
+    total = squares.sum(dim=1, keepdim=True)
+    slope_after = total - squares.cumsum(dim=1)  # the reference's rounding, on purpose
+    following = torch.nn.functional.pad(sorted_kink[:, 1:], (0, 1))
+    at, following = (k.masked_fill(k == KINK_SENTINEL, 0) for k in (sorted_kink, following))
+    start = -total * at[:, :1]
+    # Minus the gain at each sorted kink (index j: the level at kink j; one more entry than kinks).
+    minus_gain = torch.cat([start, ((at - following) * slope_after).cumsum(dim=1) + start], dim=1)
+    saturated = torch.where(frozen, torch.zeros_like(kink), kink * weight)
+    before_first_kink = (minus_gain[:, :1] + need < 0)[:, 0]
+    box_too_small = (need[:, 0] - (saturated * weight).sum(dim=1)) > 0
+    low = torch.zeros_like(need, dtype=torch.long)
+    high = torch.full_like(low, w.shape[1] - 1)
+    for _ in range(math.ceil(math.log2(w.shape[1]))):
+        middle = (low + high) // 2
+        short = minus_gain.gather(1, middle) + need > 0
+        low, high = torch.where(short, middle, low), torch.where(short, high, middle)
+    slope = slope_after.gather(1, low)
+    level = (minus_gain.gather(1, low) + need) / torch.where(slope == 0, 1.0, slope) + at.gather(1, low)
+    level = torch.where(slope == 0, 0.0, level)
+    amount = torch.where(level > kink, saturated, level * weight)
+    amount = torch.where(box_too_small[:, None], saturated, amount)
+    amount = torch.where(before_first_kink[:, None], need / total * weight, amount)
+    return oriented.sign() * amount * (weight > FROZEN_WEIGHT)
+
+
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
@@ -265,6 +328,9 @@ class _FABBase(MinimumNormAttack):
     ) -> None:
         """One FAB run on the examples ``index``; ``success_goal`` (whole batch) says what counts as adversarial."""
         config, norm = self.config, threat.norm
+        project: Projection = boundary_projection
+        if config.projection == "reference" and norm is Norm.L2:
+            project = _reference_l2_step
         x0 = record.x[index]
         x1 = x0.clone()
         if random_start:
@@ -274,9 +340,9 @@ class _FABBase(MinimumNormAttack):
             difference, gradient = boundary(x1, index)
             x1_flat, x0_flat = _flat(x1), _flat(x0)
             lower, upper = threat.lower, threat.upper
-            d1 = boundary_projection(gradient, -difference, lower - x1_flat, upper - x1_flat, norm)
+            d1 = project(gradient, -difference, lower - x1_flat, upper - x1_flat, norm)
             offset = difference + (gradient * (x0_flat - x1_flat)).sum(dim=1)
-            d0 = boundary_projection(gradient, -offset, lower - x0_flat, upper - x0_flat, norm)
+            d0 = project(gradient, -offset, lower - x0_flat, upper - x0_flat, norm)
             size1, size0 = _norm_of(d1, norm).clamp_min(1e-8), _norm_of(d0, norm).clamp_min(1e-8)
             alpha = (size1 / (size1 + size0)).clamp(0.0, config.alpha_max)[:, None]
             moved = (x1_flat + config.eta * d1) * (1 - alpha) + (x0_flat + config.eta * d0) * alpha
@@ -303,6 +369,10 @@ class _FABBase(MinimumNormAttack):
         clean_success = goal.is_success(logits)
         record.offer(record.x, clean_success)
         return logits, clean_success
+
+
+def _reference_l2_step(w: Tensor, target: Tensor, lower: Tensor, upper: Tensor, norm: Norm) -> Tensor:
+    return reference_l2_projection(w, target, lower, upper)
 
 
 def _random_direction(x: Tensor, norm: Norm, generator: torch.Generator) -> Tensor:
