@@ -26,7 +26,7 @@ Eps defaults to 0.1: at 0.3 this short Fast-AT run collapsed (run 2026-12-04: ca
 epochs 2 and 3, validation PGD-10 accuracy 3.5%), and a model with no robust example left compares nothing but the
 evaluators' fixed costs.
 
-    python -m benchmarks.training_scale [--train-examples 4000] [--epochs 3] [--eps 0.1] [--images 50]
+    python -m benchmarks.training_scale [--train-examples 4000] [--epochs 3] [--eps 0.1] [--images 100]
                                         [--with-cascade] [--no-docs]
 """
 
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--eps", type=float, default=0.1)
-    parser.add_argument("--images", type=int, default=50, help="test images both evaluators attack")
+    parser.add_argument("--images", type=int, default=100, help="test images both evaluators attack")
     parser.add_argument("--batch", type=int, default=50, help="images per attack call, for every evaluator")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--with-cascade", action="store_true")
