@@ -241,3 +241,51 @@ def test_a_surrogate_that_does_not_fit_is_named() -> None:
         robustlab.attack(target, x, y, threat, method="p-rgf", surrogate=ScoreOracle(module_function(target)))
     with pytest.raises(ModelError, match=r"surrogate 1 must be a torch\.nn\.Module"):
         robustlab.attack(target, x, y, threat, method="p-rgf", surrogate="model.pt")
+
+
+def test_rival_margin_loss_known_answers() -> None:
+    from robustlab.goals import Goal
+    from robustlab.losses import margin_loss, rival_margin_loss
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 4.0]])
+    goal = Goal(torch.tensor([0, 2]))
+    assert rival_margin_loss(torch.tensor([2, 0]))(logits, goal).tolist() == [1.0, -3.5]  # z_rival - z_label
+    unknown = rival_margin_loss(torch.tensor([-1, -1]))(logits, goal)
+    assert torch.equal(unknown, margin_loss(logits, goal))  # -1: the largest other class
+    targeted = Goal(torch.tensor([0, 2]), targets=torch.tensor([1, 0]))
+    assert rival_margin_loss(torch.tensor([0, 2]))(logits, targeted).tolist() == [2.0, -3.5]  # z_target - z_rival
+
+
+def test_the_search_records_the_targets_rival_class() -> None:
+    from robustlab.attacks.zo_engine import ScoreSearch
+    from robustlab.goals import Goal
+    from robustlab.losses import margin_loss
+    from robustlab.zeroth_order import ScoreObjective
+
+    target = tiny_cnn(seed=0)
+    x = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    y = target(x).argmax(1)
+    goal = Goal(y)
+    oracle = ScoreOracle(module_function(target)).bind(5, x.device)
+    search = ScoreSearch(oracle, goal, ScoreObjective(margin_loss, goal), 10, x)
+    assert search.rival.tolist() == [-1] * 5
+    search.evaluate(x[1:3], torch.tensor([1, 2]))
+    expected = target(x[1:3]).detach().scatter(1, y[1:3, None], float("-inf")).argmax(1)
+    assert search.rival[1:3].tolist() == expected.tolist() and search.rival[[0, 3, 4]].tolist() == [-1] * 3
+
+
+@pytest.mark.parametrize("budget", [15, 60, 200])
+def test_restarts_keep_the_budget_and_the_query_count(budget: int) -> None:
+    target = tiny_cnn(seed=0)
+    counting = Counting(target)
+    x = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(budget))
+    y = target(x).argmax(1)
+    threat = ThreatModel("linf", 0.02)
+    result = robustlab.attack(counting, x, y, threat, method="p-rgf", surrogate=tiny_cnn(seed=2), q=4,
+                              queries=budget, restarts=3, patience=1, min_gain=1e6, seed=0)  # fmt: skip
+    restarts = result.extras["restarts"]
+    assert bool((result.queries <= budget).all()) and bool((restarts <= 3).all())
+    assert int(restarts.max()) > 0 or budget < 20  # every step stalls (no gain is 1e6): restarts happen
+    assert counting.rows == int(result.queries.sum()) + 5 + 1  # + the audits and the class-count probe
+    assert bool(threat.contains(result.x_adv, x).all())
+    assert torch.equal(result.success, target(result.x_adv).argmax(1) != y)

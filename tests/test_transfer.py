@@ -199,3 +199,65 @@ def test_evaluate_with_surrogates_opens_a_black_box_cascade_with_transfer_and_p_
     assert [s.method for s in labels_only.steps] == ["transfer", "rays"]
     with pytest.raises(ConfigError, match="black-box evaluations"):
         evaluate(target, (x, y), threat, "quick", surrogates=[target], progress=False)
+
+
+def test_candidates_are_asked_in_turn_until_one_fools_the_target() -> None:
+    target, x, y = _batch(12, seed=11)
+    threat = ThreatModel("linf", 0.1)
+    surrogate = [tiny_cnn(seed=1)]
+    one = robustlab.attack(target, x, y, threat, method="transfer", surrogate=surrogate, seed=0)
+    counting = Counting(target)
+    three = robustlab.attack(counting, x, y, threat, method="transfer", surrogate=surrogate, candidates=3, seed=0)
+    queries = three.queries
+    assert counting.rows == int(queries.sum()) + 12  # one query per candidate asked, one audit each
+    assert bool((queries >= 1).all()) and bool((queries <= 3).all())
+    assert torch.equal(queries, three.extras["candidates_asked"])
+    assert bool(three.success[queries < 3].all())  # an example stops asking once a candidate fools the target
+    # The first candidate is the single-candidate attack's: what it fooled is fooled after one query.
+    assert bool(three.success[one.success].all()) and bool((queries[one.success] == 1).all())
+    assert int(three.success.sum()) >= int(one.success.sum())
+    assert torch.equal(three.success, target(three.x_adv).argmax(1) != y)
+    assert bool(threat.contains(three.x_adv, x).all())
+    with pytest.raises(ConfigError, match="input diversity"):
+        robustlab.attack(target, x, y, threat, method="transfer", surrogate=surrogate, candidates=2, di_prob=0.0)
+
+
+@pytest.mark.parametrize("method", ["rays-transfer", "hsja-transfer", "square-transfer", "p-rgf-transfer"])
+def test_attacks_from_several_candidates_count_every_query(method: str) -> None:
+    target, x, y = _batch(6, seed=12)
+    counting = Counting(target)
+    threat = ThreatModel("linf", 0.05)
+    options = {"q": 4} if method == "p-rgf-transfer" else {}
+    result = robustlab.attack(counting, x, y, threat, method=method, surrogate=tiny_cnn(seed=3), candidates=3,
+                              queries=30, seed=0, **options)  # fmt: skip
+    assert bool((result.queries <= 30).all()) and bool(threat.contains(result.x_adv, x).all())
+    assert bool((result.queries >= 3).all())  # this surrogate fools nothing: three candidates asked each
+    probe = 1 if method in ("square-transfer", "p-rgf-transfer") else 0  # the score attacks' class-count probe
+    assert counting.rows == int(result.queries.sum()) + 6 + probe  # every query counted, one audit each
+    assert torch.equal(result.success, target(result.x_adv).argmax(1) != y)
+
+
+def test_square_transfer_start_keeps_the_pixels_the_transfer_left_unchanged() -> None:
+    target, x, y = _batch(6, seed=13)
+    x[:, :, :2] = 0.0  # a dark band: a step that darkens it is clipped by the box
+    threat = ThreatModel("linf", 0.05)
+    surrogate = tiny_cnn(seed=5)
+    crafted = robustlab.attack(target, x, y, threat, method="transfer", surrogate=surrogate, seed=0)
+    candidate = crafted.extras["transfer_candidate"]
+    start = robustlab.attack(target, x, y, threat, method="square-transfer", surrogate=surrogate, queries=1, seed=0)
+    vertex = (x + threat.eps * torch.sign(candidate - x)).clamp(0, 1)
+    assert torch.equal(start.x_adv, vertex)
+    unchanged = candidate == x
+    assert bool(unchanged.any()) and torch.equal(start.x_adv[unchanged], x[unchanged])
+
+
+def test_p_rgf_transfer_restarts_a_stalled_example_at_the_clean_input() -> None:
+    from robustlab.attacks.transfer_start import PRGFTransfer
+
+    attack = PRGFTransfer(surrogate=tiny_cnn(seed=1))
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    threat = ThreatModel("linf", 0.1)
+    done = torch.tensor([0, 1, 0, 2])
+    restart = attack._restart(x, done, threat, torch.Generator().manual_seed(0))
+    assert torch.equal(restart[done == 0], x[done == 0])
+    assert bool(threat.contains(restart, x).all()) and not torch.equal(restart[1], x[1])

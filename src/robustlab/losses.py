@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from robustlab.errors import ConfigError
 from robustlab.goals import Goal
 
-__all__ = ["LOSSES", "AttackLoss", "attack_loss", "dlr_loss", "kl_divergence", "margin_loss"]
+__all__ = ["LOSSES", "AttackLoss", "attack_loss", "dlr_loss", "kl_divergence", "margin_loss", "rival_margin_loss"]
 
 AttackLoss = Callable[[Tensor, Goal], Tensor]
 
@@ -45,6 +46,21 @@ def margin_loss(logits: Tensor, goal: Goal) -> Tensor:
         return target - _largest_other(logits, goal.targets)
     true = logits.gather(1, goal.labels[:, None]).squeeze(1)
     return _largest_other(logits, goal.labels) - true
+
+
+def rival_margin_loss(rival: Tensor) -> AttackLoss:
+    """The margin loss against a given ``rival`` class per example (-1: the largest other class, as
+    :func:`margin_loss`): ``z_rival - z_label`` (targeted: ``z_target - z_rival``). A score-based attack knows the
+    black box's rival at its iterate; a surrogate's gradient of this loss is a prior for the black box's margin."""
+
+    def loss(logits: Tensor, goal: Goal) -> Tensor:
+        keep = goal.targets if goal.targets is not None else goal.labels
+        largest = logits.scatter(1, keep[:, None], float("-inf")).argmax(dim=1)
+        other = logits.gather(1, torch.where(rival >= 0, rival, largest)[:, None]).squeeze(1)
+        kept = logits.gather(1, keep[:, None]).squeeze(1)
+        return kept - other if goal.targets is not None else other - kept
+
+    return loss
 
 
 def dlr_loss(logits: Tensor, goal: Goal) -> Tensor:

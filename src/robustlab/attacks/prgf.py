@@ -69,7 +69,7 @@ from robustlab.attacks.registry import register_attack
 from robustlab.attacks.zo_engine import ScoreSearch, check_estimate_options
 from robustlab.checks import check_choice, check_number, check_positive_int
 from robustlab.goals import Goal
-from robustlab.losses import attack_loss
+from robustlab.losses import attack_loss, rival_margin_loss
 from robustlab.oracles import Access, ScoreOracle
 from robustlab.threat import Norm, ThreatModel
 from robustlab.zeroth_order import ScoreObjective
@@ -102,6 +102,13 @@ class PRGFConfig(AttackConfig):
         rel_lr: the step as a fraction of eps when ``lr`` is None.
         loss: ``"margin"`` (default, see the module docstring), ``"ce"`` or ``"dlr"``, on log-probabilities.
         ensemble: how several surrogates make one prior: ``"logits"`` or ``"loss"`` averaging.
+        prior_loss: ``"rival"`` (default, with the margin loss): the prior is the surrogates' gradient of ``z_r -
+            z_y`` with ``r`` the target's strongest other class at the iterate (known from the last query);
+            ``"loss"``: the surrogates' gradient of the attack's loss, their own strongest other class included.
+        restarts: times an example that stalls may start again (0, the reference's): at a random point of the ball
+            (``p-rgf-transfer``: first at the clean input).
+        patience: steps without a gain of ``min_gain`` in the loss after which an example has stalled.
+        min_gain: the gain that counts as progress, in the loss's units (log-probabilities).
     """
 
     queries: int = 10_000
@@ -113,6 +120,10 @@ class PRGFConfig(AttackConfig):
     rel_lr: float = 0.1
     loss: str = "margin"
     ensemble: str = "logits"
+    prior_loss: str = "rival"
+    restarts: int = 0
+    patience: int = 10
+    min_gain: float = 1e-2
 
     def validate(self) -> None:
         check_estimate_options(self.queries, self.q, self.sigma, self.loss, mu_meaning="sigma, the probe scale")
@@ -122,6 +133,10 @@ class PRGFConfig(AttackConfig):
             check_number("lr", self.lr, low=0, low_open=True)
         check_number("rel_lr", self.rel_lr, low=0, low_open=True)
         check_choice("ensemble", self.ensemble, ("logits", "loss"))
+        check_choice("prior_loss", self.prior_loss, ("rival", "loss"))
+        check_positive_int("restarts", self.restarts, minimum=0)
+        check_positive_int("patience", self.patience)
+        check_number("min_gain", self.min_gain, low=0.0)
 
 
 def optimal_lambda(alpha: Tensor, dim: int | Tensor, q: int | Tensor) -> Tensor:
@@ -305,6 +320,44 @@ def _tally(stats: dict[str, Tensor], rows: Tensor, estimate: PriorEstimate, *, w
     stats["directions"][rows] += estimate.directions
 
 
+@dataclass
+class _Progress:
+    """Per example: steps since its (re)start (the gradient-norm schedule follows them), the best loss since then and
+    the step that last gained ``min_gain`` on it, and the restarts made."""
+
+    local: Tensor
+    best: Tensor
+    best_at: Tensor
+    restarts: Tensor
+
+    @classmethod
+    def begin(cls, value: Tensor) -> _Progress:
+        zeros = torch.zeros(value.shape, dtype=torch.long, device=value.device)
+        return cls(zeros.clone(), value.clone(), zeros.clone(), zeros.clone())
+
+    def norm_step(self, rows: Tensor, every: int) -> Tensor:
+        """Whether each example of ``rows`` re-estimates the gradient norm at this step (0, 3, then every
+        ``every`` steps of its current start, as in the reference)."""
+        local = self.local[rows]
+        return (local % every == 0) | (local == 3)
+
+    def observe(self, rows: Tensor, value: Tensor, min_gain: float) -> None:
+        self.local[rows] += 1
+        gained = value > self.best[rows] + min_gain
+        self.best[rows] = torch.maximum(self.best[rows], value)
+        self.best_at[rows] = torch.where(gained, self.local[rows], self.best_at[rows])
+
+    def stalled(self, rows: Tensor, patience: int, restarts: int) -> Tensor:
+        """Which examples of ``rows`` gained nothing for ``patience`` steps and may still restart."""
+        return (self.local[rows] - self.best_at[rows] >= patience) & (self.restarts[rows] < restarts)
+
+    def restart(self, rows: Tensor, value: Tensor) -> None:
+        self.restarts[rows] += 1
+        self.best[rows] = value
+        self.local[rows] = 0
+        self.best_at[rows] = 0
+
+
 @register_attack
 class PRGF(SurrogateAttack, Attack[ScoreOracle]):
     """P-RGF (Cheng et al. 2019): RGF estimates biased toward a surrogate's gradient, lambda from queries."""
@@ -316,10 +369,15 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
     config: PRGFConfig
 
     def _start(
-        self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
-    ) -> Tensor:
-        """The first iterate (queried once): the clean input (``p-rgf-transfer``: a transfer example)."""
-        return x.clone()
+        self, search: ScoreSearch, x: Tensor, value: Tensor, threat: ThreatModel, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """The first iterates, queried (their losses written to ``value``), and the examples that go on: the clean
+        input, one query (``p-rgf-transfer``: transfer examples)."""
+        return x.clone(), search.start(x, value)
+
+    def _restart(self, x: Tensor, done: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:
+        """Where an example restarts after ``done`` restarts: a uniform random point of the ball (in the box)."""
+        return threat.random_start(x, generator)
 
     def _perturb(
         self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
@@ -342,19 +400,22 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             "alpha_sum": torch.zeros(n, dtype=torch.float64, device=x.device),
             "directions": torch.zeros(n, dtype=torch.long, device=x.device),
         }
-        x_adv = self._start(oracle, x, goal, threat, generator)
+        x_adv, active = self._start(search, x, value, threat, generator)
+        progress = _Progress.begin(value)
 
         def evaluate(points: Tensor, owners: Tensor) -> Tensor:
             return search.objective(oracle.scores(points.clamp(threat.lower, threat.upper), owners), owners)
 
-        active = search.start(x_adv, value)
         number = 0
         while active.numel() > 0:
-            norm_step = number % c.norm_every == 0 or number == 3
-            worst = (c.norm_samples if norm_step and ensemble is not None else 0) + int(ensemble is not None) + c.q + 1
-            active = search.affordable(active, worst)
+            # An example goes on only while it can pay a whole step at its worst (its norm steps cost more).
+            cost = int(ensemble is not None) + c.q + 1
+            norm_step = progress.norm_step(active, c.norm_every) & (ensemble is not None)
+            measuring = search.affordable(active[norm_step], cost + c.norm_samples)
+            active = torch.cat([measuring, search.affordable(active[~norm_step], cost)]).sort().values
             if active.numel() == 0:
                 break
+            norm_step = progress.norm_step(active, c.norm_every)
             here = x_adv[active]
 
             def on_active(points: Tensor, owners: Tensor, rows: Tensor = active) -> Tensor:
@@ -363,15 +424,24 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             prior, free = None, None
             gradient_norm = norm_square[active]
             if ensemble is not None:
-                _, prior = ensemble.loss_and_grad(here, goal.subset(active), loss)
+                # Margin loss: the surrogates' gradient of the target's own pair of classes at the iterate.
+                rival = c.loss == "margin" and c.prior_loss == "rival"
+                prior_loss = rival_margin_loss(search.rival[active]) if rival else loss
+                _, prior = ensemble.loss_and_grad(here, goal.subset(active), prior_loss)
                 free = free_coordinates(here, x[active], prior, threat)
                 share = _prior_share(prior, free)
-                if norm_step:
-                    norm_square[active] = estimate_gradient_norm(
-                        on_active, here, value[active], samples=c.norm_samples, sigma=c.sigma, generator=generator,
-                        free=free,
+                measure = norm_step.nonzero().flatten()
+                if measure.numel():
+                    rows = active[measure]
+
+                    def on_measured(points: Tensor, owners: Tensor, rows: Tensor = rows) -> Tensor:
+                        return evaluate(points, rows[owners])
+
+                    norm_square[rows] = estimate_gradient_norm(
+                        on_measured, here[measure], value[rows], samples=c.norm_samples, sigma=c.sigma,
+                        generator=generator, free=free[measure],
                     ).to(x.dtype)  # fmt: skip
-                    measured_share[active] = share
+                    measured_share[rows] = share[measure]
                 # The norm was measured on the free set of the last norm step; the free set shrinks as the iterate
                 # reaches faces, so scale it by the share of the prior's energy still free (exact when the prior
                 # is the gradient) instead of paying norm_samples queries at every step.
@@ -382,11 +452,23 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             )  # fmt: skip
             _tally(stats, active, estimate, with_prior=ensemble is not None)
             candidate = threat.project(here + lr * threat.steepest_ascent(estimate.grad), x[active])
-            x_adv[active] = candidate
             success, new_value = search.evaluate(candidate, active)
-            value[active] = new_value.to(x.dtype)
+            new_value = new_value.to(x.dtype)
+            x_adv[active] = candidate
+            value[active] = new_value
+            progress.observe(active, new_value, c.min_gain)
             active = search.record(candidate, active, success, new_value, number + 1)
             number += 1
+            stalled = active[progress.stalled(active, c.patience, c.restarts)]
+            stalled = search.affordable(stalled, 1)
+            if stalled.numel():  # restart them elsewhere (one query there, which may succeed)
+                restart = self._restart(x[stalled], progress.restarts[stalled], threat, generator)
+                x_adv[stalled] = restart
+                fooled, restart_value = search.evaluate(restart, stalled)
+                value[stalled] = restart_value.to(x.dtype)
+                progress.restart(stalled, value[stalled])
+                search.record(restart, stalled, fooled, restart_value, number)
+                active = active[~torch.isin(active, stalled[fooled])]
         steps = stats["steps"]
         extras = {
             "iterations": search.iterations,
@@ -396,5 +478,6 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             "directions": stats["directions"],
             "alpha": stats["alpha_sum"] / steps.clamp_min(1),
             "prior": torch.full((n,), ensemble is not None, dtype=torch.bool, device=x.device),
+            "restarts": progress.restarts,
         }
         return search.best.x, extras

@@ -181,11 +181,8 @@ class Square(Attack[ScoreOracle]):
         span = c.schedule_queries if c.schedule_queries is not None else c.queries
         n = x.shape[0]
 
-        # The initial point (one query each).
-        start = self._start(_as_images(x), threat, generator)
-        x_best = threat.project(start.reshape(x.shape), x)
         loss_best = torch.full((n,), -math.inf, dtype=x.dtype, device=x.device)
-        active = search.start(x_best, loss_best)
+        x_best, active = self._begin(search, x, loss_best, threat, generator)
 
         iteration = 0
         while active.numel() > 0:
@@ -204,6 +201,14 @@ class Square(Attack[ScoreOracle]):
             active = search.record(proposal, active, success, loss, iteration + 1)
             iteration += 1
         return search.best.x, {"iterations": search.iterations}
+
+    def _begin(
+        self, search: ScoreSearch, x: Tensor, loss: Tensor, threat: ThreatModel, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """The initial points, queried once each (their losses written to ``loss``), and the examples that go on."""
+        start = self._start(_as_images(x), threat, generator)
+        x_best = threat.project(start.reshape(x.shape), x)
+        return x_best, search.start(x_best, loss)
 
     @classmethod
     def _start(cls, images: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:

@@ -3,16 +3,20 @@
 Papernot et al. ("Practical Black-Box Attacks against Machine Learning", AsiaCCS 2017) and Liu et al. (ICLR 2017,
 ensembles) showed that adversarial examples crafted on one model often fool another. This attack crafts on one
 surrogate or an ensemble of them (:mod:`robustlab.attacks._surrogate`: logits or losses averaged) and spends
-exactly ONE query of the target per example: the label of the crafted example. Where it fools the target, that
-example is the answer; elsewhere the clean input (distance 0), so ``queries`` is 1 for every example and the
-success rate is the transfer rate. The base class re-checks every success with a fresh (audit) query.
+exactly ONE query of the target per candidate: the label of the crafted example. Where it fools the target, that
+example is the answer; elsewhere the clean input (distance 0), so with one candidate (the default) ``queries`` is 1
+for every example and the success rate is the transfer rate. With ``candidates=k``, the examples the first
+candidate did not fool get a second one, crafted afresh (new input-diversity draws), and so on: an example pays one
+query per candidate asked, at most ``k``. The base class re-checks every success with a fresh (audit) query.
 
 Crafting, by default (``craft="mi-fgsm"``): ``steps`` iterations of momentum iterative FGSM (Dong et al., "Boosting
 Adversarial Attacks with Momentum", CVPR 2018) on the ensemble's objective, the gradient normalized by its l1
-norm and accumulated with decay ``momentum`` (0: I-FGSM), each step ``eps / steps`` along the steepest-ascent
-direction (its sign in linf) and projected onto ball and box; with input diversity (``di_prob``: DI-FGSM / M-DI2-FGSM,
-Xie et al. CVPR 2019) and translation-invariant smoothing (``ti_kernel``: TI, Dong et al. CVPR 2019) as the options
-ask. Every step is taken (no early stop on the surrogate: stopping at the surrogate's boundary transfers worse).
+norm and accumulated with decay ``momentum`` (0: I-FGSM), each step ``step_size`` (default ``eps / steps``, the
+paper's) along the steepest-ascent direction (its sign in linf) and projected onto ball and box; with input
+diversity (``di_prob``: DI-FGSM / M-DI2-FGSM, Xie et al. CVPR 2019) and translation-invariant smoothing
+(``ti_kernel``: TI, Dong et al. CVPR 2019) as the options ask. A step of ``eps`` (sign steps that land on the
+ball's vertices) can transfer much better on MNIST-like data at large eps: see docs/benchmarks.md. Every step is
+taken (no early stop on the surrogate: stopping at the surrogate's boundary transfers worse).
 ``craft`` can also name any registered white-box attack, which then runs on the logit ensemble (DI and TI still
 apply, inside the ensemble's forward and backward passes) with ``craft_options``.
 
@@ -24,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +46,7 @@ from robustlab.oracles import Access, LabelOracle
 from robustlab.threat import Norm, ThreatModel
 from robustlab.utils import rows_like
 
-__all__ = ["Transfer", "TransferConfig", "craft_on_surrogates"]
+__all__ = ["Transfer", "TransferConfig", "ask_candidates", "craft_on_surrogates"]
 
 BUILT_IN = "mi-fgsm"
 
@@ -61,6 +65,9 @@ class TransferConfig(AttackConfig):
         ensemble: ``"logits"`` or ``"loss"`` averaging (loss averaging: built-in crafting only).
         di_prob, di_scale: input diversity (0: off; Xie et al. use 0.5).
         ti_kernel: TI kernel side (0: off).
+        candidates: transfer examples per example at most, one target query each, asked in turn until one fools
+            the target; each is crafted afresh, so they differ by their input-diversity draws (needs ``di_prob >
+            0`` when more than 1).
     """
 
     craft: str = BUILT_IN
@@ -73,9 +80,16 @@ class TransferConfig(AttackConfig):
     di_prob: float = 0.5
     di_scale: float = 0.9
     ti_kernel: int = 0
+    candidates: int = 1
 
     def validate(self) -> None:
         check_positive_int("steps", self.steps)
+        check_positive_int("candidates", self.candidates)
+        if self.candidates > 1 and self.di_prob == 0:
+            raise ConfigError(
+                f"candidates={self.candidates} needs input diversity (di_prob > 0): the candidates of an example "
+                "differ only by their input-diversity draws, so without them every candidate is the same"
+            )
         check_number("momentum", self.momentum, low=0.0)
         if self.step_size is not None:
             check_number("step_size", self.step_size, low=0, low_open=True)
@@ -125,6 +139,30 @@ def craft_on_surrogates(
     return x_adv, fooled
 
 
+# ask(points, rows) queries the target once per point (points[i] is a candidate for example rows[i]) and returns
+# the examples of rows that go on (neither fooled nor out of budget).
+Ask = Callable[[Tensor, Tensor], Tensor]
+
+
+def ask_candidates(
+    ensemble: Ensemble, config: TransferConfig, x: Tensor, goal: Goal, threat: ThreatModel,
+    generator: torch.Generator, ask: Ask,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Up to ``config.candidates`` transfer examples per example, each crafted (no query) only for the examples
+    that every earlier candidate left going on, and handed to ``ask``, which spends the target's queries. Returns
+    the first candidate of every example and whether it fools the surrogates."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    first, fooled_surrogate = craft_on_surrogates(ensemble, config, x, goal, threat, generator)
+    candidate = first
+    for number in range(config.candidates):
+        if number:
+            candidate, _ = craft_on_surrogates(ensemble, config, x[rows], goal.subset(rows), threat, generator)
+        rows = ask(candidate, rows)
+        if rows.numel() == 0:
+            break
+    return first, fooled_surrogate
+
+
 @register_attack
 class Transfer(SurrogateAttack, Attack[LabelOracle]):
     """Transfer attack: MI/DI/TI-FGSM (or any white-box attack) on surrogates, one target query per example."""
@@ -139,10 +177,23 @@ class Transfer(SurrogateAttack, Attack[LabelOracle]):
         self, oracle: LabelOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Any]]:
         ensemble = self.ensemble(x, oracle.num_classes, self.config.surrogate_options(), goal).to(x.device)
-        candidate, fooled_surrogate = craft_on_surrogates(ensemble, self.config, x, goal, threat, generator)
-        asked = (budget_left(oracle, 1) >= 1).nonzero().flatten()  # a handle whose budget is spent cannot be asked
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        if asked.numel():
-            fooled[asked] = goal.subset(asked).is_success(oracle.labels(candidate[asked], asked))
-        x_adv = torch.where(rows_like(fooled, x), candidate, x)
-        return x_adv, {"surrogate_success": fooled_surrogate, "transfer_candidate": candidate}
+        x_adv = x.clone()
+        asked_count = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+        def ask(candidate: Tensor, rows: Tensor) -> Tensor:
+            # A handle whose budget is spent cannot be asked.
+            asked = rows[budget_left(oracle, self.config.candidates, rows) >= 1]
+            if asked.numel() == 0:
+                return asked
+            chosen = candidate[torch.isin(rows, asked)]
+            fooled = goal.subset(asked).is_success(oracle.labels(chosen, asked))
+            asked_count[asked] += 1
+            x_adv[asked[fooled]] = chosen[fooled]
+            return asked[~fooled]
+
+        first, fooled_surrogate = ask_candidates(ensemble, self.config, x, goal, threat, generator, ask)
+        return x_adv, {
+            "surrogate_success": fooled_surrogate,
+            "transfer_candidate": first,
+            "candidates_asked": asked_count,
+        }

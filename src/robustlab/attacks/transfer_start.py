@@ -15,12 +15,16 @@ no query of the target) is a far better start than the attacks' own:
   the clean input (its first query is there: where it fools the target, that example is done after ONE query);
   the prior-guided search then refines from it with the same surrogates as prior;
 - ``square-transfer`` (Square, Andriushchenko et al., ECCV 2020): the random search starts at the transfer example
-  (linf: at the vertex ``x + eps * sign(x_t - x)``, random signs where the transfer left a pixel unchanged, as
-  Square's own start is at vertices; l2: the transfer example itself) instead of vertical stripes. Everything else,
-  its query accounting included, is Square's.
+  (linf: at the vertex ``x + eps * sign(x_t - x)``, as Square's own start is at vertices, except where the transfer
+  left a pixel unchanged, mostly where the box clipped it; l2: the transfer example itself) instead of vertical
+  stripes. Everything else, its query accounting included, is Square's.
 
-The transfer's query is counted like any other (within ``queries``). These attacks extend the originals' start
-only; the searches themselves are the registered ``rays``, ``hsja`` and ``square``.
+With ``candidates=k`` every attack asks the target about up to ``k`` transfer examples per example (each crafted
+afresh: new input-diversity draws; one query each) until one fools it; the score attacks then start an example
+that none fooled from the asked candidate of highest loss, the hard-label ones search as without a transfer
+example. The transfer's queries are counted like any other (within ``queries``). These attacks extend the
+originals' start only; the searches themselves are the registered ``rays``, ``hsja``, ``square`` and ``p-rgf``
+(whose stalled examples ``p-rgf-transfer`` restarts once at the clean input: see ``restarts``).
 
 Example:
     >>> robustlab.attack(label_oracle, x, y, ThreatModel("linf", 0.3), method="rays-transfer", surrogate=cnn)
@@ -28,26 +32,26 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import math
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from robustlab.attacks._decision import DecisionBatch, Track, Walk
-from robustlab.attacks._surrogate import SurrogateAttack
+from robustlab.attacks._surrogate import Ensemble, SurrogateAttack
 from robustlab.attacks.base import budget_left
 from robustlab.attacks.hsja import HopSkipJump, HopSkipJumpConfig, _HopSkipJumpWalk
 from robustlab.attacks.prgf import PRGF, PRGFConfig
 from robustlab.attacks.rays import RayS, RaySConfig, _RaySSearch
 from robustlab.attacks.registry import register_attack
 from robustlab.attacks.square import Square, SquareConfig
-from robustlab.attacks.transfer import TransferConfig, craft_on_surrogates
+from robustlab.attacks.transfer import TransferConfig, ask_candidates, craft_on_surrogates
+from robustlab.attacks.zo_engine import ScoreSearch
 from robustlab.checks import check_number, check_positive_int
 from robustlab.errors import ConfigError
 from robustlab.goals import Goal
-from robustlab.oracles import ScoreOracle
 from robustlab.threat import Norm, ThreatModel
 
 __all__ = ["HSJATransfer", "PRGFTransfer", "RaySTransfer", "SquareTransfer"]
@@ -60,19 +64,25 @@ class _CraftFields:
     Attributes:
         craft_steps: MI-FGSM iterations on the surrogates.
         craft_momentum: their momentum (0: I-FGSM).
+        craft_step_size: their step; None: ``eps / craft_steps`` (the MI-FGSM paper's).
         di_prob: input-diversity probability (0: off).
         ensemble: ``"logits"`` or ``"loss"`` averaging over several surrogates.
+        candidates: transfer examples per example at most, one query each until one fools the target (each
+            crafted afresh: new input-diversity draws); the search starts from the best of those asked.
     """
 
     craft_steps: int = 10
     craft_momentum: float = 1.0
+    craft_step_size: float | None = None
     di_prob: float = 0.5
     ensemble: str = "logits"
+    candidates: int = 1
 
     def transfer_config(self) -> TransferConfig:
         return TransferConfig(
-            steps=self.craft_steps, momentum=self.craft_momentum, di_prob=self.di_prob, ensemble=self.ensemble
-        )
+            steps=self.craft_steps, momentum=self.craft_momentum, step_size=self.craft_step_size,
+            di_prob=self.di_prob, ensemble=self.ensemble, candidates=self.candidates,
+        )  # fmt: skip
 
     def validate_craft(self) -> None:
         check_positive_int("craft_steps", self.craft_steps)
@@ -80,15 +90,38 @@ class _CraftFields:
         self.transfer_config().validate()
 
 
-def _transfer_candidates(
-    attack: SurrogateAttack, fields: _CraftFields, x: Tensor, goal: Goal, threat: ThreatModel, num_classes: int | None,
-    generator: torch.Generator,
-) -> Tensor:  # fmt: skip
-    """Transfer examples for ``x`` crafted on the attack's surrogates (no query of the target)."""
+def _crafting(
+    attack: SurrogateAttack, fields: _CraftFields, x: Tensor, goal: Goal, num_classes: int | None
+) -> tuple[Ensemble, TransferConfig]:
+    """The crafting ensemble of the attack's surrogates (with its input diversity) and the crafting's options."""
     config = fields.transfer_config()
-    ensemble = attack.ensemble(x, num_classes, config.surrogate_options(), goal).to(x.device)
-    candidate, _ = craft_on_surrogates(ensemble, config, x, goal, threat, generator)
-    return candidate
+    return attack.ensemble(x, num_classes, config.surrogate_options(), goal).to(x.device), config
+
+
+def _score_start(
+    attack: SurrogateAttack, fields: _CraftFields, search: ScoreSearch, x: Tensor, value: Tensor,
+    threat: ThreatModel, generator: torch.Generator, shape: Callable[[Tensor, Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """A score attack's first iterates from transfer candidates: each asked once through ``search`` (which records
+    any success) in the form ``shape(candidate, x)``, until one fools the target; an example starts from the asked
+    point with the highest loss (written to ``value``). Returns the starts and the examples that go on."""
+    ensemble, config = _crafting(attack, fields, x, search.goal, search.oracle.num_classes)
+    start = x.clone()
+    value.fill_(-math.inf)
+
+    def ask(candidate: Tensor, rows: Tensor) -> Tensor:
+        affordable = search.affordable(rows, 1)
+        points = shape(candidate[torch.isin(rows, affordable)], x[affordable])
+        success, loss = search.evaluate(points, affordable)
+        loss = loss.to(value.dtype)
+        better = loss > value[affordable]
+        start[affordable[better]] = points[better]
+        value[affordable[better]] = loss[better]
+        return search.record(points, affordable, success, loss, 0)
+
+    ask_candidates(ensemble, config, x, search.goal, threat, generator, ask)
+    going = (search.iterations < 0) & torch.isfinite(value)  # not fooled, and asked at least once
+    return start, going.nonzero().flatten()
 
 
 @dataclass(frozen=True)
@@ -110,41 +143,56 @@ class RaySTransfer(SurrogateAttack, RayS):
 
     def _search(self, batch: DecisionBatch, rows: Tensor) -> None:
         x, oracle, threat = batch.x, batch.oracle, batch.threat
-        asked = rows[budget_left(oracle, self.config.queries, rows) >= 1]
-        if asked.numel() == 0:
-            return
-        goal = batch.goal.subset(asked)
-        candidate = _transfer_candidates(self, self.config, x[asked], goal, threat, oracle.num_classes, batch.generator)
-        fooled = goal.is_success(oracle.labels(candidate, asked))
-        won = asked[fooled]
-        if won.numel():
-            points = candidate[fooled].reshape(won.numel(), -1)
-            distance = threat.distance(candidate[fooled], x[won])
-            batch.record.improve(won, points, distance, torch.ones_like(fooled[fooled]), oracle.queries[won])
+        ensemble, config = _crafting(self, self.config, x[rows], batch.goal.subset(rows), oracle.num_classes)
+        fooling = torch.zeros_like(x[rows])
+        won = torch.zeros(rows.numel(), dtype=torch.bool, device=x.device)
+
+        def ask(candidate: Tensor, local: Tensor) -> Tensor:
+            asked = local[budget_left(oracle, self.config.queries, rows[local]) >= 1]
+            chosen = candidate[torch.isin(local, asked)]
+            if asked.numel() == 0:
+                return asked
+            fooled = batch.goal.subset(rows[asked]).is_success(oracle.labels(chosen, rows[asked]))
+            fooling[asked[fooled]] = chosen[fooled]
+            won[asked[fooled]] = True
+            return asked[~fooled]
+
+        ask_candidates(ensemble, config, x[rows], batch.goal.subset(rows), threat, batch.generator, ask)
+        winners = rows[won]
+        if winners.numel():
+            points = fooling[won].reshape(winners.numel(), -1)
+            distance = threat.distance(fooling[won], x[winners])
+            batch.record.improve(winners, points, distance, torch.ones_like(won[won]), oracle.queries[winners])
         search = _RaySSearch(self.config, batch)
         if self.stop_at_eps:
-            rows = rows[~torch.isin(rows, won)]
-        elif won.numel():
-            direction = torch.sign(candidate[fooled] - x[won]).reshape(won.numel(), -1)
+            rows = rows[~won]
+        elif winners.numel():
+            direction = torch.sign(fooling[won] - x[winners]).reshape(winners.numel(), -1)
             if search.box_start is None:
                 search.box_start = search.sign_best.clone()
-            search.box_start[won] = torch.where(direction == 0, torch.ones_like(direction), direction)
-            search.level[won] = -1
+            search.box_start[winners] = torch.where(direction == 0, torch.ones_like(direction), direction)
+            search.level[winners] = -1
         if rows.numel():
             search.run(rows)
 
 
 class _TransferWalk(_HopSkipJumpWalk):
-    """HopSkipJump's walk whose initial point is the transfer example when that fools the target."""
+    """HopSkipJump's walk whose initial point is the first transfer candidate that fools the target."""
 
-    start: Tensor | None = None
+    starts: tuple[Tensor, ...] = ()
 
     def initial_point(self) -> Generator[Tensor, Tensor, Tensor | None]:
-        start, x0 = self.start, self.x0
-        if start is not None and (yield from self.ask_one(start)):
-            blend = yield from self.bisect(lambda t: (1 - t) * x0 + t * start, 0.0, 1.0, 0.001)
-            return (1 - blend) * x0 + blend * start
+        x0 = self.x0
+        for start in self.starts:
+            if (yield from self.ask_one(start)):
+                blend = yield from self.bisect(_segment(x0, start), 0.0, 1.0, 0.001)
+                return (1 - blend) * x0 + blend * start
         return (yield from super().initial_point())
+
+
+def _segment(x0: Tensor, end: Tensor) -> Callable[[float], Tensor]:
+    """The point ``t`` of the way from ``x0`` to ``end``."""
+    return lambda t: (1 - t) * x0 + t * end
 
 
 @dataclass(frozen=True)
@@ -168,11 +216,13 @@ class HSJATransfer(SurrogateAttack, HopSkipJump):
     def _search(self, batch: DecisionBatch, rows: Tensor) -> None:
         goal = batch.goal.subset(rows)
         x = batch.x[rows]
-        candidate = _transfer_candidates(
-            self, self.config, x, goal, batch.threat, batch.oracle.num_classes, batch.generator
-        )
-        flat = candidate.reshape(candidate.shape[0], -1)
-        self._starts = {int(i): flat[k] for k, i in enumerate(rows.tolist())}
+        # The walk is one example at a time, so every candidate is crafted up front (no query).
+        ensemble, config = _crafting(self, self.config, x, goal, batch.oracle.num_classes)
+        flats = [
+            craft_on_surrogates(ensemble, config, x, goal, batch.threat, batch.generator)[0].reshape(x.shape[0], -1)
+            for _ in range(config.candidates)
+        ]
+        self._starts = {int(i): tuple(flat[k] for flat in flats) for k, i in enumerate(rows.tolist())}
         try:
             super()._search(batch, rows)
         finally:
@@ -181,7 +231,7 @@ class HSJATransfer(SurrogateAttack, HopSkipJump):
     def _walk(self, index: int, track: Track, batch: DecisionBatch) -> Walk:
         walk = super()._walk(index, track, batch)
         assert isinstance(walk, _TransferWalk)
-        walk.start = self._starts.get(index)
+        walk.starts = self._starts.get(index, ())
         return walk
 
 
@@ -203,28 +253,25 @@ class SquareTransfer(SurrogateAttack, Square):
     Config = SquareTransferConfig  # type: ignore[assignment]  # a subclass of SquareConfig
     config: SquareTransferConfig
 
-    def _perturb(
-        self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, Any]]:
-        self._candidate = _transfer_candidates(self, self.config, x, goal, threat, oracle.num_classes, generator)
-        try:
-            return super()._perturb(oracle, x, goal, threat, generator)
-        finally:
-            del self._candidate
+    def _begin(
+        self, search: ScoreSearch, x: Tensor, loss: Tensor, threat: ThreatModel, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        def vertex(candidate: Tensor, clean: Tensor) -> Tensor:
+            if threat.norm is not Norm.LINF:
+                return candidate
+            # Where the transfer left a pixel unchanged (often clipped by the box) it stays as it is.
+            return threat.clip_to_box(clean + threat.eps * torch.sign(candidate - clean))
 
-    def _start(self, images: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:  # type: ignore[override]
-        candidate = self._candidate.reshape(images.shape)
-        if threat.norm is not Norm.LINF:
-            return candidate
-        direction = torch.sign(candidate - images)
-        coin = torch.randint(0, 2, images.shape, generator=generator, device=images.device).to(images.dtype) * 2 - 1
-        direction = torch.where(direction == 0, coin, direction)
-        return threat.clip_to_box(images + threat.eps * direction)
+        return _score_start(self, self.config, search, x, loss, threat, generator, vertex)
 
 
 @dataclass(frozen=True)
 class PRGFTransferConfig(PRGFConfig, _CraftFields):
-    """Options of :class:`PRGFTransfer`: P-RGF's and the crafting's (``ensemble`` serves both)."""
+    """Options of :class:`PRGFTransfer`: P-RGF's and the crafting's (``ensemble`` serves both). One restart by
+    default: an example whose transfer start stalls (a local maximum of the loss around a corner of the ball that
+    the surrogates led to) starts again at the clean input, P-RGF's own start."""
+
+    restarts: int = 1
 
     def validate(self) -> None:
         super().validate()
@@ -240,8 +287,13 @@ class PRGFTransfer(PRGF):
     config: PRGFTransferConfig
 
     def _start(
-        self, oracle: ScoreOracle, x: Tensor, goal: Goal, threat: ThreatModel, generator: torch.Generator
-    ) -> Tensor:
+        self, search: ScoreSearch, x: Tensor, value: Tensor, threat: ThreatModel, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         if not self.surrogates:
             raise ConfigError("p-rgf-transfer needs a surrogate model (surrogate=...) to craft its start")
-        return _transfer_candidates(self, self.config, x, goal, threat, oracle.num_classes, generator)
+        return _score_start(self, self.config, search, x, value, threat, generator, lambda candidate, _: candidate)
+
+    def _restart(self, x: Tensor, done: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:
+        """The first restart is at the clean input (P-RGF's own start), later ones at random points of the ball."""
+        random = threat.random_start(x, generator)
+        return torch.where((done == 0).reshape(-1, *([1] * (x.dim() - 1))), x, random)

@@ -63,6 +63,9 @@ class ScoreSearch:
         self.queries = queries
         self.best = BestTracker(x)
         self.iterations = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        # The target's strongest class other than the label (targeted: than the target) at each example's last
+        # evaluated point; -1 until one is evaluated.
+        self.rival = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
 
     def affordable(self, rows: Tensor, cost: int) -> Tensor:
         """The examples of ``rows`` that can still pay ``cost`` queries."""
@@ -71,7 +74,10 @@ class ScoreSearch:
     def evaluate(self, points: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """One query per point (``points[i]`` belongs to example ``rows[i]``): (goal met, loss)."""
         scores = self.oracle.scores(points, rows)
-        return self.goal.subset(rows).is_success(scores), self.objective(scores, rows)
+        goal = self.goal.subset(rows)
+        keep = goal.targets if goal.targets is not None else goal.labels
+        self.rival[rows] = scores.scatter(1, keep[:, None], float("-inf")).argmax(dim=1)
+        return goal.is_success(scores), self.objective(scores, rows)
 
     def record(self, points: Tensor, rows: Tensor, success: Tensor, loss: Tensor, iteration: int) -> Tensor:
         """Offer ``points`` as the best of ``rows``; returns the examples that go on (not yet successful)."""
