@@ -6,7 +6,12 @@ iterate ``x`` with loss ``f(x)`` (known from the previous success check), ``n`` 
 ``sigma`` and directions of RMS 1 (norm ``sqrt(n)``, the reference's scaling):
 
 1. the prior ``v``: the surrogates' loss gradient at ``x`` (an ensemble: :mod:`robustlab.attacks._surrogate`),
-   unit length, no query of the target;
+   unit length, no query of the target. With the margin loss (the default) it is the gradient of the surrogates'
+   ``z_r - z_y`` where ``r`` is the TARGET's strongest other class at ``x`` (known from the last query there;
+   ``prior_loss="rival"``), not the surrogates' own strongest other class: the target's margin gradient is
+   ``grad z_r - grad z_y`` of the target, and where the surrogates' runner-up differs their margin gradient points
+   at another boundary. On the MNIST benchmark this alone lowered P-RGF's mean queries from the clean input from
+   257 to 169 (docs/benchmarks.md);
 2. ``||grad f||^2`` is estimated every 10 steps (at steps 0, 3, 10, 20, ... as in the reference) from
    ``norm_samples`` (10) Gaussian directions ``u``: the mean of ``((f(x + sigma u) - f(x)) / sigma)^2``, since
    ``E[(u . g)^2] = ||g||^2`` for such ``u``;
@@ -32,13 +37,19 @@ Without it, examples driven into a corner of the linf ball kept a cosine of ~0.6
 ``lambda* = 1``, and spent thousands of queries on prior steps that the projection undid. The norm is measured on
 the free set of its step and rescaled by the share of the prior's energy still free at later steps.
 
+Restarts (``restarts``, 0 by default as in the reference): an example whose loss has not gained ``min_gain`` for
+``patience`` steps since its (re)start sits near a local maximum of the loss in the ball (a sign-step ascent with
+noisy estimates stops there; a random search such as Square's does not) and starts again at a random point of the
+ball, with one query there; ``p-rgf-transfer`` restarts once, at the clean input. The gradient-norm schedule
+follows each example's steps since its (re)start.
+
 Queries per example: one at the first iterate (the clean input; ``p-rgf-transfer`` in
-:mod:`robustlab.attacks.transfer_start` starts at a transfer example), then per step ``10`` (norm steps only)
-``+ 1`` (alpha) ``+ q`` (unless ``lambda* = 1``; fewer when fewer coordinates are free) ``+ 1`` (the check), each
-charged by the oracle to its example. An example goes on only while it can afford a whole step at its worst
-(``11 + q + 1``), so the budget is never exceeded. Without any surrogate the attack is plain RGF (``lambda = 0``,
-no alpha query, every coordinate free). Probes are clipped to the box as in every robustlab score attack
-(:func:`robustlab.zeroth_order.estimate_with_oracle`).
+:mod:`robustlab.attacks.transfer_start` asks its transfer candidates), then per step ``10`` (norm steps only)
+``+ 1`` (alpha) ``+ q`` (unless ``lambda* = 1``; fewer when fewer coordinates are free) ``+ 1`` (the check), and
+one per restart, each charged by the oracle to its example. An example goes on only while it can afford a whole
+step at its worst (``11 + q + 1``), so the budget is never exceeded. Without any surrogate the attack is plain
+RGF (``lambda = 0``, no alpha query, every coordinate free). Probes are clipped to the box as in every robustlab
+score attack (:func:`robustlab.zeroth_order.estimate_with_oracle`).
 
 Two more departures from the reference: the loss defaults to the margin of the log-probabilities (``loss="margin"``),
 because the float32 cross-entropy of a confident model rounds to exactly 0 and every finite difference vanishes (the
