@@ -146,6 +146,13 @@ def main() -> None:
         markdown_table(["attack", "success", "mean queries", "median queries", "time"], held_rows),
         "", f"P-RGF from transfer candidates: {ratio(results)} (first images); {ratio(held)} (held-out images). "
         "Target of the issue: >= 3x at equal or higher success.",
+        "", "Where P-RGF loses (seen while developing, on both image sets): nearly all of its queries go to the few "
+        "examples no candidate fools (25 on the first set, 53 on the second). There its sign-step ascent climbs "
+        "fast, then crawls near the boundary with most pixels pinned at a corner of the ball and stalls at a local "
+        "maximum of the margin (about 1% of the examples, even with the restart at the clean input; a smaller step, "
+        "step-size decay, momentum on the estimates or random directions over all pixels did not help). Square's "
+        "random search flips whole squares between the ball's faces and solves the same examples in a few hundred "
+        "to two thousand queries.",
     ])  # fmt: skip
     print(body)
     if not args.no_docs:
