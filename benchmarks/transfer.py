@@ -144,7 +144,7 @@ def main() -> None:
         "The crafting and P-RGF settings above were explored on both sets during development; this set shows how "
         "far the comparison moves from one set of images to another:", "",
         markdown_table(["attack", "success", "mean queries", "median queries", "time"], held_rows),
-        "", f"P-RGF from transfer candidates: {ratio(results)} (first images); {ratio(held)} (held-out images). "
+        "", f"P-RGF from transfer candidates: {ratio(results)} (first images); {ratio(held)} (second set). "
         "Target of the issue: >= 3x at equal or higher success.",
         "", "Where P-RGF loses (seen while developing, on both image sets): nearly all of its queries go to the few "
         "examples no candidate fools (25 on the first set, 53 on the second). There its sign-step ascent climbs "
