@@ -3,6 +3,8 @@ example (rays-transfer, hsja-transfer, square-transfer, p-rgf-transfer)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -227,7 +229,7 @@ def test_attacks_from_several_candidates_count_every_query(method: str) -> None:
     target, x, y = _batch(6, seed=12)
     counting = Counting(target)
     threat = ThreatModel("linf", 0.05)
-    options = {"q": 4} if method == "p-rgf-transfer" else {}
+    options: dict[str, Any] = {"q": 4} if method == "p-rgf-transfer" else {}
     result = robustlab.attack(counting, x, y, threat, method=method, surrogate=tiny_cnn(seed=3), candidates=3,
                               queries=30, seed=0, **options)  # fmt: skip
     assert bool((result.queries <= 30).all()) and bool(threat.contains(result.x_adv, x).all())
