@@ -191,7 +191,8 @@ def test_self_surrogate_needs_few_queries_per_step() -> None:
     own = robustlab.attack(target, x, y, threat, method="p-rgf", surrogate=target, q=20, queries=300, seed=0)
     steps = own.extras["steps"].sum().item()
     assert own.extras["prior_steps"].sum().item() >= 0.8 * steps  # lambda = 1: the prior alone
-    assert own.extras["fallback_steps"].sum().item() == 0
+    # At most the odd step where an example stuck at a stationary point has a vanishing free gradient (alpha ~ 0/0).
+    assert own.extras["fallback_steps"].sum().item() <= 0.02 * steps
     # queries per step: 2, plus 10 every 10 steps and 20 on the few steps that mix
     assert (own.queries.sum().item() - 10) / steps < 8
 
@@ -289,3 +290,19 @@ def test_restarts_keep_the_budget_and_the_query_count(budget: int) -> None:
     assert counting.rows == int(result.queries.sum()) + 5 + 1  # + the audits and the class-count probe
     assert bool(threat.contains(result.x_adv, x).all())
     assert torch.equal(result.success, target(result.x_adv).argmax(1) != y)
+
+
+def test_linf_steps_scaled_by_the_largest_coordinate_or_signed() -> None:
+    from robustlab.attacks.prgf import PRGF
+
+    grad = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.0, -0.25, 0.1, 0.05]])
+    linf = ThreatModel("linf", 0.3)
+    scaled = PRGF()._direction(grad, linf)
+    assert torch.allclose(scaled, torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.0, -1.0, 0.4, 0.2]]))
+    assert torch.equal(PRGF(linf_step="sign")._direction(grad, linf), torch.sign(grad))
+    l2 = PRGF()._direction(grad, ThreatModel("l2", 1.0))
+    assert torch.allclose(l2.norm(dim=1), torch.ones(2))  # l2: the unit estimate, whatever linf_step says
+    assert PRGF().config.step_fraction(linf) == 1.0 and PRGF(linf_step="sign").config.step_fraction(linf) == 0.1
+    assert PRGF(rel_lr=0.2).config.step_fraction(linf) == 0.2
+    with pytest.raises(robustlab.ConfigError, match="linf_step"):
+        PRGF(linf_step="round")
