@@ -11,7 +11,7 @@ iterate ``x`` with loss ``f(x)`` (known from the previous success check), ``n`` 
    ``prior_loss="rival"``), not the surrogates' own strongest other class: the target's margin gradient is
    ``grad z_r - grad z_y`` of the target, and where the surrogates' runner-up differs their margin gradient points
    at another boundary. On the MNIST benchmark this alone lowered P-RGF's mean queries from the clean input from
-   257 to 169 (docs/benchmarks.md);
+   257 to 169 (with sign steps; docs/benchmarks.md);
 2. ``||grad f||^2`` is estimated every 10 steps (at steps 0, 3, 10, 20, ... as in the reference) from
    ``norm_samples`` (10) Gaussian directions ``u``: the mean of ``((f(x + sigma u) - f(x)) / sigma)^2``, since
    ``E[(u . g)^2] = ||g||^2`` for such ``u``;
@@ -30,7 +30,7 @@ iterate ``x`` with loss ``f(x)`` (known from the previous success check), ``n`` 
    estimated slope, at most eps. With estimates whose cosine with the gradient is 0.3-0.5, the sign gives every
    noisy coordinate a full step: the ascent climbs fast, then crawls near the boundary with most pixels pinned
    at a corner of the ball and often stalls there (the ZO-signSGD trade-off, Liu et al., ICLR 2019). On the
-   MNIST benchmark the scaled step lowered mean queries by about 40% and failed on fewer examples
+   MNIST benchmark the scaled step lowered mean queries by 27-38% and failed on fewer examples
    (docs/benchmarks.md); ``linf_step="sign", rel_lr=0.1`` is the reference's step.
 
 The free subspace (a departure from the reference, whose attacks did not reach the faces of their sets as
