@@ -263,3 +263,15 @@ def test_p_rgf_transfer_restarts_a_stalled_example_at_the_clean_input() -> None:
     restart = attack._restart(x, done, threat, torch.Generator().manual_seed(0))
     assert torch.equal(restart[done == 0], x[done == 0])
     assert bool(threat.contains(restart, x).all()) and not torch.equal(restart[1], x[1])
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+@pytest.mark.parametrize("method", ["square-transfer", "p-rgf-transfer"])
+def test_candidates_stop_at_the_budget(method: str, budget: int) -> None:
+    from robustlab import ScoreOracle
+
+    target, x, y = _batch(4, seed=14)
+    handle = ScoreOracle(module_function(target), budget=budget)  # any query past it raises
+    result = robustlab.attack(handle, x, y, ThreatModel("linf", 0.02), method=method, surrogate=tiny_cnn(seed=3),
+                              candidates=3, queries=budget, seed=0)  # fmt: skip
+    assert result.queries.tolist() == [budget] * 4  # the candidates asked, no more

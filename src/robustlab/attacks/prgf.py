@@ -86,7 +86,7 @@ from robustlab.attacks.registry import register_attack
 from robustlab.attacks.zo_engine import ScoreSearch, check_estimate_options
 from robustlab.checks import check_choice, check_number, check_positive_int
 from robustlab.goals import Goal
-from robustlab.losses import attack_loss, rival_margin_loss
+from robustlab.losses import AttackLoss, attack_loss, rival_margin_loss
 from robustlab.oracles import Access, ScoreOracle
 from robustlab.threat import Norm, ThreatModel
 from robustlab.zeroth_order import ScoreObjective
@@ -353,17 +353,21 @@ def _tally(stats: dict[str, Tensor], rows: Tensor, estimate: PriorEstimate, *, w
 @dataclass
 class _Progress:
     """Per example: steps since its (re)start (the gradient-norm schedule follows them), the best loss since then and
-    the step that last gained ``min_gain`` on it, and the restarts made."""
+    the step that last gained ``min_gain`` on it, the restarts made, and the last gradient-norm estimate."""
 
     local: Tensor
     best: Tensor
     best_at: Tensor
     restarts: Tensor
+    norm_square: Tensor  # the last estimate of ||grad f||^2 on the free coordinates of its step
+    measured_share: Tensor  # the share of the prior's energy that was free at that step
 
     @classmethod
     def begin(cls, value: Tensor) -> _Progress:
         zeros = torch.zeros(value.shape, dtype=torch.long, device=value.device)
-        return cls(zeros.clone(), value.clone(), zeros.clone(), zeros.clone())
+        return cls(
+            zeros.clone(), value.clone(), zeros.clone(), zeros.clone(), torch.zeros_like(value), torch.ones_like(value)
+        )
 
     def norm_step(self, rows: Tensor, every: int) -> Tensor:
         """Whether each example of ``rows`` re-estimates the gradient norm at this step (0, 3, then every
@@ -386,6 +390,34 @@ class _Progress:
         self.best[rows] = value
         self.local[rows] = 0
         self.best_at[rows] = 0
+
+
+@dataclass
+class _Run:
+    """What one P-RGF run's helpers share: the search, the clean inputs, the iterates and their losses (updated in
+    place), the per-example progress, and the run's fixed context."""
+
+    search: ScoreSearch
+    x: Tensor
+    x_adv: Tensor
+    value: Tensor
+    progress: _Progress
+    threat: ThreatModel
+    generator: torch.Generator
+    loss: AttackLoss
+    ensemble: Ensemble | None
+
+    def on(self, rows: Tensor) -> Evaluate:
+        """The attack's loss at points owned by ``rows[owners]`` (each point one query of the target, clipped to
+        the box as in every robustlab score attack)."""
+        threat, search = self.threat, self.search
+
+        def evaluate(points: Tensor, owners: Tensor) -> Tensor:
+            examples = rows[owners]
+            scores = search.oracle.scores(points.clamp(threat.lower, threat.upper), examples)
+            return search.objective(scores, examples)
+
+        return evaluate
 
 
 @register_attack
@@ -429,8 +461,6 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
         n = int(x.shape[0])
         lr = c.lr if c.lr is not None else c.step_fraction(threat) * threat.eps
         value = torch.zeros(n, dtype=x.dtype, device=x.device)
-        norm_square = torch.zeros(n, dtype=x.dtype, device=x.device)
-        measured_share = torch.ones(n, dtype=x.dtype, device=x.device)
         stats = {
             "steps": torch.zeros(n, dtype=torch.long, device=x.device),
             "fallback_steps": torch.zeros(n, dtype=torch.long, device=x.device),
@@ -439,53 +469,21 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             "directions": torch.zeros(n, dtype=torch.long, device=x.device),
         }
         x_adv, active = self._start(search, x, value, threat, generator)
-        progress = _Progress.begin(value)
-
-        def evaluate(points: Tensor, owners: Tensor) -> Tensor:
-            return search.objective(oracle.scores(points.clamp(threat.lower, threat.upper), owners), owners)
+        run = _Run(search, x, x_adv, value, _Progress.begin(value), threat, generator, loss, ensemble)
 
         number = 0
         while active.numel() > 0:
             # An example goes on only while it can pay a whole step at its worst (its norm steps cost more).
             cost = int(ensemble is not None) + c.q + 1
-            norm_step = progress.norm_step(active, c.norm_every) & (ensemble is not None)
+            norm_step = run.progress.norm_step(active, c.norm_every) & (ensemble is not None)
             measuring = search.affordable(active[norm_step], cost + c.norm_samples)
             active = torch.cat([measuring, search.affordable(active[~norm_step], cost)]).sort().values
             if active.numel() == 0:
                 break
-            norm_step = progress.norm_step(active, c.norm_every)
             here = x_adv[active]
-
-            def on_active(points: Tensor, owners: Tensor, rows: Tensor = active) -> Tensor:
-                return evaluate(points, rows[owners])
-
-            prior, free = None, None
-            gradient_norm = norm_square[active]
-            if ensemble is not None:
-                # Margin loss: the surrogates' gradient of the target's own pair of classes at the iterate.
-                rival = c.loss == "margin" and c.prior_loss == "rival"
-                prior_loss = rival_margin_loss(search.rival[active]) if rival else loss
-                _, prior = ensemble.loss_and_grad(here, goal.subset(active), prior_loss)
-                free = free_coordinates(here, x[active], prior, threat)
-                share = _prior_share(prior, free)
-                measure = norm_step.nonzero().flatten()
-                if measure.numel():
-                    rows = active[measure]
-
-                    def on_measured(points: Tensor, owners: Tensor, rows: Tensor = rows) -> Tensor:
-                        return evaluate(points, rows[owners])
-
-                    norm_square[rows] = estimate_gradient_norm(
-                        on_measured, here[measure], value[rows], samples=c.norm_samples, sigma=c.sigma,
-                        generator=generator, free=free[measure],
-                    ).to(x.dtype)  # fmt: skip
-                    measured_share[rows] = share[measure]
-                # The norm was measured on the free set of the last norm step; the free set shrinks as the iterate
-                # reaches faces, so scale it by the share of the prior's energy still free (exact when the prior
-                # is the gradient) instead of paying norm_samples queries at every step.
-                gradient_norm = norm_square[active] * share / measured_share[active].clamp_min(1e-12)
+            prior, free, gradient_norm = self._prior(run, active, run.progress.norm_step(active, c.norm_every))
             estimate = prior_guided_estimate(
-                on_active, here, value[active], prior, gradient_norm, q=c.q, sigma=c.sigma, generator=generator,
+                run.on(active), here, value[active], prior, gradient_norm, q=c.q, sigma=c.sigma, generator=generator,
                 free=free,
             )  # fmt: skip
             _tally(stats, active, estimate, with_prior=ensemble is not None)
@@ -494,19 +492,10 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             new_value = new_value.to(x.dtype)
             x_adv[active] = candidate
             value[active] = new_value
-            progress.observe(active, new_value, c.min_gain)
+            run.progress.observe(active, new_value, c.min_gain)
             active = search.record(candidate, active, success, new_value, number + 1)
             number += 1
-            stalled = active[progress.stalled(active, c.patience, c.restarts)]
-            stalled = search.affordable(stalled, 1)
-            if stalled.numel():  # restart them elsewhere (one query there, which may succeed)
-                restart = self._restart(x[stalled], progress.restarts[stalled], threat, generator)
-                x_adv[stalled] = restart
-                fooled, restart_value = search.evaluate(restart, stalled)
-                value[stalled] = restart_value.to(x.dtype)
-                progress.restart(stalled, value[stalled])
-                search.record(restart, stalled, fooled, restart_value, number)
-                active = active[~torch.isin(active, stalled[fooled])]
+            active = self._restart_stalled(run, active, number)
         steps = stats["steps"]
         extras = {
             "iterations": search.iterations,
@@ -516,6 +505,48 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
             "directions": stats["directions"],
             "alpha": stats["alpha_sum"] / steps.clamp_min(1),
             "prior": torch.full((n,), ensemble is not None, dtype=torch.bool, device=x.device),
-            "restarts": progress.restarts,
+            "restarts": run.progress.restarts,
         }
         return search.best.x, extras
+
+    def _prior(self, run: _Run, active: Tensor, norm_step: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """Steps 1-2 for the examples ``active``: the prior (None without surrogates), the free coordinates, and
+        ``||grad f||^2`` on them (measured with queries on ``norm_step`` examples, else rescaled)."""
+        c, progress = self.config, run.progress
+        if run.ensemble is None:
+            return None, None, progress.norm_square[active]
+        here = run.x_adv[active]
+        # Margin loss: the surrogates' gradient of the target's own pair of classes at the iterate.
+        rival = c.loss == "margin" and c.prior_loss == "rival"
+        prior_loss = rival_margin_loss(run.search.rival[active]) if rival else run.loss
+        _, prior = run.ensemble.loss_and_grad(here, run.search.goal.subset(active), prior_loss)
+        free = free_coordinates(here, run.x[active], prior, run.threat)
+        share = _prior_share(prior, free)
+        measure = norm_step.nonzero().flatten()
+        if measure.numel():
+            rows = active[measure]
+            progress.norm_square[rows] = estimate_gradient_norm(
+                run.on(rows), here[measure], run.value[rows], samples=c.norm_samples, sigma=c.sigma,
+                generator=run.generator, free=free[measure],
+            ).to(here.dtype)  # fmt: skip
+            progress.measured_share[rows] = share[measure]
+        # The norm was measured on the free set of the last norm step; the free set shrinks as the iterate reaches
+        # faces, so scale it by the share of the prior's energy still free (exact when the prior is the gradient)
+        # instead of paying norm_samples queries at every step.
+        gradient_norm = progress.norm_square[active] * share / progress.measured_share[active].clamp_min(1e-12)
+        return prior, free, gradient_norm
+
+    def _restart_stalled(self, run: _Run, active: Tensor, number: int) -> Tensor:
+        """Restart the examples of ``active`` that stalled (one query at the new point, which may succeed);
+        returns the examples that go on."""
+        stalled = active[run.progress.stalled(active, self.config.patience, self.config.restarts)]
+        stalled = run.search.affordable(stalled, 1)
+        if stalled.numel() == 0:
+            return active
+        restart = self._restart(run.x[stalled], run.progress.restarts[stalled], run.threat, run.generator)
+        run.x_adv[stalled] = restart
+        fooled, restart_value = run.search.evaluate(restart, stalled)
+        run.value[stalled] = restart_value.to(run.value.dtype)
+        run.progress.restart(stalled, run.value[stalled])
+        run.search.record(restart, stalled, fooled, restart_value, number)
+        return active[~torch.isin(active, stalled[fooled])]

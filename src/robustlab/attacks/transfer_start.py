@@ -111,6 +111,8 @@ def _score_start(
 
     def ask(candidate: Tensor, rows: Tensor) -> Tensor:
         affordable = search.affordable(rows, 1)
+        if affordable.numel() == 0:
+            return affordable
         points = shape(candidate[torch.isin(rows, affordable)], x[affordable])
         success, loss = search.evaluate(points, affordable)
         loss = loss.to(value.dtype)
