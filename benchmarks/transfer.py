@@ -34,6 +34,7 @@ import torch
 import robustlab
 from benchmarks.common import markdown_table, setup_torch, write_docs_section
 from robustlab.attacks.prgf import PRGFConfig
+from robustlab.attacks.transfer_start import PRGFTransferConfig
 from robustlab.data import load_dataset
 from robustlab.models import build_model
 from robustlab.state_io import load_state_file
@@ -73,7 +74,7 @@ def summary_row(name: str, result: Any) -> list[object]:
     return [name, f"{100 * s['success_rate']:.1f}%", f"{mean:.0f}" if mean else "-", f"{median:.0f}" if median else "-"]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--queries", type=int, default=10_000)
@@ -81,9 +82,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20 images, 1,000 queries, 1 epoch; no docs")
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of the P-RGF vs Square comparison per image set")
     args = parser.parse_args()
     if args.quick:
-        args.images, args.queries, args.epochs, args.no_docs = 20, 1000, 1, True
+        args.images, args.queries, args.epochs, args.seeds, args.no_docs = 20, 1000, 1, 2, True
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     setup_torch(args.threads)
     train_data = load_dataset("mnist", split="train")
     target = trained("lenet5", 0, args.epochs, train_data)
@@ -93,18 +100,7 @@ def main() -> None:
     threat = robustlab.ThreatModel("linf", 0.3)
     score_target = robustlab.ScoreOracle(robustlab.oracles.module_function(target))
 
-    transfer_rows = []
-    crafts: list[tuple[str, dict[str, Any]]] = [
-        ("MI-DI-FGSM, 10 steps of eps/10 (the paper's)", {}),
-        (f"MI-DI-FGSM, {VERTEX_TEXT}", {"steps": VERTEX["craft_steps"], "step_size": VERTEX["craft_step_size"]}),
-    ]
-    for craft_label, craft in crafts:
-        for name, chosen in [*((a, [m]) for a, m in zip(SURROGATE_ARCHS, surrogates)), ("ensemble", surrogates)]:
-            for candidates in (1, CANDIDATES) if name == "ensemble" and craft else (1,):
-                result = robustlab.attack(target, x, y, threat, method="transfer", surrogate=chosen, seed=0,
-                                          candidates=candidates, **craft)  # fmt: skip
-                transfer_rows.append([name, craft_label, candidates, f"{100 * result.success_rate:.1f}%",
-                                      f"{result.queries.float().mean():.2f}"])  # fmt: skip
+    transfer_rows = transfer_table(target, surrogates, x, y, threat)
 
     start = {**VERTEX, "candidates": CANDIDATES}
     runs: list[tuple[str, str, dict[str, Any]]] = [
@@ -120,6 +116,45 @@ def main() -> None:
 
     held_x, held_y = correctly_classified(target, test, HELD_OUT_FROM, args.images)
     held_rows, held = score_runs(score_target, held_x, held_y, threat, [runs[1], runs[3], runs[4]], args.queries)
+    sets = {"first": (x, y, results), "second": (held_x, held_y, held)}
+    seed_rows = seed_comparison(score_target, sets, threat, [runs[1], runs[3]], args.queries, args.seeds)
+
+    body = report(args, threat, (len(x), len(held_x)), transfer_rows, (rows, held_rows, seed_rows), (results, held))
+    print(body)
+    if not args.no_docs:
+        write_docs_section("transfer", "Transfer and prior-guided attacks (MNIST)", body)
+
+
+def transfer_table(
+    target: torch.nn.Module, surrogates: list[torch.nn.Module], x: Any, y: Any, threat: Any
+) -> list[list[object]]:
+    """Transfer success of each single surrogate and the ensemble, per crafting and number of candidates."""
+    rows = []
+    crafts: list[tuple[str, dict[str, Any]]] = [
+        ("MI-DI-FGSM, 10 steps of eps/10 (the paper's)", {}),
+        (f"MI-DI-FGSM, {VERTEX_TEXT}", {"steps": VERTEX["craft_steps"], "step_size": VERTEX["craft_step_size"]}),
+    ]
+    for craft_label, craft in crafts:
+        for name, chosen in [*((a, [m]) for a, m in zip(SURROGATE_ARCHS, surrogates)), ("ensemble", surrogates)]:
+            for candidates in (1, CANDIDATES) if name == "ensemble" and craft else (1,):
+                result = robustlab.attack(target, x, y, threat, method="transfer", surrogate=chosen, seed=0,
+                                          candidates=candidates, **craft)  # fmt: skip
+                rows.append([name, craft_label, candidates, f"{100 * result.success_rate:.1f}%",
+                                      f"{result.queries.float().mean():.2f}"])  # fmt: skip
+    return rows
+
+
+def report(
+    args: argparse.Namespace,
+    threat: Any,
+    counts: tuple[int, int],
+    transfer_rows: list[list[object]],
+    tables: tuple[list[list[object]], ...],
+    found: tuple[dict[str, Any], dict[str, Any]],
+) -> str:
+    """The docs section: the tables (score runs, second image set, seeds) and what they show."""
+    rows, held_rows, seed_rows = tables
+    results, held = found
 
     def ratio(found: dict[str, Any]) -> str:
         square, prgf = found["Square"].summary(), found[HEADLINE].summary()
@@ -129,38 +164,45 @@ def main() -> None:
 
     body = "\n".join([
         "MNIST, target LeNet5 (standard training, first half of the training set), surrogates "
-        f"{', '.join(SURROGATE_ARCHS)} (other half), {args.epochs} epochs each; {len(x)} correctly classified test "
+        f"{', '.join(SURROGATE_ARCHS)} (other half), {args.epochs} epochs each; {counts[0]} correctly classified test "
         f"images (the first ones of the test set), untargeted {threat}. Torch threads: {args.threads}.",
         "", "Transfer (one query of the target per candidate; an example stops at the first candidate that fools "
         "it):", "",
         markdown_table(["surrogate", "crafting", "candidates", "success", "mean queries"], transfer_rows),
         "", f"Score-based, {args.queries:,} queries per example (mean/median over successful examples). "
         f"\"From transfer candidates\": up to {CANDIDATES} ensemble candidates ({VERTEX_TEXT}), one query each, "
-        "then the search from the best one asked; P-RGF restarts an example once at the clean input when it stalls "
-        f"({PRGFConfig.patience} steps without a gain of {PRGFConfig.min_gain} in the loss). P-RGF's prior is the "
+        "then the search from the best one asked; P-RGF restarts an example that stalls "
+        f"(up to {PRGFTransferConfig.restarts} times: at the clean input, then at random points of the ball; "
+        f"{PRGFConfig.patience} steps without a gain of {PRGFConfig.min_gain} in the loss). P-RGF's prior is the "
         "ensemble's gradient of the target's margin pair (the target's strongest other class at the iterate); its "
         "linf step is the estimate divided by its largest coordinate, times eps (the reference: sign, 0.1 eps).", "",
         markdown_table(["attack", "success", "mean queries", "median queries", "time"], rows),
-        "", f"A second image set (the first {len(held_x)} correctly classified from test image {HELD_OUT_FROM} on). "
+        "", f"A second image set (the first {counts[1]} correctly classified from test image {HELD_OUT_FROM} on). "
         "The crafting and P-RGF settings above were explored on both sets during development; this set shows how "
         "far the comparison moves from one set of images to another:", "",
         markdown_table(["attack", "success", "mean queries", "median queries", "time"], held_rows),
         "", f"P-RGF from transfer candidates: {ratio(results)} (first images); {ratio(held)} (second set). "
         "Target of the issue: >= 3x at equal or higher success.",
+        "", f"The same comparison over {args.seeds} seeds (the seed draws the transfer candidates' input "
+        "diversity, P-RGF's directions and Square's squares; seed 0 is the runs above):", "",
+        markdown_table(["images", "seed", "P-RGF success", "P-RGF mean", "Square success", "Square mean", "ratio",
+                        "target met"], seed_rows),
         "",
-        "Where P-RGF loses (seen while developing, on both image sets): nearly all of its queries go to the "
-        "few examples no candidate fools (25 on the first set, 53 on the second). There the ascent climbs "
-        "fast, then crawls near the boundary with most pixels pinned at a corner of the ball, and a few "
-        "examples stall at a local maximum of the margin until the budget ends (3 of the second set's 500, "
-        "even with the restart at the clean input; step-size decay on stalls, more restarts, momentum on the "
-        "estimates, other q or random directions over all pixels did not help). Square's random search flips "
-        "whole squares between the ball's faces and solves those examples in 374 to 2,218 queries. With sign "
-        "steps (the reference's) P-RGF from transfer candidates needed 68 and 103 mean queries (2.75x and "
-        "2.60x; 98.8% success on the second set).",
+        "Where P-RGF loses: nearly all of its queries, and all of its failures, come from the few examples no "
+        "candidate fools (25 on the first set, 53 on the second with seed 0). On those 78 examples, over seeds 0-3 "
+        "(measured while developing, with the same attacks): Square from the clean input solved every run, mean "
+        "667 queries; P-RGF from the candidates failed 27 of 312 runs with one restart and 11 with four (mean "
+        "1,687 and 1,521 queries, failures counted at 10,000). The ascent climbs fast, then crawls near the "
+        "boundary with most pixels pinned at a corner of the ball: at the stalls, 92-96% of the target's "
+        "gradient points out through the faces, and on the faces the surrogates' prior leaves free its cosine "
+        "with the gradient is about -0.3. Tried there without success: step-size decay or halving on stalls, "
+        "momentum on the estimates, other q, sigma (1e-3 to 0.1) or steps, random directions over all pixels or "
+        "from a 14x14 / 7x7 subspace (the paper's data prior), cross-entropy, DLR or log-sum-exp margins, "
+        "re-measuring the reversed prior on its own free faces, restarts at Square's stripes (9 failures instead "
+        "of 11), more than four restarts. Square's random search flips whole squares between the ball's faces "
+        "and does not stall there.",
     ])  # fmt: skip
-    print(body)
-    if not args.no_docs:
-        write_docs_section("transfer", "Transfer and prior-guided attacks (MNIST)", body)
+    return body
 
 
 def correctly_classified(target: torch.nn.Module, test: Any, start: int, count: int) -> tuple[Any, Any]:
@@ -172,15 +214,34 @@ def correctly_classified(target: torch.nn.Module, test: Any, start: int, count: 
 
 
 def score_runs(
-    oracle: Any, x: Any, y: Any, threat: Any, runs: list[tuple[str, str, dict[str, Any]]], queries: int
+    oracle: Any, x: Any, y: Any, threat: Any, runs: list[tuple[str, str, dict[str, Any]]], queries: int, seed: int = 0
 ) -> tuple[list[list[object]], dict[str, Any]]:
     """Each run's table row (with its wall time) and result."""
     rows, results = [], {}
     for label, method, options in runs:
         started = time.perf_counter()
-        results[label] = robustlab.attack(oracle, x, y, threat, method=method, queries=queries, seed=0, **options)
+        results[label] = robustlab.attack(oracle, x, y, threat, method=method, queries=queries, seed=seed, **options)
         rows.append([*summary_row(label, results[label]), f"{time.perf_counter() - started:.0f} s"])
     return rows, results
+
+
+def seed_comparison(
+    oracle: Any, sets: dict[str, Any], threat: Any, runs: list[tuple[str, str, dict[str, Any]]], queries: int,
+    seeds: int,
+) -> list[list[object]]:  # fmt: skip
+    """The headline P-RGF run against Square per image set and seed (seed 0: the runs above, reused): success, mean
+    queries and whether the issue's target (>= 3x fewer mean queries at equal or higher success) holds."""
+    rows: list[list[object]] = []
+    for name, (x, y, seed0) in sets.items():
+        for seed in range(seeds):
+            found = seed0 if seed == 0 else score_runs(oracle, x, y, threat, runs, queries, seed)[1]
+            prgf, square = found[HEADLINE].summary(), found["Square"].summary()
+            times = (square["mean_queries_successful"] or 0) / max(prgf["mean_queries_successful"] or 1e-9, 1e-9)
+            met = times >= 3 and prgf["success_rate"] >= square["success_rate"]
+            rows.append([name, seed, f"{100 * prgf['success_rate']:.1f}%", f"{prgf['mean_queries_successful']:.0f}",
+                         f"{100 * square['success_rate']:.1f}%", f"{square['mean_queries_successful']:.0f}",
+                         f"{times:.2f}x", "yes" if met else "no"])  # fmt: skip
+    return rows
 
 
 def _over_http(

@@ -46,7 +46,7 @@ the free set of its step and rescaled by the share of the prior's energy still f
 Restarts (``restarts``, 0 by default as in the reference): an example whose loss has not gained ``min_gain`` for
 ``patience`` steps since its (re)start sits near a local maximum of the loss in the ball (a sign-step ascent with
 noisy estimates stops there; a random search such as Square's does not) and starts again at a random point of the
-ball, with one query there; ``p-rgf-transfer`` restarts once, at the clean input. The gradient-norm schedule
+ball, with one query there; ``p-rgf-transfer`` restarts first at the clean input. The gradient-norm schedule
 follows each example's steps since its (re)start.
 
 Queries per example: one at the first iterate (the clean input; ``p-rgf-transfer`` in
