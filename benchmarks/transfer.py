@@ -175,7 +175,9 @@ def report(
         f"(up to {PRGFTransferConfig.restarts} times: at the clean input, then at random points of the ball; "
         f"{PRGFConfig.patience} steps without a gain of {PRGFConfig.min_gain} in the loss). P-RGF's prior is the "
         "ensemble's gradient of the target's margin pair (the target's strongest other class at the iterate); its "
-        "linf step is the estimate divided by its largest coordinate, times eps (the reference: sign, 0.1 eps).", "",
+        "linf step is the estimate divided by its largest coordinate, times eps (the reference: sign, 0.1 eps); the "
+        "faces of the ball a step may leave follow a running average of the target's estimates (face_decay "
+        f"{PRGFConfig.face_decay}).", "",
         markdown_table(["attack", "success", "mean queries", "median queries", "time"], rows),
         "", f"A second image set (the first {counts[1]} correctly classified from test image {HELD_OUT_FROM} on). "
         "The crafting and P-RGF settings above were explored on both sets during development; this set shows how "
@@ -188,25 +190,23 @@ def report(
         markdown_table(["images", "seed", "P-RGF success", "P-RGF mean", "Square success", "Square mean", "ratio",
                         "target met"], seed_rows),
         "",
-        "Where P-RGF loses: nearly all of its queries, and all of its failures, come from the few examples no "
-        "candidate fools (25 on the first set, 53 on the second with seed 0). On those 78 examples, over "
-        "seeds 0-3 (measured while developing, with the same attacks): Square from the clean input solved "
-        "every run, mean 667 queries; P-RGF from the candidates failed 27 of 312 runs with one restart and 11 "
-        "with four (mean 1,687 and 1,521 queries, failures counted at 10,000). These examples are easy for "
+        "Where P-RGF lost: nearly all of its queries, and all of its failures, come from the few examples no "
+        "candidate fools (25 on the first set, 53 on the second with seed 0). These examples are easy for "
         "gradient ascent: white-box PGD (margin loss, 100 sign steps of eps/10, no restart) solves all 78 in "
         "6-12 steps, and P-RGF from the clean input with the target itself as surrogate solves all 78 with 41 "
-        "queries on average. "
-        "What fails is the prior: the ascent climbs fast, then crawls with most pixels pinned at faces of the "
-        "ball, where the surrogates' gradient leaves free (pointing inward) mostly the faces on which it "
-        "disagrees with the target, so its cosine with the target's gradient there is -0.2 to -0.5 (measured "
-        "along failing runs); lambda falls to about 0.02 and P-RGF is RGF with 50 directions in 150-400 free "
-        "dimensions (estimate cosine about 0.4), on a part of the gradient that carries a few percent of its "
-        "energy. Tried there without success: step-size decay or halving on stalls, momentum on the "
-        "estimates, other q, sigma (1e-3 to 0.1) or steps, random directions over all pixels or from a 14x14 "
-        "/ 7x7 subspace (the paper's data prior), cross-entropy, DLR or log-sum-exp margins, re-measuring the "
-        "reversed prior on its own free faces, restarts at Square's stripes (9 failures instead of 11), more "
-        "than four restarts. Square's random search flips whole squares between the ball's faces and does not "
-        "depend on the surrogates there.",
+        "queries on average. What failed was the prior near the faces of the ball: the ascent climbs fast, "
+        "then most pixels sit on faces, and when the prior's sign decided which faces a step may leave, the "
+        "faces left free were mostly those on which the surrogates disagree with the target: there the "
+        "prior's cosine with the target's gradient was -0.2 to -0.5 (measured along failing runs), lambda "
+        "fell to about 0.02 and P-RGF crawled. The free faces now follow a running average of the target's "
+        "own estimates (face_decay 0.5). On those 78 examples over seeds 0-3 (measured while developing, "
+        "failures counted at 10,000 queries): P-RGF from the candidates with one restart failed 27 of 312 "
+        "runs (mean 1,687 queries), with four 11 (1,521), with the estimates' faces none (1,188); Square from "
+        "the clean input: none (667). Tried there before without success: step-size decay or halving on "
+        "stalls, momentum on the estimates, other q, sigma (1e-3 to 0.1) or steps, random directions over all "
+        "pixels or from a 14x14 / 7x7 subspace (the paper's data prior), cross-entropy, DLR or log-sum-exp "
+        "margins, re-measuring the reversed prior on its own free faces, restarts at Square's stripes, more "
+        "than four restarts.",
     ])  # fmt: skip
     return body
 
