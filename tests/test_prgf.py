@@ -306,3 +306,29 @@ def test_linf_steps_scaled_by_the_largest_coordinate_or_signed() -> None:
     assert PRGF(rel_lr=0.2).config.step_fraction(linf) == 0.2
     with pytest.raises(robustlab.ConfigError, match="linf_step"):
         PRGF(linf_step="round")
+
+
+def test_free_faces_follow_the_running_average_of_the_estimates() -> None:
+    """The faces a step may leave are judged by the target's recent estimates (each scaled to a largest coordinate
+    of 1, older ones times face_decay), by the prior only where no estimate has been made; a restart forgets."""
+    from robustlab.attacks.prgf import PRGF, _Progress
+
+    progress = _Progress.begin(torch.zeros(3), 4)
+    rows = torch.tensor([0, 2])
+    progress.remember(rows, torch.tensor([[2.0, -1.0, 0.0, 0.0], [0.0, 0.5, -0.25, 0.0]]), 0.5)
+    progress.remember(rows, torch.tensor([[-4.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]]), 0.5)
+    expected = torch.tensor([[-0.5, -0.25, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, -0.5, -0.25, 0.0]])
+    assert torch.allclose(progress.trend, expected)
+    prior = torch.tensor([[1.0, 1.0, 1.0, -1.0]]).expand(3, 4)
+    guide = progress.face_guide(torch.arange(3), prior)
+    assert torch.allclose(guide, torch.tensor([[-0.5, -0.25, 1, -1], [1, 1, 1, -1], [1, -0.5, -0.25, -1]]))
+    # At a corner of the ball (every coordinate on its upper face) a coordinate is free where the guide points in.
+    x = torch.full((3, 4), 0.5)
+    free = free_coordinates(x + 0.1, x, guide, ThreatModel("linf", 0.1))
+    assert free.tolist() == [[True, True, False, True], [False, False, False, True], [False, True, True, True]]
+    progress.restart(torch.tensor([2]), torch.zeros(1))
+    assert bool((progress.trend[2] == 0).all()) and torch.allclose(progress.trend[0], expected[0])
+    assert PRGF().config.face_decay == 0.5
+    for bad in (1.0, -0.1):
+        with pytest.raises(robustlab.ConfigError, match="face_decay"):
+            PRGF(face_decay=bad)
