@@ -175,7 +175,7 @@ def report(
         f"(up to {PRGFTransferConfig.restarts} times: at the clean input, then at random points of the ball; "
         f"{PRGFConfig.patience} steps without a gain of {PRGFConfig.min_gain} in the loss). P-RGF's prior is the "
         "ensemble's gradient of the target's margin pair (the target's strongest other class at the iterate); its "
-        "linf step is the estimate divided by its largest coordinate, times eps (the reference: sign, 0.1 eps); the "
+        "linf step is the estimate divided by its largest coordinate, times 2 eps (the reference: sign, 0.1 eps); the "
         "faces of the ball a step may leave follow a running average of the target's estimates (face_decay "
         f"{PRGFConfig.face_decay}).", "",
         markdown_table(["attack", "success", "mean queries", "median queries", "time"], rows),
