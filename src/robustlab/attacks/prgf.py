@@ -526,7 +526,7 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
                 free=free,
             )  # fmt: skip
             _tally(stats, active, estimate, with_prior=ensemble is not None)
-            if c.face_decay is not None:
+            if c.face_decay is not None and ensemble is not None:  # without a prior every coordinate is free
                 run.progress.remember(active, estimate.grad, c.face_decay)
             candidate = threat.project(here + lr * self._direction(estimate.grad, threat), x[active])
             success, new_value = search.evaluate(candidate, active)
