@@ -275,3 +275,42 @@ def test_candidates_stop_at_the_budget(method: str, budget: int) -> None:
     result = robustlab.attack(handle, x, y, ThreatModel("linf", 0.02), method=method, surrogate=tiny_cnn(seed=3),
                               candidates=3, queries=budget, seed=0)  # fmt: skip
     assert result.queries.tolist() == [budget] * 4  # the candidates asked, no more
+
+
+class _Unfoolable(nn.Module):
+    """The same scores for every input (class 0 first, then 3, 1, 2); keeps every input it is asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return torch.tensor([5.0, 1.0, 0.0, 3.0]).expand(x.shape[0], 4).clone()
+
+
+@pytest.mark.parametrize("method", ["square-transfer", "p-rgf-transfer"])
+def test_class_candidates_aim_at_the_targets_strongest_other_classes_in_turn(method: str) -> None:
+    from robustlab import ScoreOracle
+
+    surrogate = nn.Sequential(nn.Flatten(), nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        surrogate[1].weight.copy_(10 * torch.eye(4))  # class k wherever pixel k is the brightest
+    x = torch.tensor([[0.9, 0.3, 0.3, 0.3], [0.7, 0.2, 0.4, 0.5]]).reshape(2, 1, 2, 2)
+    y = torch.tensor([0, 0])
+    threat = ThreatModel("linf", 0.5)
+    target = _Unfoolable()
+    result = robustlab.attack(ScoreOracle(module_function(target)), x, y, threat, method=method, surrogate=surrogate,
+                              class_candidates=3, queries=4, seed=0)  # fmt: skip
+    assert result.queries.tolist() == [4, 4]  # one untargeted candidate, then three aimed ones: the whole budget
+    asked = target.seen[1:-1]  # after the class-count probe, before the audit
+    assert len(asked) == 4 and all(len(points) == 2 for points in asked)
+    assert bool(all(threat.contains(points, x).all() for points in asked))
+    aimed = [surrogate(points).argmax(1).tolist() for points in asked[1:]]
+    assert aimed == [[3, 3], [1, 1], [2, 2]]  # the target's order at the start (3, 1, 2), not the surrogate's
+    targeted = _Unfoolable()
+    robustlab.attack(ScoreOracle(module_function(targeted)), x, y, threat, method=method, surrogate=surrogate,
+                     class_candidates=3, queries=4, seed=0, targets=torch.tensor([2, 2]))  # fmt: skip
+    assert all(surrogate(points).argmax(1).tolist() != [3, 3] for points in targeted.seen)  # no aimed candidates
+    with pytest.raises(ConfigError, match="class_candidates"):
+        robustlab.attack(target, x, y, threat, method=method, surrogate=surrogate, class_candidates=-1)

@@ -98,30 +98,64 @@ def _crafting(
     return attack.ensemble(x, num_classes, config.surrogate_options(), goal).to(x.device), config
 
 
+@dataclass(frozen=True)
+class _ScoreCraftFields(_CraftFields):
+    """The crafting of a score attack's start: :class:`_CraftFields` and candidates aimed at single classes.
+
+    Attributes:
+        class_candidates: after the ``candidates``, up to this many more for an example none of them fooled, each
+            crafted toward one class (a targeted transfer example: the surrogates pushed to that class rather than
+            away from the label), in the order of the target's scores at the point of highest loss asked so far:
+            its strongest other class first. The scores say which classes the target itself finds close, which
+            the surrogates' untargeted candidates do not use. Untargeted goals only (a targeted goal's candidates
+            already aim at its class).
+    """
+
+    class_candidates: int = 0
+
+    def validate_craft(self) -> None:
+        super().validate_craft()
+        check_positive_int("class_candidates", self.class_candidates, minimum=0)
+
+
 def _score_start(
-    attack: SurrogateAttack, fields: _CraftFields, search: ScoreSearch, x: Tensor, value: Tensor,
+    attack: SurrogateAttack, fields: _ScoreCraftFields, search: ScoreSearch, x: Tensor, value: Tensor,
     threat: ThreatModel, generator: torch.Generator, shape: Callable[[Tensor, Tensor], Tensor],
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """A score attack's first iterates from transfer candidates: each asked once through ``search`` (which records
-    any success) in the form ``shape(candidate, x)``, until one fools the target; an example starts from the asked
-    point with the highest loss (written to ``value``). Returns the starts and the examples that go on."""
+    any success) in the form ``shape(candidate, x)``, until one fools the target (the class candidates last); an
+    example starts from the asked point with the highest loss (written to ``value``). Returns the starts and the
+    examples that go on."""
     ensemble, config = _crafting(attack, fields, x, search.goal, search.oracle.num_classes)
     start = x.clone()
     value.fill_(-math.inf)
+    best_scores: list[Tensor] = []  # the target's scores at each example's start (allocated at the first answer)
 
     def ask(candidate: Tensor, rows: Tensor) -> Tensor:
         affordable = search.affordable(rows, 1)
         if affordable.numel() == 0:
             return affordable
         points = shape(candidate[torch.isin(rows, affordable)], x[affordable])
-        success, loss = search.evaluate(points, affordable)
+        success, loss, scores = search.evaluate_scores(points, affordable)
         loss = loss.to(value.dtype)
         better = loss > value[affordable]
         start[affordable[better]] = points[better]
         value[affordable[better]] = loss[better]
+        if not best_scores:
+            best_scores.append(torch.zeros((x.shape[0], scores.shape[1]), dtype=scores.dtype, device=x.device))
+        best_scores[0][affordable[better]] = scores[better]
         return search.record(points, affordable, success, loss, 0)
 
     ask_candidates(ensemble, config, x, search.goal, threat, generator, ask)
+    if fields.class_candidates and not search.goal.targeted and best_scores:
+        rows = ((search.iterations < 0) & torch.isfinite(value)).nonzero().flatten()
+        labels = search.goal.labels
+        ranked = best_scores[0].scatter(1, labels[:, None], -math.inf).argsort(dim=1, descending=True)
+        for rank in range(min(fields.class_candidates, ranked.shape[1] - 1)):
+            if rows.numel() == 0:
+                break
+            aimed = Goal(labels[rows], ranked[rows, rank])
+            rows = ask(craft_on_surrogates(ensemble, config, x[rows], aimed, threat, generator)[0], rows)
     going = (search.iterations < 0) & torch.isfinite(value)  # not fooled, and asked at least once
     return start, going.nonzero().flatten()
 
@@ -238,7 +272,7 @@ class HSJATransfer(SurrogateAttack, HopSkipJump):
 
 
 @dataclass(frozen=True)
-class SquareTransferConfig(SquareConfig, _CraftFields):
+class SquareTransferConfig(SquareConfig, _ScoreCraftFields):
     """Options of :class:`SquareTransfer`: Square's and the crafting's."""
 
     def validate(self) -> None:
@@ -268,7 +302,7 @@ class SquareTransfer(SurrogateAttack, Square):
 
 
 @dataclass(frozen=True)
-class PRGFTransferConfig(PRGFConfig, _CraftFields):
+class PRGFTransferConfig(PRGFConfig, _ScoreCraftFields):
     """Options of :class:`PRGFTransfer`: P-RGF's and the crafting's (``ensemble`` serves both). Four restarts by
     default: an example whose transfer start stalls (a local maximum of the loss around a corner of the ball that
     the surrogates led to) starts again at the clean input, P-RGF's own start, then at random points of the ball.

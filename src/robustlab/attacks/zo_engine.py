@@ -73,11 +73,16 @@ class ScoreSearch:
 
     def evaluate(self, points: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """One query per point (``points[i]`` belongs to example ``rows[i]``): (goal met, loss)."""
+        success, loss, _ = self.evaluate_scores(points, rows)
+        return success, loss
+
+    def evaluate_scores(self, points: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`evaluate`, and the scores the target answered."""
         scores = self.oracle.scores(points, rows)
         goal = self.goal.subset(rows)
         keep = goal.targets if goal.targets is not None else goal.labels
         self.rival[rows] = scores.scatter(1, keep[:, None], float("-inf")).argmax(dim=1)
-        return goal.is_success(scores), self.objective(scores, rows)
+        return goal.is_success(scores), self.objective(scores, rows), scores
 
     def record(self, points: Tensor, rows: Tensor, success: Tensor, loss: Tensor, iteration: int) -> Tensor:
         """Offer ``points`` as the best of ``rows``; returns the examples that go on (not yet successful)."""
