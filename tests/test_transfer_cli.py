@@ -67,3 +67,13 @@ def test_cli_errors_name_the_mistake(files: dict[str, Path], tmp_path: Path, cap
                 "--quiet", "--out", str(tmp_path / "ev"), "--surrogate", str(files["surrogate"])]  # fmt: skip
     assert main(evaluate) == 2
     assert "black-box evaluations" in capsys.readouterr().err
+
+
+def test_class_candidates_from_the_cli(files: dict[str, Path], tmp_path: Path) -> None:
+    plain = _run(files, tmp_path, "--method", "p-rgf-transfer", "--surrogate", str(files["surrogate"]), "--queries",
+                 "4")  # fmt: skip
+    aimed = _run(files, tmp_path, "--method", "p-rgf-transfer", "--surrogate", str(files["surrogate"]), "--queries",
+                 "4", "-O", "class_candidates=3")  # fmt: skip
+    assert plain["mean_queries"] == 1.0  # one candidate; a P-RGF step costs more than the 3 queries left
+    assert 1.0 < aimed["mean_queries"] <= 4.0  # up to three more candidates for the examples the first left
+    assert aimed["success_rate"] >= plain["success_rate"]
