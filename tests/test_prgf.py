@@ -303,7 +303,9 @@ def test_linf_steps_scaled_by_the_largest_coordinate_or_signed() -> None:
     l2 = PRGF()._direction(grad, ThreatModel("l2", 1.0))
     assert torch.allclose(l2.norm(dim=1), torch.ones(2))  # l2: the unit estimate, whatever linf_step says
     assert PRGF().config.step_fraction(linf) == 2.0 and PRGF(linf_step="sign").config.step_fraction(linf) == 0.1
+    assert PRGF().config.step_fraction(linf, with_prior=False) == 1.0  # plain RGF: eps
     assert PRGF(rel_lr=0.2).config.step_fraction(linf) == 0.2
+    assert PRGF(rel_lr=0.2).config.step_fraction(linf, with_prior=False) == 0.2
     with pytest.raises(robustlab.ConfigError, match="linf_step"):
         PRGF(linf_step="round")
 
