@@ -134,9 +134,10 @@ def _score_start(
     ensemble, config = _crafting(attack, fields, x, search.goal, search.oracle.num_classes)
     start = x.clone()
     value.fill_(-math.inf)
-    best_scores: list[Tensor] = []  # the target's scores at each example's start (allocated at the first answer)
+    best_scores: Tensor | None = None  # the target's scores at each example's start (its class count: the answers)
 
     def ask(candidate: Tensor, rows: Tensor) -> Tensor:
+        nonlocal best_scores
         affordable = search.affordable(rows, 1)
         if affordable.numel() == 0:
             return affordable
@@ -146,16 +147,16 @@ def _score_start(
         better = loss > value[affordable]
         start[affordable[better]] = points[better]
         value[affordable[better]] = loss[better]
-        if not best_scores:
-            best_scores.append(torch.zeros((x.shape[0], scores.shape[1]), dtype=scores.dtype, device=x.device))
-        best_scores[0][affordable[better]] = scores[better]
+        if best_scores is None:
+            best_scores = torch.zeros((x.shape[0], scores.shape[1]), dtype=scores.dtype, device=x.device)
+        best_scores[affordable[better]] = scores[better]
         return search.record(points, affordable, success, loss, 0)
 
     ask_candidates(ensemble, config, x, search.goal, threat, generator, ask)
-    if fields.class_candidates and not search.goal.targeted and best_scores:
+    if fields.class_candidates and not search.goal.targeted and best_scores is not None:
         rows = ((search.iterations < 0) & torch.isfinite(value)).nonzero().flatten()
         labels = search.goal.labels
-        ranked = best_scores[0].scatter(1, labels[:, None], -math.inf).argsort(dim=1, descending=True)
+        ranked = best_scores.scatter(1, labels[:, None], -math.inf).argsort(dim=1, descending=True)
         for rank in range(min(fields.class_candidates, ranked.shape[1] - 1)):
             if rows.numel() == 0:
                 break
