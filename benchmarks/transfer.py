@@ -200,7 +200,8 @@ def report(
         f"(up to {PRGFTransferConfig.restarts} times: at the clean input, then at random points of the ball; "
         f"{PRGFConfig.patience} steps without a gain of {PRGFConfig.min_gain} in the loss). P-RGF's prior is the "
         "ensemble's gradient of the target's margin pair (the target's strongest other class at the iterate); its "
-        "linf step is the estimate divided by its largest coordinate, times 2 eps (plain RGF: eps; the reference: sign, 0.1 eps); the "
+        "linf step is the estimate divided by its largest coordinate, times 2 eps (plain RGF: eps; the reference: "
+        "sign, 0.1 eps); the "
         "faces of the ball a step may leave follow a running average of the target's estimates (face_decay "
         f"{PRGFConfig.face_decay}).", "",
         markdown_table(["attack", "success", "mean queries", "median queries", "time"], rows),
@@ -233,7 +234,8 @@ def report(
         "seeds 0-4 was 5-20 queries with 5 class candidates, 6-30 with 3, 28-82 without (Square 208-219). What still "
         "fails: rare images where the ascent ends, from the start and from each restart, at local maxima of the "
         "loss in corners of the ball (traced along a run: the free coordinates fall from ~100 to 1-5 within ten "
-        "steps, and the target's gradient on them is near zero): the second set's image 385 (seed 3), where white-box PGD needs 10 steps. Run alone "
+        "steps, and the target's gradient on them is near zero): the second set's image 385 (seed 3), where "
+        "white-box PGD needs 10 steps. Run alone "
         "(seeds 0-2) P-RGF from the candidates needed 2,339-8,086 queries there, without restarts 2,460, 3,024 and "
         "one failure, Square from the same candidates 1,161-1,326; going back to the best point seen after the last "
         "restart (APGD's rule) made it worse (2 failures in 3 seeds, with 3 class candidates), and so did restarts "

@@ -293,9 +293,10 @@ class _Unfoolable(nn.Module):
 def test_class_candidates_aim_at_the_targets_strongest_other_classes_in_turn(method: str) -> None:
     from robustlab import ScoreOracle
 
-    surrogate = nn.Sequential(nn.Flatten(), nn.Linear(4, 4, bias=False))
+    linear = nn.Linear(4, 4, bias=False)
     with torch.no_grad():
-        surrogate[1].weight.copy_(10 * torch.eye(4))  # class k wherever pixel k is the brightest
+        linear.weight.copy_(10 * torch.eye(4))  # class k wherever pixel k is the brightest
+    surrogate = nn.Sequential(nn.Flatten(), linear)
     x = torch.tensor([[0.9, 0.3, 0.3, 0.3], [0.7, 0.2, 0.4, 0.5]]).reshape(2, 1, 2, 2)
     y = torch.tensor([0, 0])
     threat = ThreatModel("linf", 0.5)
