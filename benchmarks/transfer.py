@@ -167,6 +167,38 @@ def class_candidates_row(result: Any) -> list[object]:
             f"{asked.float().mean():.2f}"]  # fmt: skip
 
 
+# Static: measured while developing (the class candidates, the hard examples, the failure that remains).
+WHAT_CHANGED = (
+    "What the class candidates changed: without them nearly all of P-RGF's queries, and all of its failures, "
+    "came from the few examples no untargeted candidate fools (25 on the first set, 53 on the second with seed "
+    "0). There the surrogates' prior is poor (near the faces of the ball its cosine with the target's gradient "
+    "was -0.2 to -0.5 along failing runs, lambda about 0.02): P-RGF is close to plain RGF and needed 820 queries "
+    "on average on those 78 examples over seeds 0-3 (measured while developing; Square from the clean input: "
+    "667), and the ratio to Square was 3.35-10.05x on the first set and 1.82-3.00x on the second (the table of "
+    "2026-12-04, without class candidates). Yet these examples are easy for gradient ascent (white-box PGD "
+    "solves all 78 in 6-12 steps), and the target's scores name the classes it finds close, which the "
+    "untargeted candidates ignore (they go wherever the surrogates' boundary is nearest). Of the 78 (seeds 0-3; "
+    "the untargeted candidates alone fool 0-16 of them with other seeds' draws), adding candidates toward the "
+    "target's strongest other class fools 7-22, its 3 strongest 30-35, its 5 strongest 38-42, all 9 classes "
+    "40-44; on the rest P-RGF then needs 355 queries on average over the 78 "
+    "(3 class candidates: 330), without failures. On the third set, used only for this check, P-RGF's mean over "
+    "seeds 0-4 was 5-20 queries with 5 class candidates, 6-30 with 3, 28-82 without (Square 208-219). What still "
+    "fails: rare images where the ascent ends, from the start and from each restart, at local maxima of the "
+    "loss in corners of the ball (traced along a run: the free coordinates fall from ~100 to 1-5 within ten "
+    "steps, and the target's gradient on them is near zero): the second set's image 385 (seed 3), where "
+    "white-box PGD needs 10 steps. Run alone "
+    "(seeds 0-2) P-RGF from the candidates needed 2,339-8,086 queries there, without restarts 2,460, 3,024 and "
+    "one failure, Square from the same candidates 1,161-1,326; going back to the best point seen after the last "
+    "restart (APGD's rule) made it worse (2 failures in 3 seeds, with 3 class candidates), and so did restarts "
+    "at the other asked candidates instead of random points (no change on the 78). Tried before on the 78 without "
+    "success: step-size decay or halving on stalls, momentum on the estimates, other q, sigma (1e-3 to 0.1) or "
+    "steps, random directions over all pixels or from a 14x14 / 7x7 subspace (the paper's data prior), "
+    "cross-entropy, DLR or log-sum-exp margins, re-measuring the reversed prior on its own free faces, "
+    "restarts at Square's stripes, more than four restarts. Plain RGF (no prior) keeps steps of eps: with 2 "
+    "eps its success had fallen from 88.8% to 76.0%."
+)
+
+
 def report(
     args: argparse.Namespace,
     threat: Any,
@@ -218,33 +250,7 @@ def report(
         markdown_table(["images", "seed", "P-RGF success", "P-RGF mean", "Square success", "Square mean", "ratio",
                         "target met"], seed_rows),
         "",
-        "What the class candidates changed: without them nearly all of P-RGF's queries, and all of its failures, "
-        "came from the few examples no untargeted candidate fools (25 on the first set, 53 on the second with seed "
-        "0). There the surrogates' prior is poor (near the faces of the ball its cosine with the target's gradient "
-        "was -0.2 to -0.5 along failing runs, lambda about 0.02): P-RGF is close to plain RGF and needed 820 queries "
-        "on average on those 78 examples over seeds 0-3 (measured while developing; Square from the clean input: "
-        "667), and the ratio to Square was 3.35-10.05x on the first set and 1.82-3.00x on the second (the table of "
-        "2026-12-04, without class candidates). Yet these examples are easy for gradient ascent (white-box PGD "
-        "solves all 78 in 6-12 steps), and the target's scores name the classes it finds close, which the "
-        "untargeted candidates ignore (they go wherever the surrogates' boundary is nearest). Of the 78 (seeds 0-3; "
-        "the untargeted candidates alone fool 0-16 of them with other seeds' draws), adding candidates toward the "
-        "target's strongest other class fools 7-22, its 3 strongest 30-35, its 5 strongest 38-42, all 9 classes "
-        "40-44; on the rest P-RGF then needs 355 queries on average over the 78 "
-        "(3 class candidates: 330), without failures. On the third set, used only for this check, P-RGF's mean over "
-        "seeds 0-4 was 5-20 queries with 5 class candidates, 6-30 with 3, 28-82 without (Square 208-219). What still "
-        "fails: rare images where the ascent ends, from the start and from each restart, at local maxima of the "
-        "loss in corners of the ball (traced along a run: the free coordinates fall from ~100 to 1-5 within ten "
-        "steps, and the target's gradient on them is near zero): the second set's image 385 (seed 3), where "
-        "white-box PGD needs 10 steps. Run alone "
-        "(seeds 0-2) P-RGF from the candidates needed 2,339-8,086 queries there, without restarts 2,460, 3,024 and "
-        "one failure, Square from the same candidates 1,161-1,326; going back to the best point seen after the last "
-        "restart (APGD's rule) made it worse (2 failures in 3 seeds, with 3 class candidates), and so did restarts "
-        "at the other asked candidates instead of random points (no change on the 78). Tried before on the 78 without "
-        "success: step-size decay or halving on stalls, momentum on the estimates, other q, sigma (1e-3 to 0.1) or "
-        "steps, random directions over all pixels or from a 14x14 / 7x7 subspace (the paper's data prior), "
-        "cross-entropy, DLR or log-sum-exp margins, re-measuring the reversed prior on its own free faces, "
-        "restarts at Square's stripes, more than four restarts. Plain RGF (no prior) keeps steps of eps: with 2 "
-        "eps its success had fallen from 88.8% to 76.0%.",
+        WHAT_CHANGED,
     ])  # fmt: skip
     return body
 
