@@ -253,16 +253,19 @@ def test_square_transfer_start_keeps_the_pixels_the_transfer_left_unchanged() ->
     assert bool(unchanged.any()) and torch.equal(start.x_adv[unchanged], x[unchanged])
 
 
-def test_p_rgf_transfer_restarts_a_stalled_example_at_the_clean_input() -> None:
+def test_p_rgf_transfer_restarts_in_place_then_at_the_clean_input_then_at_random() -> None:
     from robustlab.attacks.transfer_start import PRGFTransfer
 
     attack = PRGFTransfer(surrogate=tiny_cnn(seed=1))
     x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     threat = ThreatModel("linf", 0.1)
-    done = torch.tensor([0, 1, 0, 2])
-    restart = attack._restart(x, done, threat, torch.Generator().manual_seed(0))
-    assert torch.equal(restart[done == 0], x[done == 0])
-    assert bool(threat.contains(restart, x).all()) and not torch.equal(restart[1], x[1])
+    stalled = threat.project(x + 0.1 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(1))), x)
+    done = torch.tensor([1, 0, 1, 2])
+    restart = attack._restart(x, stalled, done, threat, torch.Generator().manual_seed(0))
+    assert torch.equal(restart[1], stalled[1])  # first: in place, its faces judged afresh
+    assert torch.equal(restart[done == 1], x[done == 1])  # second: the clean input
+    assert bool(threat.contains(restart, x).all()) and not torch.equal(restart[3], x[3])
+    assert not torch.equal(restart[3], stalled[3])  # later: a random point of the ball
 
 
 @pytest.mark.parametrize("budget", [1, 2])

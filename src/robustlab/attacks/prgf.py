@@ -61,9 +61,10 @@ prior's sign alone.
 
 Restarts (``restarts``, 0 by default as in the reference): an example whose loss has not gained ``min_gain`` for
 ``patience`` steps since its (re)start sits near a local maximum of the loss in the ball (a sign-step ascent with
-noisy estimates stops there; a random search such as Square's does not) and starts again at a random point of the
-ball, with one query there; ``p-rgf-transfer`` restarts first at the clean input. The gradient-norm schedule
-follows each example's steps since its (re)start.
+noisy estimates stops there; a random search such as Square's does not), or on faces its running average keeps
+blocked, and starts again at a random point of the ball, with one query there; ``p-rgf-transfer`` restarts first in
+place (the average cleared), then at the clean input. The gradient-norm schedule follows each example's steps since
+its (re)start.
 
 Queries per example: one at the first iterate (the clean input; ``p-rgf-transfer`` in
 :mod:`robustlab.attacks.transfer_start` asks its transfer candidates), then per step ``10`` (norm steps only)
@@ -143,7 +144,7 @@ class PRGFConfig(AttackConfig):
             z_y`` with ``r`` the target's strongest other class at the iterate (known from the last query);
             ``"loss"``: the surrogates' gradient of the attack's loss, their own strongest other class included.
         restarts: times an example that stalls may start again (0, the reference's): at a random point of the ball
-            (``p-rgf-transfer``: first at the clean input).
+            (``p-rgf-transfer``: first in place, then at the clean input).
         patience: steps without a gain of ``min_gain`` in the loss after which an example has stalled.
         min_gain: the gain that counts as progress, in the loss's units (log-probabilities).
         face_decay: the weight of the running average of past estimates that decides which faces are free (see the
@@ -489,8 +490,11 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
         largest = grad.abs().reshape(grad.shape[0], -1).amax(dim=1).clamp_min(1e-30)
         return grad / largest.reshape(-1, *([1] * (grad.dim() - 1)))
 
-    def _restart(self, x: Tensor, done: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:
-        """Where an example restarts after ``done`` restarts: a uniform random point of the ball (in the box)."""
+    def _restart(
+        self, x: Tensor, x_adv: Tensor, done: Tensor, threat: ThreatModel, generator: torch.Generator
+    ) -> Tensor:
+        """Where an example (clean input ``x``, stalled at ``x_adv``) restarts after ``done`` restarts: a uniform
+        random point of the ball (in the box)."""
         return threat.random_start(x, generator)
 
     def _perturb(
@@ -591,7 +595,9 @@ class PRGF(SurrogateAttack, Attack[ScoreOracle]):
         stalled = run.search.affordable(stalled, 1)
         if stalled.numel() == 0:
             return active
-        restart = self._restart(run.x[stalled], run.progress.restarts[stalled], run.threat, run.generator)
+        restart = self._restart(
+            run.x[stalled], run.x_adv[stalled], run.progress.restarts[stalled], run.threat, run.generator
+        )
         run.x_adv[stalled] = restart
         fooled, restart_value = run.search.evaluate(restart, stalled)
         run.value[stalled] = restart_value.to(run.value.dtype)
